@@ -1,0 +1,230 @@
+"""End-to-end decode speed, dense and sparse, in one process.
+
+    python benchmark/bench_decode.py --model llama-3-8b                     # random weights at real shapes
+    python benchmark/bench_decode.py --checkpoint_path checkpoints/X        # a real checkpoint and its thresholds
+    torchrun --nproc_per_node=2 benchmark/bench_decode.py --model llama-3-70b   # tensor parallel
+
+Protocol (the reference's): batch 1, a 5-token prompt, 200 new tokens, the decode step compiled with
+mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Random models get uniform
+thresholds calibrated on a random-token prefill; the sparsity changes by copying thresholds, and the
+number of recompilations this causes is recorded (it should be 0).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo.utils
+import torch.distributed as dist
+import triton
+
+from generate import decode_one_token, generate, measure_realized_sparsity, prefill, weight_bytes
+from model import random_model
+from sparse import LAYER_GROUPS, sparse_layers, sparsify
+from tp import apply_tp, maybe_init_dist
+
+SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
+
+
+@torch.no_grad()
+def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: int = 0) -> dict:
+    """Per layer and projection, the quantile of |x| at each sparsity over a random-token prefill.
+    Row-sharded inputs (tensor parallel) are gathered first, so every rank gets the same thresholds."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.output.weight.device)
+    levels = torch.tensor(sparsities, dtype=torch.float32)
+    tables, handles = {}, []
+    tp = dist.is_initialized() and dist.get_world_size() > 1
+
+    def hook(i, path, layer):
+        def pre(module, args):
+            x = args[0].reshape(-1, layer.in_features).float().abs()
+            if tp and path in ("attention.wo", "feed_forward.w2"):
+                parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, x.contiguous())
+                x = torch.cat(parts, dim=1)
+            flat = x.flatten()
+            if flat.numel() > 1 << 24:
+                flat = flat[torch.randint(flat.numel(), (1 << 24,), device=flat.device)]
+            q = torch.quantile(flat, levels.to(flat.device)).cpu()
+            for proj in LAYER_GROUPS[path]:
+                tables[(i, proj)] = q
+        return pre
+
+    for i, path, layer in sparse_layers(model):
+        handles.append(layer.register_forward_pre_hook(hook(i, path, layer)))
+    model.setup_caches(1, n_tokens)
+    model(idx, torch.arange(n_tokens, device=idx.device))
+    for h in handles:
+        h.remove()
+    return {s: {k: float(v[j]) if s > 0 else 0.0 for k, v in tables.items()} for j, s in enumerate(sparsities)}
+
+
+def set_uniform(model, table: dict) -> None:
+    with torch.no_grad():
+        for i, path, layer in sparse_layers(model):
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                layer.thresholds[g].fill_(table[(i, proj)])
+
+
+def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tuple[float, torch.Tensor]:
+    """Median tokens/s of `runs` generations after one warm-up (which compiles and captures)."""
+    speeds, seq = [], None
+    for r in range(runs + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill, temperature=0.8, top_k=200)
+        torch.cuda.synchronize()
+        if r:
+            speeds.append((seq.shape[1] - prompt.numel()) / (time.perf_counter() - t))
+    return sorted(speeds)[len(speeds) // 2], seq
+
+
+def allreduce_us(dim: int, dtype, n: int = 64) -> float:
+    """One decode all-reduce ([1, 1, dim]) captured in a CUDA graph: median per call."""
+    x = torch.randn(1, 1, dim, dtype=dtype, device="cuda")
+    from torch.distributed import _functional_collectives as funcol
+    ranks = list(range(dist.get_world_size()))
+    for _ in range(3):
+        funcol.all_reduce(x, "sum", ranks).wait()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                y = funcol.all_reduce(x, "sum", ranks)
+            y = funcol.wait_tensor(y)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", help="named config with random weights")
+    p.add_argument("--checkpoint_path", type=Path, help="a converted checkpoint (uses its threshold file)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    p.add_argument("--mode", default="uniform", choices=["uniform", "greedy", "weight-aware"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prompt_tokens", type=int, default=5)
+    p.add_argument("--new_tokens", type=int, default=200)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("benchmark/results"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
+    rank = maybe_init_dist()
+    world = dist.get_world_size() if rank is not None else 1
+    dtype = getattr(torch, a.dtype)
+    device = f"cuda:{rank or 0}"
+    torch.cuda.set_device(device)
+    counters = torch._dynamo.utils.counters
+
+    def build(sparse: bool):
+        if a.checkpoint_path:
+            from generate import load_sparse_model
+            m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None)
+            if rank is not None:
+                apply_tp(m)
+            return m, tf
+        shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
+        m = random_model(a.model, device=device, dtype=dtype, shard=shard)
+        return (sparsify(m) if sparse else m), None
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    model, _ = build(sparse=False)
+    prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
+    sizes = weight_bytes(model)
+    dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    tok_s, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs)
+    rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, "tok_s": tok_s, "ms_per_token": 1e3 / tok_s,
+                 "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9})
+    if rank in (None, 0):
+        print(f"dense: {tok_s:.1f} tok/s ({sizes['total'] * tok_s / 1e9:.0f} GB/s)", flush=True)
+    del model, dense_fn
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+    model, tf = build(sparse=True)
+    table = None if tf else calibrate_on_random_prefill(model, a.sparsities)
+    sparse_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    frames_before = None
+    for s in a.sparsities:
+        if tf is not None:
+            from thresholds.file import apply_thresholds
+            apply_thresholds(model, tf, s, a.mode)
+        else:
+            set_uniform(model, table[s])
+        tok_s, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs)
+        if frames_before is None:
+            frames_before = counters["stats"]["unique_graphs"]
+        real = measure_realized_sparsity(model, seq, a.prompt_tokens)
+        moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"] * world
+        rows.append({"sparsity": s, "mode": a.mode if tf else "uniform", "dtype": a.dtype, "tok_s": tok_s,
+                     "ms_per_token": 1e3 / tok_s, "realized_sparsity": real["model"],
+                     "dense_equiv_GBps": sizes["total"] * tok_s / 1e9, "moved_GBps": moved * tok_s / 1e9})
+        if rank in (None, 0):
+            print(f"sparse {s:.2f}: {tok_s:.1f} tok/s, realised {real['model']:.3f}, "
+                  f"{tok_s / rows[0]['tok_s']:.2f}x dense", flush=True)
+    recompiles = counters["stats"]["unique_graphs"] - frames_before
+    ar = allreduce_us(model.config.dim, dtype) if rank is not None else 0.0
+    for r in rows:
+        r["speedup_vs_dense"] = r["tok_s"] / rows[0]["tok_s"]
+        if rank is not None:
+            r["tp"] = world
+            r["allreduce_share"] = 2 * model.config.n_layer * ar * 1e-6 * r["tok_s"]
+    if rank not in (None, 0):
+        dist.destroy_process_group()
+        return
+    props = torch.cuda.get_device_properties(0)
+    name = a.checkpoint_path.name if a.checkpoint_path else a.model
+    result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
+              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
+              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "tp": world,
+              "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
+              "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = f"tp-{name}" if rank is not None else f"decode-{name}"
+    path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
+    print(f"recompilations on sparsity change: {recompiles}; wrote {path}")
+    if rank is not None:
+        dist.destroy_process_group()
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    dense = rows[0]
+    sparse = rows[1:]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["realized_sparsity"] for r in sparse], [r["tok_s"] for r in sparse], "o-", label="TEAL sparse (this project)")
+    ax.axhline(dense["tok_s"], color="gray", ls="--", label=f"dense {dense['tok_s']:.0f} tok/s")
+    ax.set_xlabel("realised activation sparsity")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{result['model']} decode, {result['device']}" + (f", TP{result['tp']}" if result["tp"] > 1 else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    main()

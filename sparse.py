@@ -1,0 +1,157 @@
+"""TEAL sparsity as a property of the layer.
+
+`sparsify(model)` swaps each linear layer of every block for a `SparseLinear` (the way GPT-Fast swaps
+in quantized linears). A SparseLinear owns its weight in the kernel's layout ([K, N], input channels
+as rows) and a float32 threshold buffer; decode steps go through the `teal::sparse_gemv` op, prefill
+multiplies densely by the same storage. Thresholds are data: `set_thresholds` copies new values into
+the buffers, so a compiled model picks up a new sparsity without recompiling.
+"""
+import torch
+import torch.nn as nn
+
+import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
+from sparse_gemv.kernels import reserve_counters
+
+# The seven thresholded projections, grouped by the layer (and input) they share.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYER_GROUPS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
+                "feed_forward.w13": ("gate", "up"), "feed_forward.w2": ("down",)}
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T where, for single-token steps, inputs with |x| <= threshold are dropped with their weight rows.
+
+    Columns are split into groups (q/k/v or gate/up) that each have their own threshold. Thresholds are
+    [groups] (one per projection) or [groups, in_features] (per channel, for weight-aware thresholds).
+    """
+
+    def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.split_sizes = [int(s) for s in split_sizes]
+        self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device, dtype=dtype))
+        shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
+        self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
+        # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
+        self.mask_prefill = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False) -> "SparseLinear":
+        w = linear.weight
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, device=w.device, dtype=w.dtype)
+        layer.weight_t = w.detach().t().contiguous()
+        if w.is_cuda:
+            reserve_counters(w.device)
+        return layer
+
+    @property
+    def per_channel(self) -> bool:
+        return self.thresholds.dim() == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == 1 or self.mask_prefill:
+            y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
+            return y.view(*x.shape[:-1], self.out_features)
+        return x @ self.weight_t
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, per_channel={self.per_channel}"
+
+
+def sparse_layers(model: nn.Module):
+    """Yield (layer index, attribute path, SparseLinear) for every sparse layer, in forward order."""
+    for i, block in enumerate(model.layers):
+        for path in LAYER_GROUPS:
+            owner, attr = path.split(".")
+            layer = getattr(getattr(block, owner), attr)
+            if isinstance(layer, SparseLinear):
+                yield i, path, layer
+
+
+def sparsify(model: nn.Module, per_channel: bool = False) -> nn.Module:
+    """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense)."""
+    for block in model.layers:
+        splits = {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
+                  "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
+        for path, split in splits.items():
+            owner, attr = path.split(".")
+            parent = getattr(block, owner)
+            layer = getattr(parent, attr)
+            if isinstance(layer, SparseLinear):
+                if layer.per_channel != per_channel:
+                    raise ValueError("model is already sparse with another threshold kind; sparsify a fresh model")
+                continue
+            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel))
+    return model
+
+
+def set_thresholds(model: nn.Module, table: torch.Tensor) -> None:
+    """Copy thresholds into every sparse layer.
+
+    table: [n_layer, 7] (one per projection, in PROJECTIONS order) or, for per-channel layers,
+    a dict {(layer, projection): tensor [in_features]} / the same [n_layer, 7] table, broadcast.
+    """
+    with torch.no_grad():
+        for i, path, layer in sparse_layers(model):
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                value = table[(i, proj)] if isinstance(table, dict) else table[i, PROJECTIONS.index(proj)]
+                value = torch.as_tensor(value, dtype=torch.float32)
+                if layer.per_channel and value.dim() == 1 and value.numel() != layer.in_features:
+                    raise ValueError(f"layer {i} {proj}: {value.numel()} channel thresholds for {layer.in_features} inputs")
+                layer.thresholds[g].copy_(value)
+
+
+def column_norms(layer: SparseLinear) -> list[torch.Tensor]:
+    """||W_p[:, i]||_2 for each projection p of the layer: the weight-aware score of input channel i."""
+    out, col = [], 0
+    for n in layer.split_sizes:
+        out.append(layer.weight_t[:, col:col + n].float().norm(dim=1))
+        col += n
+    return out
+
+
+def set_mask_prefill(model: nn.Module, value: bool) -> None:
+    for _, _, layer in sparse_layers(model):
+        layer.mask_prefill = value
+
+
+class SparsityMeter:
+    """Counts, per projection, the fraction of inputs at or under threshold; reports the
+    parameter-weighted model-wide activation sparsity. Forward pre-hooks; no change to the forward."""
+
+    def __init__(self, model: nn.Module):
+        self.masked = {}  # (layer, projection) -> [masked count, total count]
+        self.params = {}
+        self.handles = []
+        for i, path, layer in sparse_layers(model):
+            self.handles.append(layer.register_forward_pre_hook(self._hook(i, path, layer)))
+            for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
+                self.params[(i, proj)] = n * layer.in_features
+
+    def _hook(self, i, path, layer):
+        def hook(module, args):
+            x = args[0]
+            if x.shape[-2] != 1 and not module.mask_prefill:
+                return
+            x = x.reshape(-1, x.shape[-1]).abs().float()
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                masked = (x <= module.thresholds[g]).sum().item()
+                c = self.masked.setdefault((i, proj), [0, 0])
+                c[0] += masked
+                c[1] += x.numel()
+        return hook
+
+    def per_projection(self) -> dict:
+        return {k: m / t for k, (m, t) in self.masked.items() if t}
+
+    def model_sparsity(self) -> float:
+        fr = self.per_projection()
+        if not fr:
+            return 0.0
+        total = sum(self.params[k] for k in fr)
+        return sum(fr[k] * self.params[k] for k in fr) / total
+
+    def close(self):
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,59 @@
+"""The `teal::sparse_gemv` custom op: checked inputs, a Triton path on CUDA, a PyTorch path elsewhere.
+
+Registered through torch.library with a fake (meta) implementation, so torch.compile(fullgraph=True)
+traces it as one opaque node and CUDA graphs capture its launch. Thresholds are an input tensor:
+a new sparsity is a copy into that tensor, never a recompilation.
+"""
+import torch
+
+from sparse_gemv.kernels import MAX_TOKENS, sparse_gemv_triton
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
+    if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1]:
+        raise ValueError(f"sparse_gemv: weight_t must be [K, N] with K={x.shape[1]} (input channels as rows), "
+                         f"got {tuple(weight_t.shape)}; store W.t().contiguous()")
+    if x.dtype not in SUPPORTED_DTYPES or weight_t.dtype != x.dtype:
+        raise TypeError(f"sparse_gemv: x and weight_t must share one of {SUPPORTED_DTYPES}, got {x.dtype} and {weight_t.dtype}")
+    if not weight_t.is_contiguous():
+        raise ValueError("sparse_gemv: weight_t must be contiguous [K, N]; convert once at load with W.t().contiguous()")
+    if thresholds.dtype != torch.float32:
+        raise TypeError(f"sparse_gemv: thresholds must be float32, got {thresholds.dtype}")
+    if not (x.device == weight_t.device == thresholds.device):
+        raise ValueError(f"sparse_gemv: x, weight_t and thresholds must be on one device, got "
+                         f"{x.device}, {weight_t.device}, {thresholds.device}")
+    if not 1 <= len(split_sizes) <= 3 or sum(split_sizes) != weight_t.shape[1] or min(split_sizes) <= 0:
+        raise ValueError(f"sparse_gemv: split_sizes {list(split_sizes)} must be 1-3 positive sizes summing to N={weight_t.shape[1]}")
+    g = len(split_sizes)
+    if tuple(thresholds.shape) not in ((g,), (g, x.shape[1])):
+        raise ValueError(f"sparse_gemv: thresholds must be [{g}] (per tensor) or [{g}, {x.shape[1]}] (per channel), "
+                         f"got {tuple(thresholds.shape)}")
+
+
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes):
+    """Mask, then multiply densely: the definition the kernels are tested against."""
+    outs, col = [], 0
+    for g, n in enumerate(split_sizes):
+        xm = torch.where(x.abs() > thresholds[g].to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        outs.append(xm @ weight_t[:, col:col + n])
+        col += n
+    return torch.cat(outs, dim=-1)
+
+
+@torch.library.custom_op("teal::sparse_gemv", mutates_args=())
+def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
+    """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N]."""
+    check_inputs(x, weight_t, thresholds, split_sizes)
+    x = x.contiguous()
+    if x.is_cuda and x.shape[0] <= MAX_TOKENS:
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes)
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes)
+
+
+@sparse_gemv.register_fake
+def _(x, weight_t, thresholds, split_sizes):
+    return x.new_empty((x.shape[0], weight_t.shape[1]))

@@ -1,0 +1,52 @@
+"""GPU-only checks of the Triton kernels (run on the GPU machine: pytest -m gpu)."""
+import pytest
+import torch
+
+from sparse_gemv import sparse_gemv, sparse_gemv_reference
+
+pytestmark = pytest.mark.gpu
+
+# Relative Frobenius error against the float64 reference: fp32 accumulation of bf16/fp16 products.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (14336, [4096]), (1000, [333, 77]), (576, [576, 192, 192])])
+def test_kernel_matches_reference(dtype, tokens, per_channel, k, groups):
+    g = torch.Generator(device="cuda").manual_seed(tokens * 7 + k)
+    x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g)
+    w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
+    shape = (len(groups), k) if per_channel else (len(groups),)
+    thr = torch.rand(shape, device="cuda", generator=g) * 1.5
+    y = sparse_gemv(x, w, thr, groups)
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_split_k_reduction_is_race_free():
+    x = torch.randn(1, 14336, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(14336, 4096, dtype=torch.bfloat16, device="cuda")
+    thr = torch.tensor([0.5], device="cuda")
+    first = sparse_gemv(x, w, thr, [4096])
+    for _ in range(200):
+        assert torch.equal(sparse_gemv(x, w, thr, [4096]), first)
+
+
+def test_op_under_compile_and_cuda_graph_follows_threshold_changes():
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(4096, 6144, dtype=torch.bfloat16, device="cuda")
+    thr = torch.zeros(3, device="cuda")
+    f = torch.compile(lambda a: torch.ops.teal.sparse_gemv(a, w, thr, [4096, 1024, 1024]), mode="reduce-overhead",
+                      fullgraph=True)
+    for t in (0.0, 0.5, 1.0, 0.2):
+        thr.fill_(t)
+        for _ in range(3):
+            y = f(x)
+        ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [4096, 1024, 1024])
+        assert rel_err(y, ref) < 1e-2

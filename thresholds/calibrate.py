@@ -1,0 +1,321 @@
+"""Calibrate TEAL thresholds for a converted checkpoint and write a threshold file.
+
+    python -m thresholds.calibrate                       # default model, ../shared/data/wiki-calibration.txt
+    python -m thresholds.calibrate --checkpoint_path checkpoints/X --data text.txt --tokens 20480 --out x.safetensors
+    python -m thresholds.calibrate --dataset wikitext:wikitext-2-raw-v1:train   # a Hugging Face dataset (network)
+
+Three stages, each with a progress bar:
+1. dense statistics: quantile tables of |x| at the four thresholded inputs of every block, and of the
+   weight-aware score |x_i| * ||W_p[:, i]||_2 for each of the seven projections;
+2. block-wise greedy allocation (TEAL Algorithm 1) on calibration activations (--greedy, on by default);
+3. held calibration (--held_targets): for each mode and target, one pass in which every layer's thresholds
+   are computed from its inputs with all earlier layers already sparse, so the realised sparsity at
+   decode matches the target instead of overshooting it.
+"""
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import config_hash, load_model
+from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, sparse_layers, sparsify
+from thresholds.file import MAX_SPARSITY, MODES, SITE_OF, ThresholdFile, projection_sparsities
+from tokenizer import load_tokenizer
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki-calibration.txt"
+LEVELS = torch.linspace(0, MAX_SPARSITY, 991)  # steps of 0.001
+PATH_SITE = {"attention.wqkv": 0, "attention.wo": 1, "feed_forward.w13": 2, "feed_forward.w2": 3}
+MAX_SAMPLES = 4_000_000  # values per quantile table: far more than 0.001 resolution needs
+
+
+def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str | None = None) -> torch.Tensor:
+    """The first n_tokens tokens of a text file or a Hugging Face dataset ("name[:config[:split]]")."""
+    if dataset:
+        try:
+            import datasets
+        except ImportError as e:
+            raise SystemExit("--dataset needs the `datasets` package (pip install datasets) and network") from e
+        name, config, split = (dataset.split(":") + [None, None])[:3]
+        text = "\n".join(datasets.load_dataset(name, config, split=split or "train")["text"])
+        source = dataset
+    else:
+        path = Path(data or DEFAULT_DATA)
+        if not path.exists():
+            raise FileNotFoundError(f"calibration text {path} not found; pass --data FILE")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    ids = tokenizer.encode(text, bos=False)
+    if len(ids) < n_tokens:
+        raise ValueError(f"{source} has {len(ids)} tokens, fewer than the {n_tokens} requested; lower --tokens or add text")
+    return torch.tensor(ids[:n_tokens])
+
+
+def quantile_table(values: torch.Tensor, levels: torch.Tensor = LEVELS, generator=None) -> torch.Tensor:
+    """Quantiles of `values` at `levels` with torch.quantile's linear interpolation (subsampled above MAX_SAMPLES)."""
+    v = values.reshape(-1).float()
+    if v.numel() > MAX_SAMPLES:
+        v = v[torch.randint(v.numel(), (MAX_SAMPLES,), generator=generator, device=v.device)]
+    v = v.sort().values
+    pos = levels.to(v.device).double() * (v.numel() - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=v.numel() - 1)
+    w = (pos - lo).float()
+    return (v[lo] * (1 - w) + v[hi] * w).cpu()
+
+
+def quantile_at(values: torch.Tensor, level: float, generator=None, max_samples: int = 1_000_000) -> float:
+    """One quantile, by selection rather than a full sort (held calibration takes 200 of these a pass)."""
+    v = values.reshape(-1).float()
+    if v.numel() > max_samples:
+        v = v[torch.randint(v.numel(), (max_samples,), generator=generator, device=v.device)]
+    pos = float(level) * (v.numel() - 1)
+    lo = int(pos)
+    a = float(torch.kthvalue(v, lo + 1).values)
+    b = float(torch.kthvalue(v, min(lo + 2, v.numel())).values) if pos > lo else a
+    return a + (b - a) * (pos - lo)
+
+
+@torch.no_grad()
+def run_blocks(model, idx: torch.Tensor, layers=None) -> torch.Tensor:
+    """Hidden states after the blocks (no output head: calibration never needs logits)."""
+    input_pos = torch.arange(idx.shape[1], device=idx.device)
+    mask, freqs = model.causal_mask[None, None, input_pos], model.freqs_cis[input_pos]
+    x = model.tok_embeddings(idx)
+    for block in (model.layers if layers is None else layers):
+        x = block(x, input_pos, freqs, mask)
+    return x
+
+
+@torch.no_grad()
+def collect_statistics(model, batch: torch.Tensor, greedy_seqs: int, greedy_len: int):
+    """Dense pass: site quantiles [L, 4, Q], score quantiles [L, 7, Q], and the first greedy_seqs x greedy_len
+    block inputs of each layer (for the greedy search)."""
+    n_layer = len(model.layers)
+    site_q = torch.zeros(n_layer, 4, len(LEVELS))
+    score_q = torch.zeros(n_layer, len(PROJECTIONS), len(LEVELS))
+    block_inputs = [None] * n_layer
+    gen = torch.Generator(device=batch.device).manual_seed(0)
+    handles = []
+    bar = tqdm(total=n_layer * 4, desc="dense statistics")
+
+    def linear_hook(i, path, layer):
+        norms = column_norms(layer)
+
+        def hook(module, args):
+            x = args[0].reshape(-1, layer.in_features).abs().float()
+            site_q[i, PATH_SITE[path]] = quantile_table(x, generator=gen)
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                score_q[i, PROJECTIONS.index(proj)] = quantile_table(x * norms[g], generator=gen)
+            bar.update()
+        return hook
+
+    def block_hook(i):
+        def hook(module, args):
+            block_inputs[i] = args[0][:greedy_seqs, :greedy_len].clone()
+        return hook
+
+    for i, path, layer in sparse_layers(model):
+        handles.append(layer.register_forward_pre_hook(linear_hook(i, path, layer)))
+    for i, block in enumerate(model.layers):
+        handles.append(block.register_forward_pre_hook(block_hook(i)))
+    try:
+        run_blocks(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    return site_q, score_q, block_inputs
+
+
+def projection_params(model) -> torch.Tensor:
+    """[7] parameter count of each projection (the same in every block)."""
+    counts = {}
+    for _, path, layer in sparse_layers(model):
+        for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
+            counts[proj] = n * layer.in_features
+    return torch.tensor([counts[p] for p in PROJECTIONS], dtype=torch.float64)
+
+
+@torch.no_grad()
+def greedy_block(model, i: int, h: torch.Tensor, site_q: torch.Tensor, params: torch.Tensor,
+                 step: float, max_target: float) -> list[tuple[float, torch.Tensor]]:
+    """TEAL's block-wise greedy search for block i. Starting from all-dense, repeatedly raise the sparsity
+    of the one projection whose next step adds the least error to the block's output; step sizes are
+    inverse to parameter count (each step sparsifies the same number of weights). Returns the whole path
+    [(block sparsity, [7] per-projection sparsities)]."""
+    block = model.layers[i]
+    input_pos = torch.arange(h.shape[1], device=h.device)
+    mask, freqs = model.causal_mask[None, None, input_pos], model.freqs_cis[input_pos]
+    layers = {path: layer for j, path, layer in sparse_layers(model) if j == i}
+    steps = step * params.max() / params
+    site = [SITE_OF[p] for p in PROJECTIONS]
+
+    def forward(s: torch.Tensor) -> torch.Tensor:
+        for path, layer in layers.items():
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                p = PROJECTIONS.index(proj)
+                level = float(s[p])
+                layer.thresholds[g] = 0.0 if level == 0 else _table_at(site_q[i, site[p]], level)
+        return block(h, input_pos, freqs, mask)
+
+    s = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
+    dense = forward(s)
+    path = [(0.0, s.clone())]
+    total = params.sum()
+    while float((s * params).sum() / total) < max_target:
+        best, best_err = None, None
+        for p in range(len(PROJECTIONS)):
+            cand = s.clone()
+            cand[p] = min(float(cand[p] + steps[p]), MAX_SPARSITY)
+            if cand[p] == s[p]:
+                continue
+            err = float((forward(cand) - dense).float().pow(2).mean())
+            if best_err is None or err < best_err:
+                best, best_err = cand, err
+        if best is None:
+            break
+        s = best
+        path.append((float((s * params).sum() / total), s.clone()))
+    forward(torch.zeros(len(PROJECTIONS)))
+    return path
+
+
+def _table_at(table: torch.Tensor, level: float) -> float:
+    pos = level / float(LEVELS[1] - LEVELS[0])
+    lo = min(int(pos), len(LEVELS) - 2)
+    w = pos - lo
+    return float(table[lo] * (1 - w) + table[lo + 1] * w)
+
+
+def resample_path(path, targets: torch.Tensor) -> torch.Tensor:
+    """Per-projection sparsities [len(targets), 7] along a greedy path, linear between its steps."""
+    xs = torch.tensor([p[0] for p in path], dtype=torch.float64)
+    ys = torch.stack([p[1] for p in path])
+    out = []
+    for t in targets.double():
+        j = int(torch.searchsorted(xs, t.reshape(1)).clamp(1, len(xs) - 1))
+        w = float(((t - xs[j - 1]) / (xs[j] - xs[j - 1]).clamp_min(1e-12)).clamp(0, 1))
+        out.append(ys[j - 1] * (1 - w) + ys[j] * w)
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def held_calibration(model, batch: torch.Tensor, tf: ThresholdFile, mode: str, target: float) -> torch.Tensor:
+    """One pass in which each layer's thresholds come from its inputs with everything upstream already sparse.
+    Returns the [L, 7] thresholds (weight-aware: in score units)."""
+    levels = projection_sparsities(tf, target, mode)
+    table = torch.zeros(levels.shape)
+    gen = torch.Generator(device=batch.device).manual_seed(0)
+    handles = []
+
+    def hook(i, path, layer):
+        norms = column_norms(layer) if layer.per_channel else None
+
+        def pre(module, args):
+            x = args[0].reshape(-1, layer.in_features).abs().float()
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                p = PROJECTIONS.index(proj)
+                level = float(levels[i, p])
+                if norms is None:
+                    t = 0.0 if level == 0 else quantile_at(x, level, gen)
+                    module.thresholds[g] = t
+                else:
+                    t = 0.0 if level == 0 else quantile_at(x * norms[g], level, gen)
+                    module.thresholds[g] = t / norms[g].clamp_min(1e-12)
+                table[i, p] = t
+        return pre
+
+    for i, path, layer in sparse_layers(model):
+        handles.append(layer.register_forward_pre_hook(hook(i, path, layer)))
+    set_mask_prefill(model, True)
+    try:
+        run_blocks(model, batch)
+    finally:
+        set_mask_prefill(model, False)
+        for h in handles:
+            h.remove()
+    return table
+
+
+def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=20480, seq_len=2048,
+              greedy=True, greedy_tokens=256, greedy_step=0.04, held_targets=(), held_tokens=4096,
+              held_seq_len=1024, device="cpu", command="") -> ThresholdFile:
+    dtype = torch.float32
+    model = load_model(checkpoint_path, device=device, dtype=dtype)
+    args = model.config
+    tokenizer = load_tokenizer(Path(checkpoint_path))
+    ids = load_tokens(tokenizer, tokens, data, dataset).to(device)
+    n_seq = tokens // seq_len
+    if n_seq == 0:
+        raise ValueError(f"--tokens {tokens} is shorter than one --seq_len {seq_len} window")
+    batch = ids[: n_seq * seq_len].view(n_seq, seq_len)
+    model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len))
+    sparsify(model)
+    site_q, score_q, block_inputs = collect_statistics(model, batch, 1, greedy_tokens)
+    tf = ThresholdFile(model=args.name, config_hash=config_hash(args), levels=LEVELS, site_quantiles=site_q,
+                       score_quantiles=score_q, provenance={
+                           "data": dataset or str(data or DEFAULT_DATA), "tokens": n_seq * seq_len, "seq_len": seq_len,
+                           "dtype": "float32", "date": datetime.date.today().isoformat(), "command": command})
+    if greedy:
+        params = projection_params(model)
+        targets = torch.linspace(0, 0.9, 91)
+        per_layer = []
+        set_mask_prefill(model, True)  # the search scores whole sequences with decode's masking
+        for i in tqdm(range(args.n_layer), desc="greedy allocation"):
+            path = greedy_block(model, i, block_inputs[i], site_q, params, greedy_step, float(targets[-1]))
+            per_layer.append(resample_path(path, targets))
+        set_mask_prefill(model, False)
+        tf.greedy_targets = targets
+        tf.greedy_sparsities = torch.stack(per_layer, dim=1)  # [S, L, 7]
+        tf.provenance.update(greedy_tokens=greedy_tokens, greedy_step=greedy_step)
+    if held_targets:
+        held_ids = ids[: (held_tokens // held_seq_len) * held_seq_len].view(-1, held_seq_len)
+        pc_model = None
+        tf.held_targets = torch.tensor(sorted(held_targets), dtype=torch.float32)
+        work = [(m, t) for m in tf.modes() for t in tf.held_targets.tolist()]
+        results = {}
+        for mode, target in tqdm(work, desc="held calibration"):
+            if mode == "weight-aware" and pc_model is None:
+                pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True)
+                pc_model.setup_caches(held_ids.shape[0], held_seq_len)
+            m = pc_model if mode == "weight-aware" else model
+            results.setdefault(mode, []).append(held_calibration(m, held_ids, tf, mode, target))
+        tf.held = {m: torch.stack(v) for m, v in results.items()}
+        tf.provenance.update(held_tokens=held_ids.numel(), held_seq_len=held_seq_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tf.save(out)
+    print(f"wrote {out}: modes {tf.modes()}, held targets {tf.held_targets.tolist() if tf.held_targets is not None else []}")
+    return tf
+
+
+def main(argv=None):
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--out", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help=f"calibration text file (default {DEFAULT_DATA})")
+    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+    p.add_argument("--tokens", type=int, default=20480)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--no_greedy", action="store_true", help="skip the block-wise greedy search")
+    p.add_argument("--greedy_tokens", type=int, default=256, help="tokens of block input the greedy search scores on")
+    p.add_argument("--greedy_step", type=float, default=0.04, help="sparsity step of the largest projection")
+    p.add_argument("--held_targets", type=float, nargs="*", default=[0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9])
+    p.add_argument("--held_tokens", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    for t in a.held_targets:
+        if not 0 < t <= MAX_SPARSITY:
+            raise SystemExit(f"held target {t} is outside (0, {MAX_SPARSITY}]")
+    from model import ModelArgs
+    name = ModelArgs.load(Path(a.checkpoint_path) / "model_config.json").name if (Path(a.checkpoint_path) / "model_config.json").exists() else "model"
+    out = a.out or Path(__file__).resolve().parent / f"{name}.safetensors"
+    calibrate(a.checkpoint_path, out, a.data, a.dataset, a.tokens, a.seq_len, not a.no_greedy, a.greedy_tokens,
+              a.greedy_step, a.held_targets, a.held_tokens, device=a.device, command="python -m thresholds.calibrate " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The threshold file: one safetensors file per model, and the lookup from (sparsity, mode) to thresholds.
+
+Tensors (L layers, Q quantile levels, the 4 sites and 7 projections in sparse.PROJECTIONS order):
+  levels               [Q]        quantile levels, 0 to 0.99 in steps of 0.001
+  site_quantiles       [L, 4, Q]  quantiles of |x| at attn_in (q,k,v), attn_out (o), mlp_in (gate,up), mlp_mid (down)
+  score_quantiles      [L, 7, Q]  quantiles of |x_i| * ||W_p[:, i]||_2, the weight-aware score of each projection
+  greedy_targets       [S]        block sparsity targets of the greedy path (optional)
+  greedy_sparsities    [S, L, 7]  per-projection sparsity the block-wise greedy search gives for each target
+  held_targets         [H]        targets of the sequential ("held") calibration (optional)
+  held_<mode>          [H, L, 7]  thresholds calibrated with earlier layers already sparse, per mode
+                                  (weight-aware: in score units; divided by ||W_p[:, i]|| at load)
+Metadata (strings): format, model, config_hash, provenance (JSON: data, tokens, seq_len, date, command).
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import ModelArgs, config_hash
+from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, sparse_layers
+
+FORMAT = "teal-thresholds/1"
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+SITE_OF = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
+MODES = ("uniform", "greedy", "weight-aware")
+MAX_SPARSITY = 0.99
+
+
+@dataclass
+class ThresholdFile:
+    model: str
+    config_hash: str
+    levels: torch.Tensor
+    site_quantiles: torch.Tensor
+    score_quantiles: torch.Tensor | None = None
+    greedy_targets: torch.Tensor | None = None
+    greedy_sparsities: torch.Tensor | None = None
+    held_targets: torch.Tensor | None = None
+    held: dict = field(default_factory=dict)  # mode -> [H, L, 7]
+    provenance: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tensors = {"levels": self.levels, "site_quantiles": self.site_quantiles}
+        for name in ("score_quantiles", "greedy_targets", "greedy_sparsities", "held_targets"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        tensors.update({f"held_{m}": t for m, t in self.held.items()})
+        meta = {"format": FORMAT, "model": self.model, "config_hash": self.config_hash,
+                "provenance": json.dumps(self.provenance)}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, args: ModelArgs | None = None) -> "ThresholdFile":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no threshold file {path}; make one with `python -m thresholds.calibrate "
+                                    f"--checkpoint_path CKPT --out {path}`")
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable threshold file ({e})") from e
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        tf = cls(model=meta["model"], config_hash=meta["config_hash"], levels=tensors["levels"],
+                 site_quantiles=tensors["site_quantiles"], score_quantiles=tensors.get("score_quantiles"),
+                 greedy_targets=tensors.get("greedy_targets"), greedy_sparsities=tensors.get("greedy_sparsities"),
+                 held_targets=tensors.get("held_targets"),
+                 held={m: tensors[f"held_{m}"] for m in MODES if f"held_{m}" in tensors},
+                 provenance=json.loads(meta.get("provenance", "{}")))
+        if args is not None:
+            tf.check_model(args, path)
+        return tf
+
+    def check_model(self, args: ModelArgs, path="threshold file") -> None:
+        if self.config_hash != config_hash(args):
+            raise ValueError(f"{path} was calibrated for model {self.model!r} (config {self.config_hash}), not for this "
+                             f"{args.name!r} (config {config_hash(args)}); calibrate with `python -m thresholds.calibrate`")
+        if self.site_quantiles.shape[0] != args.n_layer:
+            raise ValueError(f"{path} has {self.site_quantiles.shape[0]} layers, the model {args.n_layer}")
+
+    def modes(self) -> list[str]:
+        out = ["uniform"]
+        if self.greedy_sparsities is not None:
+            out.append("greedy")
+        if self.score_quantiles is not None:
+            out.append("weight-aware")
+        return out
+
+
+def check_sparsity(s: float) -> float:
+    if not 0.0 <= s <= MAX_SPARSITY:
+        raise ValueError(f"sparsity {s} is outside [0, {MAX_SPARSITY}]")
+    return float(s)
+
+
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of fp (leading dim indexed by the increasing xp) at x."""
+    x = torch.as_tensor(x, dtype=torch.float32).clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, x.reshape(-1), right=True).clamp(1, len(xp) - 1).reshape(x.shape)
+    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return fp[i - 1] * (1 - w) + fp[i] * w
+
+
+def quantile_lookup(levels: torch.Tensor, table: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """table: [..., Q] quantiles at `levels`; level: broadcastable to table[..., 0]. Returns the value at level."""
+    level = torch.as_tensor(level, dtype=torch.float32).clamp(0, float(levels[-1]))
+    pos = level / float(levels[1] - levels[0])
+    lo = pos.floor().long().clamp(0, len(levels) - 2)
+    w = pos - lo
+    lo = lo.expand(table.shape[:-1])
+    w = w.expand(table.shape[:-1])
+    a = table.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    b = table.gather(-1, (lo + 1).unsqueeze(-1)).squeeze(-1)
+    return a * (1 - w) + b * w
+
+
+def projection_sparsities(tf: ThresholdFile, sparsity: float, mode: str) -> torch.Tensor:
+    """[L, 7] per-projection sparsity levels for a model-wide target."""
+    n_layer = tf.site_quantiles.shape[0]
+    if mode == "uniform" or tf.greedy_sparsities is None:
+        return torch.full((n_layer, len(PROJECTIONS)), sparsity)
+    return interp(torch.tensor(sparsity), tf.greedy_targets, tf.greedy_sparsities)
+
+
+def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform") -> torch.Tensor:
+    """[L, 7] thresholds (weight-aware: in score units) for a target sparsity and mode.
+
+    Where the file holds sequentially calibrated thresholds covering the target, those are used (they keep
+    the realised sparsity on target); elsewhere the dense-activation quantiles are.
+    """
+    check_sparsity(sparsity)
+    if mode not in MODES:
+        raise ValueError(f"unknown sparsity mode {mode!r}; choose from {MODES}")
+    if mode not in tf.modes():
+        raise ValueError(f"this threshold file has no data for mode {mode!r} (it has {tf.modes()}); recalibrate with "
+                         "`python -m thresholds.calibrate --greedy`")
+    if sparsity == 0:
+        return torch.zeros(tf.site_quantiles.shape[0], len(PROJECTIONS))
+    if mode in tf.held and tf.held_targets[0] <= sparsity <= tf.held_targets[-1]:
+        xp = torch.cat([torch.zeros(1), tf.held_targets])
+        fp = torch.cat([torch.zeros_like(tf.held[mode][:1]), tf.held[mode]])
+        return interp(torch.tensor(sparsity), xp, fp)
+    levels = projection_sparsities(tf, sparsity, mode)
+    if mode == "weight-aware":
+        return quantile_lookup(tf.levels, tf.score_quantiles, levels)
+    site = torch.tensor([SITE_OF[p] for p in PROJECTIONS])
+    return quantile_lookup(tf.levels, tf.site_quantiles[:, site], levels)
+
+
+def apply_thresholds(model, tf: ThresholdFile, sparsity: float, mode: str = "uniform") -> torch.Tensor:
+    """Load the thresholds for (sparsity, mode) into a sparsified model's buffers; returns the [L, 7] table."""
+    table = threshold_table(tf, sparsity, mode)
+    with torch.no_grad():
+        for i, path, layer in sparse_layers(model):
+            if (mode == "weight-aware") != layer.per_channel:
+                raise ValueError(f"mode {mode!r} needs a model sparsified with per_channel={mode == 'weight-aware'}")
+            norms = column_norms(layer) if layer.per_channel else None
+            for g, proj in enumerate(LAYER_GROUPS[path]):
+                t = table[i, PROJECTIONS.index(proj)]
+                # Weight-aware: |x_i| * ||W[:, i]|| > t  <=>  |x_i| > t / ||W[:, i]||, a per-channel threshold.
+                layer.thresholds[g].copy_(t / norms[g].clamp_min(1e-12) if norms is not None else t)
+    return table
+
+
+def import_reference_histograms(path: Path, args: ModelArgs, levels: torch.Tensor | None = None) -> ThresholdFile:
+    """Import the reference TEAL implementation's histograms.pt: {layer: {"mlp/h1", "mlp/h1_centers", "mlp/h2",
+    "mlp/h2_centers", "self_attn/h1", ...}}, where for attention h1 feeds q/k/v and h2 feeds o, and for the
+    MLP h1 feeds gate/up and h2 feeds down; histograms are over signed activations."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    levels = torch.linspace(0, MAX_SPARSITY, 991) if levels is None else levels
+    keys = sorted(data, key=int)
+    if len(keys) != args.n_layer:
+        raise ValueError(f"{path} has {len(keys)} layers, the model {args.n_layer}")
+    table = torch.zeros(args.n_layer, len(SITES), len(levels))
+    for li, key in enumerate(keys):
+        layer = data[key]
+        for si, name in enumerate(("self_attn/h1", "self_attn/h2", "mlp/h1", "mlp/h2")):
+            if name not in layer or name + "_centers" not in layer:
+                raise ValueError(f"{path}: layer {key} lacks {name} / {name}_centers")
+            table[li, si] = histogram_quantiles(layer[name].double(), layer[name + "_centers"].double(), levels)
+    return ThresholdFile(model=args.name, config_hash=config_hash(args), levels=levels, site_quantiles=table,
+                         provenance={"imported_from": str(path)})
+
+
+def histogram_quantiles(counts: torch.Tensor, centers: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Quantiles of |x| from a histogram of signed x: fold onto |centers|, sort, interpolate the CDF."""
+    mag, order = centers.abs().sort()
+    cdf = counts[order].cumsum(0)
+    cdf = cdf / cdf[-1]
+    idx = torch.searchsorted(cdf, levels.double()).clamp(max=len(mag) - 1)
+    return mag[idx].float()
