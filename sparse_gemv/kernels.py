@@ -151,8 +151,9 @@ def _counter_buffer(device: torch.device, strips: int) -> torch.Tensor:
     return buf
 
 
-def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
-    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]."""
+def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N]."""
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -161,7 +162,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     elif len(split_sizes) == 2:
         n1 = n - n0
     block_t = 1 if t == 1 else 16
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
     partials = torch.empty((MAX_SPLIT_K, t, n), dtype=torch.float32, device=x.device)
     counters = _counter_buffer(x.device, triton.cdiv(n, 16) + 3)
     args = (x, weight_t, thresholds, y, partials, counters, t, k, n, n0, n1, x.stride(0), y.stride(0))

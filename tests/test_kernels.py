@@ -1,0 +1,78 @@
+"""Triton sparse GEMV under TRITON_INTERPRET=1 against the float64 masked dense product."""
+import pytest
+import torch
+
+from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+
+# Relative Frobenius error: fp32 accumulation; bf16 inputs round to 8 bits, fp16 to 11.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def poisoned_run(x, w, thr, groups):
+    # Output filled with NaN first: any element the kernel fails to write fails the comparison.
+    out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
+    return sparse_gemv_triton(x, w, thr, groups, out=out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("k,groups", [(37, [50]), (130, [96, 33, 33]), (257, [70, 70])])
+@pytest.mark.parametrize("masked", [0.0, 0.5, 1.0])
+def test_per_tensor(dtype, tokens, k, groups, masked):
+    g = torch.Generator().manual_seed(k * 10 + tokens)
+    x = torch.randn(tokens, k, generator=g).to(dtype)
+    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    level = float(x.abs().float().quantile(masked)) if 0 < masked < 1 else (0.0 if masked == 0 else float("inf"))
+    thr = torch.full((len(groups),), level)
+    y = poisoned_run(x, w, thr, groups)
+    assert torch.isfinite(y).all()
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    if masked == 1.0:
+        assert torch.equal(y, torch.zeros_like(y))
+    else:
+        assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    k, groups = 150, [64, 32, 32]
+    x = torch.randn(tokens, k, generator=g).to(dtype)
+    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    for thr in (torch.tensor([0.2, 0.8, 1.5]), torch.rand(3, k, generator=g) * 1.5):
+        y = poisoned_run(x, w, thr, groups)
+        ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+        assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+    # the three groups really use different thresholds: q with threshold 0 equals the dense product
+    thr = torch.tensor([0.0, 1e9, 1e9])
+    y = sparse_gemv_triton(x, w, thr, groups)
+    assert torch.allclose(y[:, :64].double(), x.double() @ w[:, :64].double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    assert torch.equal(y[:, 64:], torch.zeros_like(y[:, 64:]))
+
+
+def test_bad_inputs_get_clear_errors():
+    x, w, thr = torch.randn(1, 8), torch.randn(8, 6), torch.zeros(1)
+    with pytest.raises(TypeError, match="share one of"):
+        sparse_gemv(x.half(), w, thr, [6])
+    with pytest.raises(TypeError, match="float32"):
+        sparse_gemv(x, w, thr.double(), [6])
+    with pytest.raises(ValueError, match="weight_t must be"):
+        sparse_gemv(x, torch.randn(6, 8), thr, [8])
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_gemv(x, torch.randn(6, 8).t(), thr, [6])
+    with pytest.raises(ValueError, match="split_sizes"):
+        sparse_gemv(x, w, thr, [4])
+    with pytest.raises(ValueError, match="thresholds must be"):
+        sparse_gemv(x, w, torch.zeros(2), [6])
+    with pytest.raises(ValueError, match="tokens, K"):
+        sparse_gemv(x[0], w, thr, [6])
+
+
+def test_custom_op_under_torch_compile_on_cpu():
+    x, w = torch.randn(1, 64), torch.randn(64, 48)
+    thr = torch.tensor([0.5, 1.0])
+    f = torch.compile(lambda a, t: torch.ops.teal.sparse_gemv(a, w, t, [24, 24]), fullgraph=True)
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [24, 24])
+    assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24]))

@@ -1,0 +1,58 @@
+"""Logit parity with Hugging Face transformers, and conversion of a transformers-written checkpoint."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from convert_hf_checkpoint import convert_hf_folder
+from model import ModelArgs, load_model
+
+CONFIGS = {
+    "llama-gqa": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2)),
+    "llama-tied": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama31-rope": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def tiny_hf(tmp_path, name):
+    config_cls, model_cls, extra = CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, rms_norm_eps=1e-5, **extra)
+    hf = model_cls(cfg).float().eval()
+    folder = tmp_path / name
+    hf.save_pretrained(folder, safe_serialization=True)
+    return hf, folder
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_full_sequence_and_kv_cache(tmp_path, name):
+    hf, folder = tiny_hf(tmp_path, name)
+    out = convert_hf_folder(folder, tmp_path / f"{name}-converted", "float32")
+    model = load_model(out, dtype=torch.float32)
+    idx = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        model.setup_caches(1, 64)
+        full = model(idx, torch.arange(40))
+        assert (full - ref).abs().max() <= 1e-4  # stated tolerance: float32, 1e-4 absolute
+        model.setup_caches(1, 64)
+        steps = torch.cat([model(idx[:, i:i + 1], torch.tensor([i])) for i in range(40)], dim=1)
+        assert (steps - ref).abs().max() <= 1e-4
+
+
+def test_config_from_hf_and_errors(tmp_path):
+    hf, folder = tiny_hf(tmp_path, "llama31-rope")
+    import json
+    cfg = json.loads((folder / "config.json").read_text())
+    args = ModelArgs.from_hf_config(cfg)
+    assert args.rope_scaling["factor"] == 8.0 and args.n_local_heads == 2
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        ModelArgs.from_hf_config({**cfg, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(FileNotFoundError, match="convert_hf_checkpoint"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown model config"):
+        ModelArgs.from_name("llama-9-1t")
+    assert ModelArgs.from_name("llama-3-70b").n_local_heads == 8

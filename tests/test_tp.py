@@ -1,0 +1,63 @@
+"""Tensor parallelism over gloo on the CPU: 2 and 4 ranks reproduce the single-process logits."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparse import set_thresholds, sparsify
+from tests.test_sparse import tiny_model
+from tp import apply_tp
+
+
+def worker(rank, world, port, sparse, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    m = tiny_model(5, n_head=8, n_local_heads=4)
+    if sparse:
+        sparsify(m, per_channel=True)
+        set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
+                           * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
+    apply_tp(m)
+    m.setup_caches(1, 32)
+    with torch.no_grad():
+        logits = [m(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81 % 96])]
+    if rank == 0:
+        torch.save(torch.cat(logits, 1), result_path)
+    dist.destroy_process_group()
+
+
+def failing_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.all_reduce(torch.ones(1))  # would hang forever without failure propagation
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tp_logits_match_single_process(tmp_path, world, sparse):
+    ref = tiny_model(5, n_head=8, n_local_heads=4)
+    if sparse:
+        sparsify(ref, per_channel=True)
+        set_thresholds(ref, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
+                             * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
+    ref.setup_caches(1, 32)
+    with torch.no_grad():
+        expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
+    path = tmp_path / "logits.pt"
+    mp.spawn(worker, args=(world, 29500 + world + 10 * sparse, sparse, str(path)), nprocs=world, join=True)
+    got = torch.load(path, weights_only=True)
+    assert (got - expected).abs().max() < 1e-4  # fp32; all-reduce changes only the summation order
+
+
+def test_failing_rank_raises_instead_of_hanging():
+    with pytest.raises(Exception, match="failed on purpose"):
+        mp.spawn(failing_worker, args=(2, 29555), nprocs=2, join=True)
+
+
+def test_tp_size_must_divide_heads():
+    with pytest.raises(ValueError, match="does not divide"):
+        apply_tp(tiny_model(), rank=0, world=3)
