@@ -6,7 +6,6 @@
     torchrun --nproc_per_node=2 generate.py --checkpoint_path ... --sparsity 0.5 --compile   # tensor parallel
 """
 import argparse
-import contextlib
 import itertools
 import sys
 import time
@@ -121,7 +120,7 @@ def weight_bytes(model: Transformer) -> dict:
 @torch.no_grad()
 def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len: int) -> dict:
     """Replay a generated sequence (prompt dense, generated tokens masked as decode masks them) and count."""
-    from sparse import SparsityMeter, set_mask_prefill, sparse_layers
+    from sparse import LAYER_GROUPS, SparsityMeter, set_mask_prefill, sparse_layers
     meter = SparsityMeter(model)
     try:
         model(seq[:1, :prompt_len], torch.arange(prompt_len, device=seq.device))
@@ -133,8 +132,7 @@ def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len:
     per = meter.per_projection()
     moved = 0.0
     for i, path, layer in sparse_layers(model):
-        from sparse import LAYER_GROUPS
-        for g, (proj, n) in enumerate(zip(LAYER_GROUPS[path], layer.split_sizes)):
+        for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
             moved += (1 - per.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
     return {"model": meter.model_sparsity(), "sparse_bytes_moved": moved}
 

@@ -7,7 +7,7 @@ HF converter permutes q/k weights into that layout once.
 """
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -6,7 +6,7 @@ from model import config_hash
 from sparse import sparsify
 from tests.test_sparse import tiny_model
 from thresholds.calibrate import LEVELS, greedy_block, projection_params, quantile_table
-from thresholds.file import ThresholdFile, histogram_quantiles, import_reference_histograms, threshold_table
+from thresholds.file import ThresholdFile, import_reference_histograms, threshold_table
 
 
 def test_quantile_table_matches_torch_quantile():

@@ -3,7 +3,6 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import pytest
 
 from tokenizer import load_tokenizer
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model import config_hash, load_model
 from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, sparse_layers, sparsify
-from thresholds.file import MAX_SPARSITY, MODES, SITE_OF, ThresholdFile, projection_sparsities
+from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, projection_sparsities
 from tokenizer import load_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki-calibration.txt"
