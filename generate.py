@@ -24,6 +24,7 @@ torch._inductor.config.fx_graph_cache = True
 torch._dynamo.config.cache_size_limit = 64
 
 REPO = Path(__file__).resolve().parent
+COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one (gemv-variants-*.json)
 
 
 def multinomial_sample_one_no_sync(probs):
@@ -146,8 +147,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None):
-    """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse."""
+def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None,
+                      kernel: str = "auto"):
+    """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
+    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity)."""
     from sparse import sparsify
     from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
     check_sparsity(sparsity)
@@ -159,7 +162,8 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
                          f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
-    sparsify(model, per_channel=(mode == "weight-aware"))
+    compact = kernel == "compact" or (kernel == "auto" and sparsity >= COMPACT_FROM)
+    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 
@@ -183,6 +187,8 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
     p.add_argument("--sparsity_mode", default="uniform", choices=["uniform", "greedy", "weight-aware"])
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--sparse_kernel", default="auto", choices=["auto", "predicated", "compact"],
+                   help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
 
@@ -204,7 +210,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
 
     t0 = time.perf_counter()
-    model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds)
+    model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds, a.sparse_kernel)
     if rank is not None:
         from tp import apply_tp
         apply_tp(model)
@@ -227,14 +233,13 @@ def main(argv=None):
                 break
             text = tokenizer.chat_prompt(text)
         prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
-        callback = lambda _: None  # noqa: E731
-        if a.interactive and is_main:
-            done = []
+        streamed = []
 
-            def callback(tok):
-                done.append(int(tok.view(-1)[0]))
-                sys.stdout.write(tokenizer.decode(done[-1:]))
-                sys.stdout.flush()
+        def stream(tok):
+            streamed.append(int(tok.view(-1)[0]))
+            sys.stdout.write(tokenizer.decode(streamed[-1:]))
+            sys.stdout.flush()
+        callback = stream if a.interactive and is_main else (lambda _: None)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from sparse_gemv.kernels import reserve_counters
+from sparse_gemv.kernels import reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -26,10 +26,11 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 device=None, dtype=None):
+                 compact: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.split_sizes = [int(s) for s in split_sizes]
+        self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
         self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device, dtype=dtype))
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
@@ -37,12 +38,12 @@ class SparseLinear(nn.Module):
         self.mask_prefill = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False) -> "SparseLinear":
         w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, device=w.device, dtype=w.dtype)
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, device=w.device, dtype=w.dtype)
         layer.weight_t = w.detach().t().contiguous()
         if w.is_cuda:
-            reserve_counters(w.device)
+            reserve_workspace(w.device, layer.in_features, layer.out_features)
         return layer
 
     @property
@@ -51,12 +52,14 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] == 1 or self.mask_prefill:
-            y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
+            y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
+                                           self.split_sizes, self.compact)
             return y.view(*x.shape[:-1], self.out_features)
         return x @ self.weight_t
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, per_channel={self.per_channel}"
+        return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
+                f"per_channel={self.per_channel}, compact={self.compact}")
 
 
 def sparse_layers(model: nn.Module):
@@ -69,8 +72,9 @@ def sparse_layers(model: nn.Module):
                 yield i, path, layer
 
 
-def sparsify(model: nn.Module, per_channel: bool = False) -> nn.Module:
-    """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense)."""
+def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False) -> nn.Module:
+    """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense).
+    compact selects the kernel variant for very high sparsity (see sparse_gemv/kernels.py)."""
     for block in model.layers:
         splits = {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
                   "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
@@ -82,7 +86,7 @@ def sparsify(model: nn.Module, per_channel: bool = False) -> nn.Module:
                 if layer.per_channel != per_channel:
                     raise ValueError("model is already sparse with another threshold kind; sparsify a fresh model")
                 continue
-            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel))
+            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, compact))
     return model
 
 

@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=2 benchmark/bench_decode.py --model llama-3-70b   # tensor parallel
 
 Protocol (the reference's): batch 1, a 5-token prompt, 200 new tokens, the decode step compiled with
-mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Random models get uniform
+mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Each row also holds a
+torch profiler split of one decode step (the same captured graphs): kernel time by category (sparse
+GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over. Random models get uniform
 thresholds calibrated on a random-token prefill; the sparsity changes by copying thresholds, and the
 number of recompilations this causes is recorded (it should be 0).
 """
@@ -84,6 +86,60 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tup
     return sorted(speeds)[len(speeds) // 2], seq
 
 
+SPARSE_KERNEL = "_sparse_gemv_kernel"
+LAYER_ORDER = ("qkv", "o", "gate/up", "down")  # sparse launches per block, in forward order
+
+
+def category(name: str) -> str:
+    """Kernel name -> part of the decode step. Inductor names its kernels after the ops they fuse."""
+    n = name.lower()
+    if SPARSE_KERNEL in name:
+        return "sparse_gemv"
+    if any(s in n for s in ("gemv", "gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")):
+        return "cublas"
+    if any(s in n for s in ("allreduce", "all_reduce", "nccl")):
+        return "allreduce"
+    if any(s in n for s in ("topk", "sort", "argmax", "exponential", "radix")):
+        return "sampling"
+    if any(s in n for s in ("sdpa", "flash", "attention", "softmax", "bmm", "amax")):
+        return "attention"
+    if "rsqrt" in n:
+        return "norm"
+    return "other"
+
+
+@torch.no_grad()
+def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
+    """Kernel time per decode step by category (the same captured graphs the timing used), the step time
+    from CUDA events, and what is left between them: launch gaps and idle time."""
+    from torch.profiler import ProfilerActivity, profile
+    token = torch.zeros(1, 1, dtype=torch.int, device="cuda")
+    pos = torch.tensor([prompt_len], dtype=torch.int, device="cuda")
+    for _ in range(3):
+        token = decode_fn(model, token, pos, temperature=0.8, top_k=200).clone()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        a.record()
+        for _ in range(steps):
+            token = decode_fn(model, token, pos, temperature=0.8, top_k=200).clone()
+        b.record()
+        torch.cuda.synchronize()
+    step_ms = a.elapsed_time(b) / steps
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    out, sparse_i = {}, 0
+    for e in kernels:
+        c = category(e.name)
+        if c == "sparse_gemv":
+            c = f"sparse_gemv {LAYER_ORDER[sparse_i % 4]}"
+            sparse_i += 1
+        out[c] = out.get(c, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+    total = sum(out.values())
+    return {"step_ms": step_ms, "kernels_ms": total, "gaps_ms": step_ms - total,
+            "kernels_per_step": len(kernels) / steps, "by_category_ms": out}
+
+
 def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     """One decode all-reduce ([1, 1, dim]) captured in a CUDA graph: median per call."""
     x = torch.randn(1, 1, dim, dtype=dtype, device="cuda")
@@ -120,6 +176,7 @@ def main(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--sparse_kernel", default="predicated", choices=["predicated", "compact"])
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,13 +191,14 @@ def main(argv=None):
     def build(sparse: bool):
         if a.checkpoint_path:
             from generate import load_sparse_model
-            m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None)
+            m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None,
+                                      a.sparse_kernel)
             if rank is not None:
                 apply_tp(m)
             return m, tf
         shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
-        return (sparsify(m) if sparse else m), None
+        return (sparsify(m, compact=a.sparse_kernel == "compact") if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -150,9 +208,11 @@ def main(argv=None):
     dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     tok_s, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs)
     rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, "tok_s": tok_s, "ms_per_token": 1e3 / tok_s,
-                 "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9})
+                 "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
+                 "profile": profile_steps(model, dense_fn, a.prompt_tokens)})
     if rank in (None, 0):
         print(f"dense: {tok_s:.1f} tok/s ({sizes['total'] * tok_s / 1e9:.0f} GB/s)", flush=True)
+        print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
     del model, dense_fn
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -174,10 +234,12 @@ def main(argv=None):
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"] * world
         rows.append({"sparsity": s, "mode": a.mode if tf else "uniform", "dtype": a.dtype, "tok_s": tok_s,
                      "ms_per_token": 1e3 / tok_s, "realized_sparsity": real["model"],
-                     "dense_equiv_GBps": sizes["total"] * tok_s / 1e9, "moved_GBps": moved * tok_s / 1e9})
+                     "dense_equiv_GBps": sizes["total"] * tok_s / 1e9, "moved_GBps": moved * tok_s / 1e9,
+                     "profile": profile_steps(model, sparse_fn, a.prompt_tokens)})
         if rank in (None, 0):
             print(f"sparse {s:.2f}: {tok_s:.1f} tok/s, realised {real['model']:.3f}, "
                   f"{tok_s / rows[0]['tok_s']:.2f}x dense", flush=True)
+            print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
     recompiles = counters["stats"]["unique_graphs"] - frames_before
     ar = allreduce_us(model.config.dim, dtype) if rank is not None else 0.0
     for r in rows:
@@ -192,7 +254,7 @@ def main(argv=None):
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
-              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "tp": world,
+              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}

@@ -5,7 +5,15 @@ Every method is captured in a CUDA graph that walks over enough rotating weight 
 and together at least 4x the L2 size) that no call finds its weights in L2; time = graph replay / copies,
 median of many replays. The device's copy bandwidth is measured in the same run.
 
-    python benchmark/bench_gemv.py --dtypes bfloat16 float16 --out benchmark/results
+    python -m benchmark.bench_gemv --dtypes bfloat16 float16 --out benchmark/results
+    python -m benchmark.bench_gemv --variants     # the kernel design space: every variant at fixed configs
+
+Each sparsity is timed with both kernel variants at the configs pick_config chooses: predicated
+(sparse_us, the default) and compact (compact_us, kept rows listed first).
+
+--variants times explicit kernel configurations instead: predicated loads vs kept-row lists
+(COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
+the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config).
 """
 import argparse
 import datetime
@@ -19,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 
@@ -82,21 +90,65 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
     for s in sparsities:
         t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else 0.0
         thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
-        y = sparse_gemv(x, weights_t[0], thr, groups)
         ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
-        rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-        if rel > 2e-2:
-            raise AssertionError(f"{name} {dtype} s={s}: relative error {rel:.2e} against the float64 reference")
+        for compact in (False, True):
+            y = sparse_gemv(x, weights_t[0], thr, groups, compact)
+            rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+            if rel > 2e-2:
+                raise AssertionError(f"{name} {dtype} s={s} compact={compact}: relative error {rel:.2e} "
+                                     "against the float64 reference")
         us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups), copies)
+        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True), copies)
         kept = float((x.abs() > t).float().mean())
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
-                     "sparsity": s, "kept_fraction": kept, "sparse_us": us, "cublas_us": out_cublas,
+                     "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us, "cublas_us": out_cublas,
                      "compiled_us": out_compiled, "rel_err": rel,
-                     "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9, "weight_copies": copies})
-        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  cublas {out_cublas:7.2f}  "
+                     "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9,
+                     "compact_kept_GBps": kept * bytes_ / (compact_us * 1e-6) / 1e9, "weight_copies": copies})
+        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  cublas {out_cublas:7.2f}  "
               f"compiled {out_compiled:7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} GB/s", flush=True)
-    del weights, weights_t
-    torch.cuda.empty_cache()
+    return rows
+
+
+def variant_configs(n: int, k: int, sms: int) -> list[dict]:
+    """Explicit configs around the useful region: grids of one to eight waves of programs."""
+    out = []
+    for bn, bk in ((64, 128), (128, 64), (32, 256)):
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = triton.cdiv(n, bn) * split
+            if k // split < bk or not sms <= programs <= 8 * sms:
+                continue
+            for warps in (4, 8):
+                for compact, stages in ((False, 1), (False, 3), (True, 2), (True, 3)):
+                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact,
+                                "STAGES": stages, "num_warps": warps})
+    return out
+
+
+def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8)):
+    n = sum(groups)
+    copies = max(8, math.ceil(4 * l2_bytes / (n * k * dtype.itemsize)))
+    weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    rows = []
+    for s in sparsities:
+        t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else 0.0
+        thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
+        ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
+        best = None
+        for cfg in variant_configs(n, k, sms):
+            y = sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg)
+            rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+            if rel > 2e-2:
+                raise AssertionError(f"{name} s={s} {cfg}: relative error {rel:.2e}")
+            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), copies, replays=10)
+            rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "us": us, **cfg})
+            if best is None or us < best["us"]:
+                best = rows[-1]
+        for compact in (False, True):
+            b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
+            print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "
+                  f"({(1 - s) * n * k * dtype.itemsize / (b['us'] * 1e-6) / 1e9:5.0f} GB/s kept) {b}", flush=True)
     return rows
 
 
@@ -111,7 +163,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, name in zip(axes.flat, names):
         for dt in dtypes:
             rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dt]
-            ax.plot([r["sparsity"] for r in rows], [r["sparse_us"] for r in rows], "o-", label=f"sparse {dt}")
+            ax.plot([r["sparsity"] for r in rows], [r["sparse_us"] for r in rows], "o-", label=f"predicated {dt}")
+            ax.plot([r["sparsity"] for r in rows], [r["compact_us"] for r in rows], "x:", label=f"compact {dt}")
         rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dtypes[0]]
         s = [r["sparsity"] for r in rows]
         ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS")
@@ -133,6 +186,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     p.add_argument("--shapes", nargs="*", help="subset of shape names")
+    p.add_argument("--variants", action="store_true", help="time the kernel's design space at fixed configs")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -142,21 +196,25 @@ def main(argv=None):
     bw = copy_bandwidth()
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
+    device = props.name.replace(" ", "-")
+    path = a.out / (f"gemv-variants-{device}.json" if a.variants else f"gemv-{device}.json")
+    a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
         for name, k, groups in shapes():
-            if a.shapes and name not in a.shapes:
+            if a.shapes and name not in a.shapes or a.variants and not name.startswith("8b"):
                 continue
-            rows += bench_shape(name, k, groups, getattr(torch, dt), l2)
-    device = props.name.replace(" ", "-")
-    result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
-              "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "host": socket.gethostname(), "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"gemv-{device}.json"
-    path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
-
+            if a.variants:
+                rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count)
+            else:
+                rows += bench_shape(name, k, groups, getattr(torch, dt), l2)
+            # written after every shape, so a run cut short still leaves what it measured
+            result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
+                      "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "host": socket.gethostname(), "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
+            path.write_text(json.dumps(result, indent=1))
+    if not a.variants:
+        plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,14 @@ their own thresholds; a strip never straddles two groups, so each program applie
 Split-K programs write fp32 partials and the last one to finish a strip (an atomic counter, reset
 by that same program) sums them and writes the output. There is no bf16 atomic add anywhere, which
 is what kept the reference kernel fp16-only, and no second launch.
+
+Two ways to skip rows, one kernel (COMPACT):
+- predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
+  pipelined (three stages) so several tiles are in flight per program; best up to about 65% sparsity.
+- compact: first list the kept rows of the program's K range, then load only those. Every tile is
+  full of useful bytes and the loop is (1 - s) as long, which wins at 80% and above on large matrices.
 """
+import functools
 import os
 
 import torch
@@ -19,13 +26,15 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 MAX_SPLIT_K = 32
+COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept rows
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr,
+def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
                         PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                        COMPACT: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -49,43 +58,76 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr,
         thr = tl.load(thr_ptr + g)
 
     if BLOCK_T == 1:
-        # One token: accumulate elementwise in registers and reduce over K once at the end. The next
-        # activation tile is loaded while this tile's weights are in flight, so each iteration waits on
-        # one memory latency, not an activation load followed by the weight load it decides.
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        offs_k = k_begin + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k, mask=offs_k < k_stop, other=0.0).to(tl.float32)
-        if PER_CHANNEL:
-            thr = tl.load(thr_row + offs_k, mask=offs_k < k_stop, other=float("inf"))
-        for k0 in range(k_begin, k_stop, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            keep = tl.abs(x) > thr
-            w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-            next_k = offs_k + BLOCK_K
-            x_next = tl.load(x_ptr + next_k, mask=next_k < k_stop, other=0.0).to(tl.float32)
-            if PER_CHANNEL:
-                thr_next = tl.load(thr_row + next_k, mask=next_k < k_stop, other=float("inf"))
-            acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
-            x = x_next
-            if PER_CHANNEL:
-                thr = thr_next
-        acc = tl.sum(acc2, axis=0)[None, :]
     else:
-        # Several tokens: a weight row is skipped only when every token's activation is under threshold.
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_stop, BLOCK_K):
+
+    if COMPACT:
+        # Pass 1: list this split's kept rows (where any token is over threshold) in order. Every strip of
+        # the same group and split writes the same list to the same place, so the overlapping writes agree.
+        # Pass 2 then loads only kept rows: each weight tile is full of useful bytes, and the loop runs
+        # (1 - sparsity) times as long, so high sparsity is not paid for in per-iteration memory latency.
+        slots = rows_ptr + g * K + k_begin
+        count = k_begin * 0
+        for c0 in range(k_begin, k_stop, COMPACT_CHUNK):
+            offs_c = c0 + tl.arange(0, COMPACT_CHUNK)
+            in_range = offs_c < k_stop
+            if PER_CHANNEL:
+                thr_c = tl.load(thr_row + offs_c, mask=in_range, other=float("inf"))
+            else:
+                thr_c = thr
+            keep = tl.zeros((COMPACT_CHUNK,), dtype=tl.int32)
+            for t in range(T):
+                xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
+                keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
+            pos = count + tl.cumsum(keep, 0) - 1
+            tl.store(slots + pos, offs_c, mask=keep != 0)
+            count += tl.sum(keep, 0)
+        tl.debug_barrier()  # the list is visible to every thread of this program before it is read
+        for j in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+            offs_j = j + tl.arange(0, BLOCK_K)
+            valid = offs_j < count
+            rows = tl.load(slots + offs_j, mask=valid, other=0)
+            w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
+            if BLOCK_T == 1:
+                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+                acc2 += xv[:, None] * w.to(tl.float32)
+            else:
+                xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
+                             mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+                if PER_CHANNEL:
+                    thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
+                xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
+                acc = tl.dot(xv, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    else:
+        # Predicated: walk every row and let the mask drop the loads of rows under threshold (a masked
+        # load issues no memory traffic). Best at low sparsity, where compaction would buy nothing.
+        for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_stop
-            x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             if PER_CHANNEL:
-                thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))[None, :]
-            x = tl.where(tl.abs(x.to(tl.float32)) > thr, x.to(tl.float32), 0.0)
-            keep = tl.max(tl.abs(x), axis=0) > 0
-            w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-            # bf16 and fp16 values are exact in tf32, so a tf32 product loses nothing for them;
-            # fp32 inputs take the full-precision path.
-            acc = tl.dot(x, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+                thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+            if BLOCK_T == 1:
+                x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                keep = tl.abs(x) > thr
+                w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
+                acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+            else:
+                # Several tokens: a weight row is skipped only when every token's activation is under threshold.
+                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                            mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                if PER_CHANNEL:
+                    x = tl.where(tl.abs(x) > thr[None, :], x, 0.0)
+                else:
+                    x = tl.where(tl.abs(x) > thr, x, 0.0)
+                keep = tl.max(tl.abs(x), axis=0) > 0
+                w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
+                # bf16 and fp16 values are exact in tf32, so a tf32 product loses nothing for them;
+                # fp32 inputs take the full-precision path.
+                acc = tl.dot(x, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    if BLOCK_T == 1:
+        # One token: products were accumulated elementwise; reduce over K once, at the end.
+        acc = tl.sum(acc2, axis=0)[None, :]
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
@@ -105,55 +147,54 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr,
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose grid fills the GPU without splitting K into slivers."""
-    n, k = named_args["N"], named_args["K"]
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    kept = []
-    for c in configs:
-        bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
-        programs = triton.cdiv(n, bn) * split
-        if k // split >= bk and (programs >= sms or split == MAX_SPLIT_K) and (split == 1 or programs <= 32 * sms):
-            kept.append(c)
-    return kept or configs[:1]
+def pick_config(n: int, k: int, split_sizes, compact: bool, sms: int) -> dict:
+    """Tile, K split and variant, by rule rather than autotuning. From the design sweep
+    (benchmark/results/gemv-variants-*.json, H100): four warps and three pipeline stages win everywhere;
+    about 1.5-2 programs per SM is the sweet spot; predicated loads want narrow tall tiles (32 x 256)
+    unless N is very wide, kept-row lists want 128 x 64. Autotuning was dropped because its in-isolation
+    timings picked configs that ran up to 3x slower inside the decode graph, and because the best config
+    depends on the sparsity, which is data the tuning key cannot see."""
+    if compact:
+        bn, bk = 128, 64
+    else:
+        bn, bk = (64, 128) if triton.cdiv(n, 32) > 4 * sms else (32, 256)
+    strips = sum(triton.cdiv(s, bn) for s in split_sizes)
+    split = 1
+    while strips * split < 1.4 * sms and split < MAX_SPLIT_K and k // (2 * split) >= bk:
+        split *= 2
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
 
-def _configs():
-    # Loads here feed no tl.dot, so software pipelining (num_stages) buys nothing; the shape of the
-    # tile, the warps and the K split are what decide bandwidth.
-    tiles = ((32, 256), (64, 128), (64, 256), (128, 64), (128, 128))
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=1)
-            for bn, bk in tiles for split in (1, 2, 4, 8, 16, 32) for w in (4, 8)]
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+def reserve_workspace(device: torch.device, in_features: int, out_features: int) -> None:
+    """Split-K completion counters (self-resetting) and kept-row lists, one pair of buffers per device.
+    SparseLinear calls this at construction, before any torch.compile / CUDA-graph warm-up, so the
+    buffers live outside the graph's memory pool and every captured launch sees stable addresses."""
+    _workspace(torch.device(device), in_features, out_features)
 
 
-_autotuned_kernel = triton.autotune(configs=_configs(), key=["N", "K", "N0", "N1", "BLOCK_T", "PER_CHANNEL"],
-                                    prune_configs_by={"early_config_prune": _prune}, do_bench=_bench)(_sparse_gemv_kernel)
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def reserve_counters(device: torch.device, strips: int = 1 << 14) -> torch.Tensor:
-    """Self-resetting completion counters for split-K, one buffer per device. Call this before any
-    torch.compile / CUDA-graph warm-up (SparseLinear does, at construction), so the buffer lives
-    outside the graph's memory pool and every captured launch sees one stable address."""
-    return _counter_buffer(torch.device(device), strips)
-
-
-def _counter_buffer(device: torch.device, strips: int) -> torch.Tensor:
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < strips:
-        buf = torch.zeros(max(strips, 1 << 14), dtype=torch.int32, device=device)
-        _counters[device] = buf
-    return buf
+def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    counters, rows = _workspaces.get(device, (None, None))
+    need_counters, need_rows = triton.cdiv(n, 16) + 3, 3 * k
+    if counters is None or counters.numel() < need_counters or rows.numel() < need_rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"sparse_gemv: workspace for K={k}, N={n} was not reserved before CUDA-graph capture; "
+                               "call sparse_gemv.kernels.reserve_workspace(device, K, N) first")
+        size_c = max(need_counters, 1 << 14, counters.numel() if counters is not None else 0)
+        size_r = max(need_rows, 3 << 15, rows.numel() if rows is not None else 0)
+        counters = torch.zeros(size_c, dtype=torch.int32, device=device)
+        rows = torch.zeros(size_r, dtype=torch.int32, device=device)
+        _workspaces[device] = (counters, rows)
+    return counters, rows
 
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N]."""
+                       out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None) -> torch.Tensor:
+    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
+    compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
+    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's."""
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -164,18 +205,22 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     block_t = 1 if t == 1 else 16
     y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
     partials = torch.empty((MAX_SPLIT_K, t, n), dtype=torch.float32, device=x.device)
-    counters = _counter_buffer(x.device, triton.cdiv(n, 16) + 3)
-    args = (x, weight_t, thresholds, y, partials, counters, t, k, n, n0, n1, x.stride(0), y.stride(0))
-    per_channel = thresholds.dim() == 2
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    if INTERPRET:
-        bn = 32
-        strips = sum(triton.cdiv(s, bn) for s in split_sizes)
-        split = 2 if k >= 4 * 32 else 1  # exercise the split-K reduction on the CPU too
-        _sparse_gemv_kernel[(strips, split)](*args, PER_CHANNEL=per_channel, BLOCK_T=block_t,
-                                             DOT_PRECISION=precision, BLOCK_N=bn, BLOCK_K=32, SPLIT_K=split)
-    else:
-        def grid(meta):
-            return (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
-        _autotuned_kernel[grid](*args, PER_CHANNEL=per_channel, BLOCK_T=block_t, DOT_PRECISION=precision)
+    counters, rows = _workspace(x.device, k, n)
+    args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
+    if config is None:
+        if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
+            config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
+        else:
+            config = pick_config(n, k, split_sizes, compact, _sm_count(x.device))
+    meta = dict(config)
+    warps = meta.pop("num_warps", 4)
+    grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
+    _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1)
     return y
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

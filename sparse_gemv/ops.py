@@ -38,22 +38,25 @@ def sparse_gemv_reference(x, weight_t, thresholds, split_sizes):
     """Mask, then multiply densely: the definition the kernels are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
-        xm = torch.where(x.abs() > thresholds[g].to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
+        xm = torch.where(x.abs().float() > thresholds[g].float(), x, torch.zeros((), dtype=x.dtype, device=x.device))
         outs.append(xm @ weight_t[:, col:col + n])
         col += n
     return torch.cat(outs, dim=-1)
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
-def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int]) -> torch.Tensor:
-    """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N]."""
+def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
+                compact: bool = False) -> torch.Tensor:
+    """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
+    compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity)."""
     check_inputs(x, weight_t, thresholds, split_sizes)
     x = x.contiguous()
     if x.is_cuda and x.shape[0] <= MAX_TOKENS:
-        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes)
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact)
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes):
+def _(x, weight_t, thresholds, split_sizes, compact=False):
     return x.new_empty((x.shape[0], weight_t.shape[1]))

@@ -1,8 +1,8 @@
-"""GPU-only checks of the Triton kernels (run on the GPU machine: pytest -m gpu)."""
+"""GPU-only checks of the Triton kernels (on the GPU machine: TRITON_INTERPRET=0 python -m pytest -m gpu)."""
 import pytest
 import torch
 
-from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -14,17 +14,26 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+# Both kernel variants at explicit configs, and None: the op with pick_config's choice (both variants).
+VARIANTS = [None, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "COMPACT": False, "STAGES": 3, "num_warps": 4},
+            {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 8, "COMPACT": True, "STAGES": 3, "num_warps": 4}]
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (14336, [4096]), (1000, [333, 77]), (576, [576, 192, 192])])
-def test_kernel_matches_reference(dtype, tokens, per_channel, k, groups):
+def test_kernel_matches_reference(variant, dtype, per_channel, tokens, k, groups):
     g = torch.Generator(device="cuda").manual_seed(tokens * 7 + k)
     x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g)
     w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
     shape = (len(groups), k) if per_channel else (len(groups),)
     thr = torch.rand(shape, device="cuda", generator=g) * 1.5
-    y = sparse_gemv(x, w, thr, groups)
+    if VARIANTS[variant] is None or tokens > 8:  # above 8 tokens the op takes the dense path
+        y = sparse_gemv(x, w, thr, groups, compact=bool(tokens % 2))
+    else:
+        y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant])
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
     assert rel_err(y, ref) < TOL[dtype]
 

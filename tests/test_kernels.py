@@ -8,23 +8,30 @@ from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def poisoned_run(x, w, thr, groups):
+# Both kernel variants (walk every row with predicated loads; list kept rows, then load only those),
+# with and without the split-K reduction.
+VARIANTS = [{"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, "COMPACT": compact, "STAGES": 1}
+            for compact in (False, True) for split in (1, 3)]
+
+
+def poisoned_run(x, w, thr, groups, config=None):
     # Output filled with NaN first: any element the kernel fails to write fails the comparison.
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
-    return sparse_gemv_triton(x, w, thr, groups, out=out)
+    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 8])
 @pytest.mark.parametrize("k,groups", [(37, [50]), (130, [96, 33, 33]), (257, [70, 70])])
 @pytest.mark.parametrize("masked", [0.0, 0.5, 1.0])
-def test_per_tensor(dtype, tokens, k, groups, masked):
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_per_tensor(dtype, tokens, k, groups, masked, variant):
     g = torch.Generator().manual_seed(k * 10 + tokens)
     x = torch.randn(tokens, k, generator=g).to(dtype)
     w = torch.randn(k, sum(groups), generator=g).to(dtype)
     level = float(x.abs().float().quantile(masked)) if 0 < masked < 1 else (0.0 if masked == 0 else float("inf"))
     thr = torch.full((len(groups),), level)
-    y = poisoned_run(x, w, thr, groups)
+    y = poisoned_run(x, w, thr, groups, VARIANTS[variant])
     assert torch.isfinite(y).all()
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
     if masked == 1.0:
@@ -35,20 +42,30 @@ def test_per_tensor(dtype, tokens, k, groups, masked):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens):
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant):
     g = torch.Generator().manual_seed(tokens)
     k, groups = 150, [64, 32, 32]
     x = torch.randn(tokens, k, generator=g).to(dtype)
     w = torch.randn(k, sum(groups), generator=g).to(dtype)
     for thr in (torch.tensor([0.2, 0.8, 1.5]), torch.rand(3, k, generator=g) * 1.5):
-        y = poisoned_run(x, w, thr, groups)
+        y = poisoned_run(x, w, thr, groups, VARIANTS[variant])
         ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
         assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
     # the three groups really use different thresholds: q with threshold 0 equals the dense product
     thr = torch.tensor([0.0, 1e9, 1e9])
-    y = sparse_gemv_triton(x, w, thr, groups)
+    y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant])
     assert torch.allclose(y[:, :64].double(), x.double() @ w[:, :64].double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
     assert torch.equal(y[:, 64:], torch.zeros_like(y[:, 64:]))
+
+
+def test_dense_path_compares_thresholds_in_float32():
+    # 9 tokens take the op's dense path. The threshold 1.005 rounds to 1.0078125 in bf16, which would
+    # wrongly mask x = 1.0078125; compared in float32, as the kernels compare, x is kept.
+    x = torch.full((9, 4), 1.0078125, dtype=torch.bfloat16)
+    w = torch.ones(4, 2, dtype=torch.bfloat16)
+    y = sparse_gemv(x, w, torch.tensor([1.005]), [2])
+    assert torch.equal(y, torch.full((9, 2), 4 * 1.0078125, dtype=torch.bfloat16))
 
 
 def test_bad_inputs_get_clear_errors():

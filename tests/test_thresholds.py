@@ -96,3 +96,19 @@ def test_reference_histogram_import(tmp_path):
         expected = torch.quantile(x.abs(), torch.tensor([0.25, 0.5, 0.75]))
         got = tf.site_quantiles[layer, si, [250, 500, 750]]
         assert torch.allclose(got, expected, atol=0.01 * (layer + 1))
+
+
+def test_perplexity_windows_and_scoring():
+    from benchmark.perplexity import window_nll, window_starts
+    assert window_starts(10_000, 4, 1000) == [0, 3000, 6000, 9000]
+    with pytest.raises(ValueError, match="fewer than"):
+        window_starts(3000, 4, 1000)
+    # a dense model: prefill + scored part give the same NLL as one full forward
+    m = tiny_model(5)
+    m.setup_caches(1, 64)
+    ids = torch.randint(0, 96, (48,), generator=torch.Generator().manual_seed(1))
+    nll, n = window_nll(m, ids, 20)
+    with torch.no_grad():
+        logits = m(ids[None], torch.arange(48))[0, 19:-1]
+    ref = torch.nn.functional.cross_entropy(logits.float(), ids[20:].long(), reduction="sum")
+    assert n == 28 and abs(nll - float(ref)) < 1e-3

@@ -31,8 +31,8 @@ PATH_SITE = {"attention.wqkv": 0, "attention.wo": 1, "feed_forward.w13": 2, "fee
 MAX_SAMPLES = 4_000_000  # values per quantile table: far more than 0.001 resolution needs
 
 
-def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str | None = None) -> torch.Tensor:
-    """The first n_tokens tokens of a text file or a Hugging Face dataset ("name[:config[:split]]")."""
+def read_tokens(tokenizer, data: Path | None = None, dataset: str | None = None) -> tuple[torch.Tensor, str]:
+    """All token ids (no BOS) of a text file or a Hugging Face dataset ("name[:config[:split]]"), and the source."""
     if dataset:
         try:
             import datasets
@@ -44,12 +44,17 @@ def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str
     else:
         path = Path(data or DEFAULT_DATA)
         if not path.exists():
-            raise FileNotFoundError(f"calibration text {path} not found; pass --data FILE")
+            raise FileNotFoundError(f"text file {path} not found; pass --data FILE")
         text, source = path.read_text(encoding="utf-8"), str(path)
-    ids = tokenizer.encode(text, bos=False)
+    return torch.tensor(tokenizer.encode(text, bos=False)), source
+
+
+def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str | None = None) -> torch.Tensor:
+    """The first n_tokens tokens of a text file or a Hugging Face dataset."""
+    ids, source = read_tokens(tokenizer, data, dataset)
     if len(ids) < n_tokens:
         raise ValueError(f"{source} has {len(ids)} tokens, fewer than the {n_tokens} requested; lower --tokens or add text")
-    return torch.tensor(ids[:n_tokens])
+    return ids[:n_tokens]
 
 
 def quantile_table(values: torch.Tensor, levels: torch.Tensor = LEVELS, generator=None) -> torch.Tensor:

@@ -131,11 +131,11 @@ def projection_sparsities(tf: ThresholdFile, sparsity: float, mode: str) -> torc
     return interp(torch.tensor(sparsity), tf.greedy_targets, tf.greedy_sparsities)
 
 
-def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform") -> torch.Tensor:
+def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform", held: bool = True) -> torch.Tensor:
     """[L, 7] thresholds (weight-aware: in score units) for a target sparsity and mode.
 
-    Where the file holds sequentially calibrated thresholds covering the target, those are used (they keep
-    the realised sparsity on target); elsewhere the dense-activation quantiles are.
+    Where the file holds sequentially calibrated thresholds covering the target (and `held`), those are used
+    (they keep the realised sparsity on target); elsewhere the dense-activation quantiles are, as in TEAL.
     """
     check_sparsity(sparsity)
     if mode not in MODES:
@@ -145,7 +145,7 @@ def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform") -
                          "`python -m thresholds.calibrate --greedy`")
     if sparsity == 0:
         return torch.zeros(tf.site_quantiles.shape[0], len(PROJECTIONS))
-    if mode in tf.held and tf.held_targets[0] <= sparsity <= tf.held_targets[-1]:
+    if held and mode in tf.held and tf.held_targets[0] <= sparsity <= tf.held_targets[-1]:
         xp = torch.cat([torch.zeros(1), tf.held_targets])
         fp = torch.cat([torch.zeros_like(tf.held[mode][:1]), tf.held[mode]])
         return interp(torch.tensor(sparsity), xp, fp)
@@ -156,9 +156,9 @@ def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform") -
     return quantile_lookup(tf.levels, tf.site_quantiles[:, site], levels)
 
 
-def apply_thresholds(model, tf: ThresholdFile, sparsity: float, mode: str = "uniform") -> torch.Tensor:
+def apply_thresholds(model, tf: ThresholdFile, sparsity: float, mode: str = "uniform", held: bool = True) -> torch.Tensor:
     """Load the thresholds for (sparsity, mode) into a sparsified model's buffers; returns the [L, 7] table."""
-    table = threshold_table(tf, sparsity, mode)
+    table = threshold_table(tf, sparsity, mode, held)
     with torch.no_grad():
         for i, path, layer in sparse_layers(model):
             if (mode == "weight-aware") != layer.per_channel:

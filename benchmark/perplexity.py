@@ -1,0 +1,160 @@
+"""Perplexity under TEAL sparsity, scored the way decoding sparsifies.
+
+    python -m benchmark.perplexity                         # default SmolLM2, ../shared/data/wiki-evaluation.txt
+    python -m benchmark.perplexity --data text.txt --methods dense uniform --targets 0.5
+    python -m benchmark.perplexity --dataset wikitext:wikitext-2-raw-v1:test   # a Hugging Face dataset (network)
+
+Protocol: `--windows` non-overlapping windows of `--window` tokens spread evenly over the text (no BOS).
+The first `--prompt` tokens of each window are a dense prefill; the rest are scored, each position
+masked exactly as a decode step masks it (mask_prefill: per token, |x| > threshold, all seven
+projections). The first scored token is predicted by the dense prefill, as the first generated token is.
+
+Methods: dense; uniform, greedy and weight-aware from the model's threshold file (with their held
+calibration where the file has it, so the realised sparsity stays on target); uniform-dense, TEAL's own
+thresholds (quantiles of dense activations) for comparison with published numbers. Realised sparsity is
+the parameter-weighted fraction of masked inputs over the scored positions.
+"""
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import load_model
+from sparse import SparsityMeter, set_mask_prefill, sparsify
+from thresholds.calibrate import read_tokens
+from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
+from tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki-evaluation.txt"
+METHODS = ("dense", "uniform", "greedy", "weight-aware", "uniform-dense")
+
+
+def window_starts(n_tokens: int, windows: int, window: int) -> list[int]:
+    """Starts of `windows` non-overlapping windows spread evenly over n_tokens tokens."""
+    if n_tokens < windows * window:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than {windows} windows x {window}; "
+                         "lower --windows or --window, or use a longer text")
+    step = (n_tokens - window) / max(windows - 1, 1)
+    return [round(i * step) for i in range(windows)]
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, prompt: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[prompt:] given a dense prefill of ids[:prompt] and masked
+    (decode-sparse) forwards of the rest; returns (nll, scored tokens)."""
+    n = ids.numel()
+    pos = torch.arange(n, device=ids.device)
+    logits_first = model(ids[None, :prompt], pos[:prompt])[0, -1:]
+    set_mask_prefill(model, True)
+    try:
+        logits_rest = model(ids[None, prompt:-1], pos[prompt:-1])[0]
+    finally:
+        set_mask_prefill(model, False)
+    logits = torch.cat([logits_first, logits_rest]).float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[prompt:].long(), reduction="sum")
+    return float(nll), n - prompt
+
+
+def evaluate(model, windows: list[torch.Tensor], prompt: int, desc: str) -> dict:
+    meter = SparsityMeter(model)
+    nll, count = 0.0, 0
+    try:
+        for ids in tqdm(windows, desc=desc, leave=False):
+            a, b = window_nll(model, ids, prompt)
+            nll, count = nll + a, count + b
+    finally:
+        meter.close()
+    return {"ppl": math.exp(nll / count), "realized_sparsity": meter.model_sparsity()}
+
+
+def main(argv=None):
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help=f"evaluation text (default {DEFAULT_DATA})")
+    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--prompt", type=int, default=512, help="dense tokens at the start of each window")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/perplexity-<model>.json; a PNG beside it)")
+    a = p.parse_args(argv)
+    for t in a.targets:
+        check_sparsity(t)
+    if not 0 < a.prompt < a.window:
+        raise SystemExit(f"--prompt {a.prompt} must be between 0 and --window {a.window}")
+    if a.data is None and a.dataset is None:
+        a.data = DEFAULT_DATA
+    dtype = getattr(torch, a.dtype)
+
+    dense = load_model(a.checkpoint_path, device=a.device, dtype=dtype)
+    name = dense.config.name
+    tf_path = a.thresholds or REPO / "thresholds" / f"{name}.safetensors"
+    tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
+    tokenizer = load_tokenizer(a.checkpoint_path)
+    ids, _ = read_tokens(tokenizer, a.data, a.dataset)
+    windows = [ids[s:s + a.window].to(a.device) for s in window_starts(ids.numel(), a.windows, a.window)]
+
+    rows = []
+    models = {}
+    for method in a.methods:
+        for target in ([0.0] if method == "dense" else a.targets):
+            if method == "dense":
+                model = dense
+            else:
+                per_channel = method == "weight-aware"
+                if per_channel not in models:
+                    models[per_channel] = sparsify(load_model(a.checkpoint_path, device=a.device, dtype=dtype), per_channel)
+                model = models[per_channel]
+                mode = "uniform" if method == "uniform-dense" else method
+                apply_thresholds(model, tf, target, mode, held=method != "uniform-dense")
+            model.setup_caches(1, a.window)
+            r = evaluate(model, windows, a.prompt, f"{method} {target}")
+            rows.append({"method": method, "target_sparsity": target, **r})
+            print(f"{method:>13} {target:.2f}: ppl {r['ppl']:.3f}, realised sparsity {r['realized_sparsity']:.3f}", flush=True)
+
+    result = {"model": name, "data": a.dataset or str(a.data), "window": a.window, "prompt_tokens": a.prompt,
+              "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype,
+              "calibration_tokens": tf.provenance.get("tokens") if tf else None,
+              "thresholds": str(tf_path) if tf else None, "date": datetime.date.today().isoformat(),
+              "command": "python -m benchmark.perplexity " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
+    out = a.out or REPO / "benchmark" / "results" / f"perplexity-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [r for r in result["rows"] if r["method"] == "dense"]
+    for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "dense"):
+        rs = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["realized_sparsity"])
+        ax.plot([r["realized_sparsity"] for r in rs], [r["ppl"] for r in rs], "o-", label=method)
+    if dense:
+        ax.axhline(dense[0]["ppl"], color="gray", ls="--", label=f"dense {dense[0]['ppl']:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("realised activation sparsity (parameter-weighted)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{result['model']}, {Path(result['data']).name}, {result['scored_tokens']} scored tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
