@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from model import load_model
 from sparse import SparsityMeter, set_mask_prefill, sparsify
-from thresholds.calibrate import read_tokens
+from thresholds.calibrate import add_text_source, read_tokens
 from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
 
@@ -78,9 +78,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, help=f"evaluation text (default {DEFAULT_DATA})")
-    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+    add_text_source(p, "evaluation text", DEFAULT_DATA)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--prompt", type=int, default=512, help="dense tokens at the start of each window")

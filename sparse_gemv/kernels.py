@@ -68,7 +68,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         # Pass 2 then loads only kept rows: each weight tile is full of useful bytes, and the loop runs
         # (1 - sparsity) times as long, so high sparsity is not paid for in per-iteration memory latency.
         slots = rows_ptr + g * K + k_begin
-        count = k_begin * 0
+        count = k_begin * 0  # an int32 scalar tensor, so the loop carries one type
         for c0 in range(k_begin, k_stop, COMPACT_CHUNK):
             offs_c = c0 + tl.arange(0, COMPACT_CHUNK)
             in_range = offs_c < k_stop
@@ -204,11 +204,6 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         n1 = n - n0
     block_t = 1 if t == 1 else 16
     y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
-    partials = torch.empty((MAX_SPLIT_K, t, n), dtype=torch.float32, device=x.device)
-    counters, rows = _workspace(x.device, k, n)
-    args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
-    flags = {"PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
-             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
     if config is None:
         if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
             config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
@@ -216,6 +211,11 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
             config = pick_config(n, k, split_sizes, compact, _sm_count(x.device))
     meta = dict(config)
     warps = meta.pop("num_warps", 4)
+    partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
+    counters, rows = _workspace(x.device, k, n)
+    args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1)
     return y

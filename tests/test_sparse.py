@@ -28,11 +28,11 @@ def masked_reference(dense, table):
             sizes = block.attention.qkv_sizes if path.endswith("wqkv") else (
                 (block.feed_forward.intermediate_size,) * 2 if path.endswith("w13") else (lin.out_features,))
 
-            def hook(mod, args, out, i=i, projs=projs, sizes=sizes):
-                # the same [K, N] weight layout the sparse layer multiplies by (prefill too), so the unmasked
-                # arithmetic matches bit for bit and only the masking is under test: on a real model a
-                # last-bit difference can move an activation across its threshold
-                x, w_t = args[0], mod.weight.t().contiguous()
+            # the same [K, N] weight layout the sparse layer multiplies by (prefill too), so the unmasked
+            # arithmetic matches bit for bit and only the masking is under test: on a real model a
+            # last-bit difference can move an activation across its threshold
+            def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
+                x = args[0]
                 if x.shape[1] != 1:
                     return x @ w_t
                 parts, col = [], 0

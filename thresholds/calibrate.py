@@ -49,6 +49,13 @@ def read_tokens(tokenizer, data: Path | None = None, dataset: str | None = None)
     return torch.tensor(tokenizer.encode(text, bos=False)), source
 
 
+def add_text_source(parser: argparse.ArgumentParser, what: str, default: Path) -> None:
+    """--data FILE or --dataset NAME, read by read_tokens."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help=f"{what} (default {default})")
+    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+
+
 def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str | None = None) -> torch.Tensor:
     """The first n_tokens tokens of a text file or a Hugging Face dataset."""
     ids, source = read_tokens(tokenizer, data, dataset)
@@ -300,9 +307,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--out", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, help=f"calibration text file (default {DEFAULT_DATA})")
-    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+    add_text_source(p, "calibration text file", DEFAULT_DATA)
     p.add_argument("--tokens", type=int, default=20480)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--no_greedy", action="store_true", help="skip the block-wise greedy search")
