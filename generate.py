@@ -33,20 +33,20 @@ def multinomial_sample_one_no_sync(probs):
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
-def logits_to_probs(logits, temperature: float = 1.0, top_k: int | None = None):
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = torch.where(logits < v.select(-1, -1).unsqueeze(-1), -float("Inf"), logits)
-    return torch.nn.functional.softmax(logits, dim=-1)
-
-
 def sample(logits, temperature: float = 1.0, top_k: int | None = None):
-    """logits [B, S, V] -> next token [B, 1] from the last position (greedy when temperature == 0)."""
+    """logits [B, S, V] -> next token [B, 1] from the last position (greedy when temperature == 0).
+    With top_k, the softmax and the draw run over the k largest logits only, not the whole vocabulary:
+    the same distribution as masking the rest to -inf, at a fraction of the cost (a full-vocabulary
+    softmax and draw for one token was an 85 us single-program kernel on the H100, 2% of a decode step)."""
     last = logits[:, -1].float()
     if temperature == 0:
         return last.argmax(dim=-1, keepdim=True).to(torch.int)
-    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
+    temperature = max(temperature, 1e-5)
+    if top_k is None or top_k >= last.size(-1):
+        return multinomial_sample_one_no_sync(torch.softmax(last / temperature, dim=-1))
+    values, indices = torch.topk(last, top_k)  # a positive temperature does not change the order
+    choice = multinomial_sample_one_no_sync(torch.softmax(values / temperature, dim=-1))
+    return torch.gather(indices, -1, choice.long()).to(torch.int)
 
 
 def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs):

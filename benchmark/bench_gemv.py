@@ -110,22 +110,27 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
     return rows
 
 
-def variant_configs(n: int, k: int, sms: int) -> list[dict]:
-    """Explicit configs around the useful region: grids of one to eight waves of programs."""
+TILES = ((64, 128), (128, 64), (32, 256))
+
+
+def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compact_stages=(2, 3), warps=(4, 8),
+                    max_waves: int = 8, block_t=(1,)) -> list[dict]:
+    """Explicit configs around the useful region: grids of one to max_waves waves of programs."""
     out = []
-    for bn, bk in ((64, 128), (128, 64), (32, 256)):
+    for bn, bk in tiles:
         for split in (1, 2, 4, 8, 16, 32):
             programs = triton.cdiv(n, bn) * split
-            if k // split < bk or not sms <= programs <= 8 * sms:
+            if k // split < bk or not sms <= programs <= max_waves * sms:
                 continue
-            for warps in (4, 8):
-                for compact, stages in ((False, 1), (False, 3), (True, 2), (True, 3)):
-                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact,
-                                "STAGES": stages, "num_warps": warps})
+            for w in warps:
+                for compact, st in [(False, s) for s in stages] + [(True, s) for s in compact_stages]:
+                    for bt in block_t:
+                        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact,
+                                    "STAGES": st, "num_warps": w, "BLOCK_T": bt})
     return out
 
 
-def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8)):
+def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), **space):
     n = sum(groups)
     copies = max(8, math.ceil(4 * l2_bytes / (n * k * dtype.itemsize)))
     weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
@@ -136,7 +141,7 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
         thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
         ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
         best = None
-        for cfg in variant_configs(n, k, sms):
+        for cfg in variant_configs(n, k, sms, **space):
             y = sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg)
             rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
             if rel > 2e-2:
@@ -187,8 +192,18 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     p.add_argument("--shapes", nargs="*", help="subset of shape names")
     p.add_argument("--variants", action="store_true", help="time the kernel's design space at fixed configs")
+    p.add_argument("--tiles", nargs="+", help="--variants: BLOCK_NxBLOCK_K tiles, e.g. 64x128")
+    p.add_argument("--stages", nargs="+", type=int, help="--variants: pipeline depths of the predicated variant")
+    p.add_argument("--compact_stages", nargs="+", type=int, help="--variants: pipeline depths of the compact variant")
+    p.add_argument("--warps", nargs="+", type=int, help="--variants: warps per program")
+    p.add_argument("--max_waves", type=int, help="--variants: largest grid, in programs per SM")
+    p.add_argument("--block_t", nargs="+", type=int, help="--variants: 1 (elementwise products) and/or 16 (tensor cores)")
+    p.add_argument("--tag", default="", help="--variants: suffix of the output name, so a new sweep keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    space = {key: getattr(a, key) for key in ("stages", "compact_stages", "warps", "max_waves", "block_t") if getattr(a, key)}
+    if a.tiles:
+        space["tiles"] = [tuple(int(v) for v in t.split("x")) for t in a.tiles]
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv.py measures GPU kernels and needs CUDA")
     props = torch.cuda.get_device_properties(0)
@@ -197,14 +212,14 @@ def main(argv=None):
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
     device = props.name.replace(" ", "-")
-    path = a.out / (f"gemv-variants-{device}.json" if a.variants else f"gemv-{device}.json")
+    path = a.out / (f"gemv-variants{a.tag}-{device}.json" if a.variants else f"gemv-{device}.json")
     a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
         for name, k, groups in shapes():
-            if a.shapes and name not in a.shapes or a.variants and not name.startswith("8b"):
+            if a.shapes and name not in a.shapes or a.variants and not a.shapes and not name.startswith("8b"):
                 continue
             if a.variants:
-                rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count)
+                rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, **space)
             else:
                 rows += bench_shape(name, k, groups, getattr(torch, dt), l2)
             # written after every shape, so a run cut short still leaves what it measured

@@ -32,7 +32,7 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
-                        PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -98,7 +98,10 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 if PER_CHANNEL:
                     thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
                 xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
-                acc = tl.dot(xv, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+                if DOT_FP32:
+                    acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xv.to(w.dtype), w, acc)
     else:
         # Predicated: walk every row and let the mask drop the loads of rows under threshold (a masked
         # load issues no memory traffic). Best at low sparsity, where compaction would buy nothing.
@@ -122,9 +125,12 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     x = tl.where(tl.abs(x) > thr, x, 0.0)
                 keep = tl.max(tl.abs(x), axis=0) > 0
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-                # bf16 and fp16 values are exact in tf32, so a tf32 product loses nothing for them;
-                # fp32 inputs take the full-precision path.
-                acc = tl.dot(x, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+                # Tensor-core product in the weights' own dtype (x was bf16/fp16 before masking, so the cast
+                # back is exact) with fp32 accumulation; fp32 inputs take the full-precision (ieee) path.
+                if DOT_FP32:
+                    acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x.to(w.dtype), w, acc)
     if BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
@@ -147,20 +153,25 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
 
 
-def pick_config(n: int, k: int, split_sizes, compact: bool, sms: int) -> dict:
-    """Tile, K split and variant, by rule rather than autotuning. From the design sweep
-    (benchmark/results/gemv-variants-*.json, H100): four warps and three pipeline stages win everywhere;
-    about 1.5-2 programs per SM is the sweet spot; predicated loads want narrow tall tiles (32 x 256)
-    unless N is very wide, kept-row lists want 128 x 64. Autotuning was dropped because its in-isolation
-    timings picked configs that ran up to 3x slower inside the decode graph, and because the best config
-    depends on the sparsity, which is data the tuning key cannot see."""
+def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
+    """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
+    (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
+    (deeper pipelines and tensor-core products did not help); kept-row lists want 128 x 64 tiles at about
+    1.5-2 programs per SM; predicated loads want 64 x 128 tiles at about 3.4 programs per SM where N is
+    wide enough to give each SM 1.4 strips of 64 (14336x4096: 44 us at 0% and 27 us at 50%, against 56 and 30
+    for 32 x 256), and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that. Autotuning was dropped
+    because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
+    because the best config depends on the sparsity, which is data the tuning key cannot see."""
+    wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
     if compact:
-        bn, bk = 128, 64
+        bn, bk, target = 128, 64, 1.4 * sms
+    elif wide:
+        bn, bk, target = 64, 128, 2.5 * sms
     else:
-        bn, bk = (64, 128) if triton.cdiv(n, 32) > 4 * sms else (32, 256)
+        bn, bk, target = 32, 256, 1.4 * sms
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)
     split = 1
-    while strips * split < 1.4 * sms and split < MAX_SPLIT_K and k // (2 * split) >= bk:
+    while strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
         split *= 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
@@ -202,20 +213,26 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    block_t = 1 if t == 1 else 16
     y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
     if config is None:
         if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
             config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
         else:
-            config = pick_config(n, k, split_sizes, compact, _sm_count(x.device))
+            config = pick_config(k, split_sizes, compact, _sm_count(x.device))
     meta = dict(config)
     warps = meta.pop("num_warps", 4)
+    # BLOCK_T 1: one token, elementwise products summed over K at the end; 16: a tensor-core product with
+    # the tokens padded to 16 rows (any T <= 8; for one token it trades registers for idle MMA rows).
+    block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
+    if block_t < t:
+        raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
     args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
     flags = {"PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
-             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
+             # fp32 inputs need the full-precision product; the interpreter (seen with Triton 3.9) multiplies bf16
+             # operands wrongly, so under it bf16 also goes through fp32 (the same exact products)
+             "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1)
     return y

@@ -59,6 +59,23 @@ def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant)
     assert torch.equal(y[:, 64:], torch.zeros_like(y[:, 64:]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compact", [False, True])
+def test_one_token_through_the_tensor_core_path(dtype, compact):
+    # BLOCK_T=16 runs a single token through tl.dot (rows 1-15 padding), the path design sweeps compare.
+    g = torch.Generator().manual_seed(3)
+    k, groups = 130, [64, 40]
+    x = torch.randn(1, k, generator=g).to(dtype)
+    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    thr = torch.tensor([0.5, 1.0])
+    config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "COMPACT": compact, "STAGES": 1, "BLOCK_T": 16}
+    y = poisoned_run(x, w, thr, groups, config)
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+    with pytest.raises(ValueError, match="fewer than"):
+        sparse_gemv_triton(x.expand(2, k).contiguous(), w, thr, groups, config={**config, "BLOCK_T": 1})
+
+
 def test_dense_path_compares_thresholds_in_float32():
     # 9 tokens take the op's dense path. The threshold 1.005 rounds to 1.0078125 in bf16, which would
     # wrongly mask x = 1.0078125; compared in float32, as the kernels compare, x is kept.

@@ -1,0 +1,34 @@
+"""The benchmarks' own bookkeeping: kernel classification of the decode profile and the Nsight Compute parser."""
+from benchmark.bench_decode import category
+from benchmark.profile_gemv import parse
+
+
+def test_decode_profile_categories():
+    # Inductor kernels fused around the sparse op carry "sparse_gemv" in their names but are not GEMVs.
+    assert category("_sparse_gemv_kernel") == "sparse_gemv"
+    assert category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_sparse_gemv_view_14") == "norm"
+    assert category("triton_poi_fused_mul_silu_sparse_gemv_split_view_9") == "other"
+    assert category("triton_red_fused__to_copy__unsafe_view_add_mean_mm_mul_pow_rsqrt_select_t_view_17") == "inductor mm"
+    assert category("triton_red_fused__softmax__to_copy_argmax_div_exp_exponential_sub_22") == "sampling"
+    assert category("triton_per_fused__safe_softmax_add_exp_index_prepare_softmax_online") == "attention"
+    assert category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "allreduce"
+    assert category("triton_red_fused__unsafe_view_all_reduce_mm_mul_silu_split_t_view_12") == "inductor mm"
+    assert category("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "cublas"
+
+
+def test_ncu_csv_parser_keeps_the_last_launch_of_each_case():
+    header = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    lines = []
+    launches = [(0, "vectorized_elementwise_kernel<FillFunctor>", "1"), (1, "nvjet_gemv", "40,000"),
+                (2, "_sparse_gemv_kernel", "50,000"), (3, "_sparse_gemv_kernel", "51,000"),
+                (4, "_sparse_gemv_kernel", "30,000"), (5, "_sparse_gemv_kernel", "31,000")]
+    for i, name, duration in launches:
+        lines.append(f'"{i}","{name}","GPU Speed Of Light Throughput","Duration","ns","{duration}"\n')
+        lines.append(f'"{i}","{name}","Occupancy","Achieved Occupancy","%","12.5"\n')
+    text = "==PROF== Connected\n" + header + "".join(lines)
+    labels = ["a s=0", "a s=0", "a s=0.5", "a s=0.5"]
+    out = {e["case"]: e for e in parse(text, labels)}
+    assert set(out) == {"a s=0", "a s=0.5", "a cublas s=0.00 nvjet_gemv"}
+    assert out["a s=0"]["metrics"]["GPU Speed Of Light Throughput/Duration [ns]"] == 51000.0
+    assert out["a s=0.5"]["metrics"]["GPU Speed Of Light Throughput/Duration [ns]"] == 31000.0
+    assert out["a cublas s=0.00 nvjet_gemv"]["metrics"]["Occupancy/Achieved Occupancy [%]"] == 12.5
