@@ -76,10 +76,29 @@ def graph_time_us(fn, copies: int, replays: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def rotating_copies(weight_bytes: int, l2_bytes: int) -> int:
+    """Enough weight copies (at least 8, together 4x the L2) that no call finds its weights in L2."""
+    return max(8, math.ceil(4 * l2_bytes / weight_bytes))
+
+
+def threshold_for(x: torch.Tensor, sparsity: float, groups) -> torch.Tensor:
+    """One per-tensor threshold per group that masks `sparsity` of x."""
+    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    return torch.full((len(groups),), t, dtype=torch.float32, device=x.device)
+
+
+def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
+    """Relative error against the float64 reference; a timing of a wrong result is an error, not a row."""
+    rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    if rel > 2e-2:
+        raise AssertionError(f"{what}: relative error {rel:.2e} against the float64 reference")
+    return rel
+
+
 def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
     n = sum(groups)
     bytes_ = n * k * dtype.itemsize
-    copies = max(8, math.ceil(4 * l2_bytes / bytes_))
+    copies = rotating_copies(bytes_, l2_bytes)
     weights = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
     weights_t = [w.t().contiguous() for w in weights]
     x = torch.randn(1, k, dtype=dtype, device="cuda")
@@ -88,18 +107,14 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
     out_compiled = graph_time_us(lambda i: compiled(x, weights[i]), copies)
     rows = []
     for s in sparsities:
-        t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else 0.0
-        thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
+        thr = threshold_for(x, s, groups)
         ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
         for compact in (False, True):
-            y = sparse_gemv(x, weights_t[0], thr, groups, compact)
-            rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-            if rel > 2e-2:
-                raise AssertionError(f"{name} {dtype} s={s} compact={compact}: relative error {rel:.2e} "
-                                     "against the float64 reference")
+            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact), ref,
+                               f"{name} {dtype} s={s} compact={compact}")
         us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups), copies)
         compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True), copies)
-        kept = float((x.abs() > t).float().mean())
+        kept = float((x.abs() > float(thr[0])).float().mean())
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
                      "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us, "cublas_us": out_cublas,
                      "compiled_us": out_compiled, "rel_err": rel,
@@ -132,24 +147,17 @@ def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compac
 
 def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), **space):
     n = sum(groups)
-    copies = max(8, math.ceil(4 * l2_bytes / (n * k * dtype.itemsize)))
+    copies = rotating_copies(n * k * dtype.itemsize, l2_bytes)
     weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
     x = torch.randn(1, k, dtype=dtype, device="cuda")
     rows = []
     for s in sparsities:
-        t = float(torch.quantile(x.abs().float().flatten(), s)) if s > 0 else 0.0
-        thr = torch.full((len(groups),), t, dtype=torch.float32, device="cuda")
+        thr = threshold_for(x, s, groups)
         ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
-        best = None
         for cfg in variant_configs(n, k, sms, **space):
-            y = sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg)
-            rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-            if rel > 2e-2:
-                raise AssertionError(f"{name} s={s} {cfg}: relative error {rel:.2e}")
+            check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg), ref, f"{name} s={s} {cfg}")
             us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), copies, replays=10)
             rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "us": us, **cfg})
-            if best is None or us < best["us"]:
-                best = rows[-1]
         for compact in (False, True):
             b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
             print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+
+from benchmark.bench_gemv import threshold_for
 
 SHAPES = (("14336x4096", 4096, 14336), ("4096x14336", 14336, 4096))  # (name, K, N)
 CASES = ((0.0, False), (0.5, False), (0.5, True), (0.8, False), (0.8, True))  # (sparsity, compact)
@@ -43,8 +46,7 @@ def launch_all() -> list[str]:
         for i in range(COPIES):
             F.linear(x, weights[i])  # cuBLAS, in the layout it is given for dense decoding
         for s, compact in CASES:
-            t = float(torch.quantile(x_cpu.abs().float().flatten(), s)) if s > 0 else 0.0
-            thr = torch.full((1,), t, dtype=torch.float32).cuda()
+            thr = threshold_for(x_cpu, s, [n]).cuda()
             for i in range(COPIES):
                 sparse_gemv_triton(x, weights_t[i], thr, [n], compact=compact)
                 labels.append(f"{name} {'compact' if compact else 'predicated'} s={s:.2f}")
@@ -110,7 +112,6 @@ def main(argv=None):
     label_line = next(line for line in proc.stdout.splitlines() if line.startswith('["'))
     launches = parse(proc.stdout, json.loads(label_line))
     props = torch.cuda.get_device_properties(0)
-    import triton
     result = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "ncu": " ".join(cmd[:-4]), "dtype": "bfloat16", "tokens": 1, "launches": launches}
