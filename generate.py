@@ -15,6 +15,7 @@ import torch
 import torch._dynamo.config
 import torch._inductor.config
 
+import sparse_gemv.kernels
 from model import Transformer, load_model
 from tokenizer import load_tokenizer
 
@@ -25,6 +26,14 @@ torch._dynamo.config.cache_size_limit = 64
 
 REPO = Path(__file__).resolve().parent
 COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one (gemv-variants-*.json)
+
+
+def set_pdl(on: bool) -> None:
+    """Programmatic dependent launch (Hopper and newer; ignored elsewhere): every kernel of the decode step,
+    inductor's and the sparse GEMV, is launched while the previous one drains and waits on-chip for its
+    results, so the launch latency between the ~450 kernels of a step leaves the critical path."""
+    torch._inductor.config.triton.enable_pdl = on
+    sparse_gemv.kernels.PDL = on
 
 
 def multinomial_sample_one_no_sync(probs):
@@ -189,8 +198,11 @@ def main(argv=None):
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", "predicated", "compact"],
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="programmatic dependent launch between the decode step's kernels (Hopper+)")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
+    set_pdl(a.pdl)
 
     from tp import maybe_init_dist
     rank = maybe_init_dist()

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 import torch._dynamo.utils
+import torch._inductor.config
 import torch.distributed as dist
 import triton
 
-from generate import decode_one_token, generate, measure_realized_sparsity, prefill, weight_bytes
+from generate import decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from tp import apply_tp, maybe_init_dist
@@ -189,8 +190,15 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sparse_kernel", default="predicated", choices=["predicated", "compact"])
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
+    p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
+                   help="inductor's coordinate-descent tuning of its own kernels (GPT-Fast's setting)")
+    p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    set_pdl(a.pdl)
+    torch._inductor.config.coordinate_descent_tuning = a.coordinate_descent
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
     rank = maybe_init_dist()
@@ -267,12 +275,13 @@ def main(argv=None):
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
-              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "tp": world,
+              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "pdl": a.pdl,
+              "coordinate_descent": a.coordinate_descent, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"tp-{name}" if rank is not None else f"decode-{name}"
+    stem = (f"tp-{name}" if rank is not None else f"decode-{name}") + a.tag
     path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))

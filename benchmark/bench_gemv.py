@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 
 from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import kernels
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 
@@ -206,9 +207,12 @@ def main(argv=None):
     p.add_argument("--warps", nargs="+", type=int, help="--variants: warps per program")
     p.add_argument("--max_waves", type=int, help="--variants: largest grid, in programs per SM")
     p.add_argument("--block_t", nargs="+", type=int, help="--variants: 1 (elementwise products) and/or 16 (tensor cores)")
-    p.add_argument("--tag", default="", help="--variants: suffix of the output name, so a new sweep keeps the old file")
+    p.add_argument("--tag", default="", help="suffix of the output name, so a new sweep keeps the old file")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="programmatic dependent launch of the sparse kernel (Hopper+), as the decode step uses it")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    kernels.PDL = a.pdl
     space = {key: getattr(a, key) for key in ("stages", "compact_stages", "warps", "max_waves", "block_t") if getattr(a, key)}
     if a.tiles:
         space["tiles"] = [tuple(int(v) for v in t.split("x")) for t in a.tiles]
@@ -220,7 +224,7 @@ def main(argv=None):
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
     device = props.name.replace(" ", "-")
-    path = a.out / (f"gemv-variants{a.tag}-{device}.json" if a.variants else f"gemv-{device}.json")
+    path = a.out / (f"gemv-variants{a.tag}-{device}.json" if a.variants else f"gemv{a.tag}-{device}.json")
     a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
         for name, k, groups in shapes():
@@ -233,7 +237,7 @@ def main(argv=None):
             # written after every shape, so a run cut short still leaves what it measured
             result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
                       "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                      "host": socket.gethostname(), "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
+                      "host": socket.gethostname(), "pdl": a.pdl, "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
             path.write_text(json.dumps(result, indent=1))
     if not a.variants:
         plot(result, path.with_suffix(".png"))

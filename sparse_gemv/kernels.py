@@ -10,6 +10,10 @@ Split-K programs write fp32 partials and the last one to finish a strip (an atom
 by that same program) sums them and writes the output. There is no bf16 atomic add anywhere, which
 is what kept the reference kernel fp16-only, and no second launch.
 
+On Hopper and newer the kernel takes part in programmatic dependent launch (PDL): it is launched while the
+previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
+weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
+
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
   pipelined (three stages) so several tiles are in flight per program; best up to about 65% sparsity.
@@ -24,6 +28,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PDL = True  # programmatic dependent launch where the GPU has it (Hopper+); a flag so benchmarks can turn it off
 MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 MAX_SPLIT_K = 32
 COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept rows
@@ -34,7 +39,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         T, K, N, N0, N1, stride_xt, stride_yt,
                         PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        COMPACT: tl.constexpr, STAGES: tl.constexpr):
+                        COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -52,6 +57,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_per_split
     k_stop = tl.minimum(k_begin + k_per_split, K)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete
     if PER_CHANNEL:
         thr_row = thr_ptr + g * K
     else:
@@ -131,6 +138,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(x.to(w.dtype), w, acc)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
     if BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
@@ -226,16 +235,23 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:
         raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
+    use_pdl = PDL and not INTERPRET and _has_pdl(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
     args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
     flags = {"PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
              # fp32 inputs need the full-precision product; the interpreter (seen with Triton 3.9) multiplies bf16
              # operands wrongly, so under it bf16 also goes through fp32 (the same exact products)
-             "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)}
+             "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+             "USE_PDL": use_pdl}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
-    _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1)
+    _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=flags["USE_PDL"])
     return y
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache

@@ -59,3 +59,36 @@ def test_op_under_compile_and_cuda_graph_follows_threshold_changes():
             y = f(x)
         ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [4096, 1024, 1024])
         assert rel_err(y, ref) < 1e-2
+
+
+def test_programmatic_dependent_launch_waits_for_the_previous_kernel():
+    # A chain where every GEMV reads what the kernel before it wrote (the sparse GEMV itself, or an inductor
+    # kernel in between), captured in a CUDA graph with programmatic dependent launch on: a kernel that read its
+    # input before the previous one finished would change the result. The kernel is deterministic (fixed-order
+    # split-K sums), so the chain must equal, bit for bit, the same chain run eagerly without PDL.
+    import generate
+    from sparse_gemv import kernels
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ws = [torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda", generator=g) / 64 for _ in range(6)]
+    thr = torch.full((1,), 0.5, device="cuda")
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda", generator=g)
+
+    def chain(a):
+        for w in ws:
+            a = torch.ops.teal.sparse_gemv(a, w, thr, [4096])
+            a = -a  # compiled: an inductor kernel between each pair of GEMVs (exact, so eager and compiled agree)
+        return a
+
+    try:
+        generate.set_pdl(False)
+        expected = chain(x)
+        assert expected.abs().max() > 0.1
+        generate.set_pdl(True)
+        assert kernels.PDL
+        compiled = torch.compile(chain, mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            got = compiled(x)
+            assert torch.equal(got, expected)
+    finally:
+        generate.set_pdl(True)
+        torch._dynamo.reset()

@@ -110,3 +110,19 @@ def test_custom_op_under_torch_compile_on_cpu():
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [24, 24])
     assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
     torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24]))
+
+
+def test_pdl_switch_reaches_inductor_and_the_kernel():
+    # generate.py --no-pdl must turn programmatic dependent launch off for both kinds of kernel in a decode step.
+    import torch._inductor.config as inductor_config
+
+    import generate
+    from sparse_gemv import kernels
+    before = (inductor_config.triton.enable_pdl, kernels.PDL)
+    try:
+        generate.set_pdl(False)
+        assert (inductor_config.triton.enable_pdl, kernels.PDL) == (False, False)
+        generate.set_pdl(True)
+        assert (inductor_config.triton.enable_pdl, kernels.PDL) == (True, True)
+    finally:
+        inductor_config.triton.enable_pdl, kernels.PDL = before
