@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
-from sparse_gemv import kernels
+from sparse_gemv import kernels, sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 

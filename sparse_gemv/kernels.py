@@ -245,7 +245,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
              "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
              "USE_PDL": use_pdl}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
-    _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=flags["USE_PDL"])
+    _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y
 
 
