@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import decode_attention
+
 
 @dataclass
 class ModelArgs:
@@ -195,10 +197,13 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(input_pos, k, v)
-        rep = self.n_head // self.n_local_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        if seqlen == 1:  # a decode step: one kernel reads only the cache written so far (attention.py)
+            y = decode_attention(q, k, v, input_pos)
+        else:
+            rep = self.n_head // self.n_local_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(y)
 

@@ -235,7 +235,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:
         raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
-    use_pdl = PDL and not INTERPRET and _has_pdl(x.device)
+    use_pdl = pdl_launch(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
     args = (x, weight_t, thresholds, y, partials, counters, rows, t, k, n, n0, n1, x.stride(0), y.stride(0))
@@ -247,6 +247,11 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether kernels on this device launch with programmatic dependent launch (PDL switched on, Hopper+, compiled)."""
+    return PDL and not INTERPRET and _has_pdl(device)
 
 
 @functools.cache

@@ -92,3 +92,31 @@ def test_programmatic_dependent_launch_waits_for_the_previous_kernel():
     finally:
         generate.set_pdl(True)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cache_len", [205, 1000, 8192])
+@pytest.mark.parametrize("rep", [1, 4])
+def test_decode_attention_on_gpu_matches_math(cache_len, rep):
+    # One launch up to 256 positions, split (with the combine kernel) above; positions past pos hold NaN,
+    # so reading one fails. bf16 tolerance as in tests/test_attention.py.
+    from attention import decode_attention
+    from test_attention import check, make
+    for pos in (0, cache_len // 3, cache_len - 1):
+        q, k, v, p = (t.cuda() for t in make(1, 8 * rep, 8, cache_len, 128, pos, torch.bfloat16, seed=pos))
+        check(decode_attention(q, k, v, p), q, k, v, pos, torch.bfloat16)
+
+
+def test_decode_attention_in_a_cuda_graph_follows_the_position():
+    from attention import decode_attention
+    from test_attention import math_attention
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+    k, v = torch.randn(2, 1, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+    pos = torch.zeros(1, dtype=torch.int32, device="cuda")
+    f = torch.compile(lambda: decode_attention(q, k, v, pos), mode="reduce-overhead", fullgraph=True)
+    for p in (3, 300, 2047, 17):
+        pos.fill_(p)
+        for _ in range(3):
+            y = f()
+        want = math_attention(q, k, v, p)
+        assert float((y.double() - want).abs().max() / want.abs().max()) < 3e-2
