@@ -17,6 +17,7 @@ import torch._inductor.config
 
 import sparse_gemv.kernels
 from model import Transformer, load_model
+from thresholds.file import MODES, ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
 
 torch._inductor.config.coordinate_descent_tuning = True
@@ -161,7 +162,6 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
     kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity)."""
     from sparse import sparsify
-    from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
     check_sparsity(sparsity)
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
@@ -194,7 +194,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
-    p.add_argument("--sparsity_mode", default="uniform", choices=["uniform", "greedy", "weight-aware"])
+    p.add_argument("--sparsity_mode", default="uniform", choices=MODES)
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", "predicated", "compact"],
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")

@@ -28,6 +28,7 @@ import triton
 from generate import decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
+from thresholds.file import MODES
 from tp import apply_tp, maybe_init_dist
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
@@ -184,7 +185,7 @@ def main(argv=None):
     p.add_argument("--model", default="llama-3-8b", help="named config with random weights")
     p.add_argument("--checkpoint_path", type=Path, help="a converted checkpoint (uses its threshold file)")
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
-    p.add_argument("--mode", default="uniform", choices=["uniform", "greedy", "weight-aware"])
+    p.add_argument("--mode", default="uniform", choices=MODES)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt_tokens", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=200)

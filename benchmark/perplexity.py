@@ -32,7 +32,7 @@ from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki-evaluation.txt"
-METHODS = ("dense", "uniform", "greedy", "weight-aware", "uniform-dense")
+METHODS = ("dense", "uniform", "greedy", "weight-aware", "allocated", "uniform-dense")
 
 
 def window_starts(n_tokens: int, windows: int, window: int) -> list[int]:

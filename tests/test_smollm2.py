@@ -64,7 +64,7 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
     ids = torch.tensor(tok.encode(DEFAULT_DATA.read_text(encoding="utf-8"), bos=False), dtype=torch.int)
     windows = [ids[s:s + 1024] for s in window_starts(ids.numel(), 4, 1024)]
     model.setup_caches(1, 1024)
-    for s in (0.25, 0.5, 0.65):
-        apply_thresholds(model, tf, s, "uniform")
-        real = evaluate(model, windows, 512, f"sparsity {s}")["realized_sparsity"]
-        assert abs(real - s) < 0.02, (s, real)
+    for mode, s in (("uniform", 0.25), ("uniform", 0.5), ("uniform", 0.65), ("allocated", 0.5)):
+        apply_thresholds(model, tf, s, mode)
+        real = evaluate(model, windows, 512, f"{mode} {s}")["realized_sparsity"]
+        assert abs(real - s) < 0.02, (mode, s, real)

@@ -4,11 +4,15 @@
     python -m thresholds.calibrate --checkpoint_path checkpoints/X --data text.txt --tokens 20480 --out x.safetensors
     python -m thresholds.calibrate --dataset wikitext:wikitext-2-raw-v1:train   # a Hugging Face dataset (network)
 
-Three stages, each with a progress bar:
+Four stages, each with a progress bar:
 1. dense statistics: quantile tables of |x| at the four thresholded inputs of every block, and of the
    weight-aware score |x_i| * ||W_p[:, i]||_2 for each of the seven projections;
-2. block-wise greedy allocation (TEAL Algorithm 1) on calibration activations (--greedy, on by default);
-3. held calibration (--held_targets): for each mode and target, one pass in which every layer's thresholds
+2. block-wise greedy allocation (TEAL Algorithm 1) on calibration activations (on by default);
+3. allocation across blocks (mode "allocated", beyond TEAL, which gives every block the model-wide target):
+   how much each block alone moves the model's next-token distributions (KL from dense) at block sparsity
+   0.1 ... 0.9, on --allocation_tokens tokens from the end of the calibration text; then, from all-dense,
+   repeatedly raise by 0.005 the block whose KL grows least, recording the path for every model-wide target;
+4. held calibration (--held_targets): for each mode and target, one pass in which every layer's thresholds
    are computed from its inputs with all earlier layers already sparse, so the realised sparsity at
    decode matches the target instead of overshooting it.
 """
@@ -21,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from model import config_hash, load_model
-from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, sparse_layers, sparsify
-from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, projection_sparsities
+from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, set_thresholds, sparse_layers, sparsify
+from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup
 from tokenizer import load_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki-calibration.txt"
 LEVELS = torch.linspace(0, MAX_SPARSITY, 991)  # steps of 0.001
 PATH_SITE = {"attention.wqkv": 0, "attention.wo": 1, "feed_forward.w13": 2, "feed_forward.w2": 3}
+ALLOCATION_LEVELS = torch.linspace(0, 0.9, 10)  # block sparsities at which each block's KL is measured
 MAX_SAMPLES = 4_000_000  # values per quantile table: far more than 0.001 resolution needs
 
 
@@ -54,14 +59,6 @@ def add_text_source(parser: argparse.ArgumentParser, what: str, default: Path) -
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help=f"{what} (default {default})")
     src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
-
-
-def load_tokens(tokenizer, n_tokens: int, data: Path | None = None, dataset: str | None = None) -> torch.Tensor:
-    """The first n_tokens tokens of a text file or a Hugging Face dataset."""
-    ids, source = read_tokens(tokenizer, data, dataset)
-    if len(ids) < n_tokens:
-        raise ValueError(f"{source} has {len(ids)} tokens, fewer than the {n_tokens} requested; lower --tokens or add text")
-    return ids[:n_tokens]
 
 
 def quantile_table(values: torch.Tensor, levels: torch.Tensor = LEVELS, generator=None) -> torch.Tensor:
@@ -214,6 +211,74 @@ def resample_path(path, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def block_kl(model, ids: torch.Tensor, tf: ThresholdFile, levels: torch.Tensor = ALLOCATION_LEVELS) -> torch.Tensor:
+    """[L, A] mean KL(dense || sparse) of the next-token distributions over ids [B, S] when only block b is
+    sparse, at its greedy split for block sparsity levels[a]. Upstream of b everything is dense, so the
+    dense-activation quantiles give exactly that sparsity; the blocks before b run once."""
+    n_layer = len(model.layers)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    mask, freqs = model.causal_mask[None, None, pos], model.freqs_cis[pos]
+    site = torch.tensor([SITE_OF[p] for p in PROJECTIONS])
+    dense_table = torch.zeros(n_layer, len(PROJECTIONS))
+    set_thresholds(model, dense_table)
+    inputs, x = [], model.tok_embeddings(ids)
+    for block in model.layers:
+        inputs.append(x)
+        x = block(x, pos, freqs, mask)
+    dense = torch.log_softmax(model.output(model.norm(x)).float(), dim=-1)
+    kl = torch.zeros(n_layer, len(levels))
+    set_mask_prefill(model, True)  # every position masked as a decode step masks it
+    try:
+        with tqdm(total=n_layer * (len(levels) - 1), desc="block sensitivity") as bar:
+            for a in range(1, len(levels)):
+                split = interp(levels[a], tf.greedy_targets, tf.greedy_sparsities)  # [L, 7]
+                thresholds = quantile_lookup(tf.levels, tf.site_quantiles[:, site], split)
+                for b in range(n_layer):
+                    table = dense_table.clone()
+                    table[b] = thresholds[b]
+                    set_thresholds(model, table)
+                    x = inputs[b]
+                    for block in model.layers[b:]:
+                        x = block(x, pos, freqs, mask)
+                    logp = torch.log_softmax(model.output(model.norm(x)).float(), dim=-1)
+                    kl[b, a] = float((dense.exp() * (dense - logp)).sum(-1).mean())
+                    bar.update()
+    finally:
+        set_mask_prefill(model, False)
+        set_thresholds(model, dense_table)
+    return kl
+
+
+def allocate_blocks(kl: torch.Tensor, levels: torch.Tensor, targets: torch.Tensor, step: float = 0.005) -> torch.Tensor:
+    """[S, L] block sparsities for each model-wide target (blocks weigh equally: they have equal parameters).
+    From all-dense, repeatedly raise by `step` the block whose KL grows least, up to levels[-1] each; the KL
+    between measured levels is interpolated log-linearly (it grows roughly exponentially with sparsity), which
+    keeps the marginal costs increasing within a segment so the search moves in fine steps."""
+    log_kl = kl.double().clamp_min(1e-7).log()
+    lv = levels.double()
+    top = float(lv[-1])
+
+    def curve(s: torch.Tensor) -> torch.Tensor:
+        i = torch.searchsorted(lv, s, right=True).clamp(1, len(lv) - 1)
+        w = (s - lv[i - 1]) / (lv[i] - lv[i - 1])
+        rows = torch.arange(len(s))
+        value = (log_kl[rows, i - 1] * (1 - w) + log_kl[rows, i] * w).exp()
+        return torch.where(s > 0, value, torch.zeros_like(value))
+
+    s = torch.zeros(kl.shape[0], dtype=torch.float64)
+    xs, ys = [0.0], [s.clone()]
+    while float(s.mean()) < top - 1e-9:
+        nxt = (s + step).clamp(max=top)
+        gain = torch.where(s < top - 1e-9, curve(nxt) - curve(s), torch.full_like(s, float("inf")))
+        b = int(gain.argmin())
+        s[b] = nxt[b]
+        xs.append(float(s.mean()))
+        ys.append(s.clone())
+    xs, ys = torch.tensor(xs, dtype=torch.float32), torch.stack(ys).float()
+    return torch.stack([interp(t, xs, ys) for t in targets.float()])
+
+
+@torch.no_grad()
 def held_calibration(model, batch: torch.Tensor, tf: ThresholdFile, mode: str, target: float) -> torch.Tensor:
     """One pass in which each layer's thresholds come from its inputs with everything upstream already sparse.
     Returns the [L, 7] thresholds (weight-aware: in score units)."""
@@ -251,24 +316,14 @@ def held_calibration(model, batch: torch.Tensor, tf: ThresholdFile, mode: str, t
     return table
 
 
-def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=20480, seq_len=2048,
-              greedy=True, greedy_tokens=256, greedy_step=0.04, held_targets=(), held_tokens=4096,
-              held_seq_len=1024, device="cpu", command="") -> ThresholdFile:
-    dtype = torch.float32
-    model = load_model(checkpoint_path, device=device, dtype=dtype)
+def new_threshold_file(model, batch: torch.Tensor, greedy: bool, greedy_tokens: int, greedy_step: float, source: str,
+                       command: str) -> ThresholdFile:
+    """Stages 1 and 2: dense statistics and, with greedy, the block-wise greedy tables."""
     args = model.config
-    tokenizer = load_tokenizer(Path(checkpoint_path))
-    ids = load_tokens(tokenizer, tokens, data, dataset).to(device)
-    n_seq = tokens // seq_len
-    if n_seq == 0:
-        raise ValueError(f"--tokens {tokens} is shorter than one --seq_len {seq_len} window")
-    batch = ids[: n_seq * seq_len].view(n_seq, seq_len)
-    model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len))
-    sparsify(model)
     site_q, score_q, block_inputs = collect_statistics(model, batch, 1, greedy_tokens)
     tf = ThresholdFile(model=args.name, config_hash=config_hash(args), levels=LEVELS, site_quantiles=site_q,
                        score_quantiles=score_q, provenance={
-                           "data": dataset or str(data or DEFAULT_DATA), "tokens": n_seq * seq_len, "seq_len": seq_len,
+                           "data": source, "tokens": batch.numel(), "seq_len": batch.shape[1],
                            "dtype": "float32", "date": datetime.date.today().isoformat(), "command": command})
     if greedy:
         params = projection_params(model)
@@ -282,12 +337,55 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
         tf.greedy_targets = targets
         tf.greedy_sparsities = torch.stack(per_layer, dim=1)  # [S, L, 7]
         tf.provenance.update(greedy_tokens=greedy_tokens, greedy_step=greedy_step)
+    return tf
+
+
+def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=20480, seq_len=2048,
+              greedy=True, greedy_tokens=256, greedy_step=0.04, allocation=True, allocation_tokens=1024,
+              held_targets=(), held_tokens=4096, held_seq_len=1024, device="cpu", command="",
+              base: Path | None = None) -> ThresholdFile:
+    """base: an existing threshold file of this model whose statistics and greedy tables are kept (stages 1 and
+    2 are skipped, as are held tables it already has for the same targets); the missing stages are added."""
+    dtype = torch.float32
+    model = load_model(checkpoint_path, device=device, dtype=dtype)
+    args = model.config
+    tokenizer = load_tokenizer(Path(checkpoint_path))
+    all_ids, source = read_tokens(tokenizer, data, dataset)
+    need = tokens + (allocation_tokens if greedy and allocation else 0)
+    if len(all_ids) < need:
+        raise ValueError(f"{source} has {len(all_ids)} tokens, fewer than the {need} requested (--tokens {tokens}"
+                         + (f" + --allocation_tokens {allocation_tokens}" if need > tokens else "") + "); lower them or add text")
+    ids = all_ids[:tokens].to(device)
+    n_seq = tokens // seq_len
+    if n_seq == 0:
+        raise ValueError(f"--tokens {tokens} is shorter than one --seq_len {seq_len} window")
+    batch = ids[: n_seq * seq_len].view(n_seq, seq_len)
+    model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len, allocation_tokens))
+    sparsify(model)
+    if base is not None:
+        tf = ThresholdFile.load(base, args)
+        if greedy and tf.greedy_sparsities is None:
+            raise ValueError(f"{base} has no greedy tables to build on; calibrate from scratch (without --from_file)")
+        tf.provenance.update(extended_by=command, extended_on=datetime.date.today().isoformat())
+    else:
+        tf = new_threshold_file(model, batch, greedy, greedy_tokens, greedy_step, dataset or str(data or DEFAULT_DATA), command)
+    if greedy and allocation:
+        # tokens from the end of the text, apart from the statistics' tokens at its start
+        tf.block_kl = block_kl(model, all_ids[-allocation_tokens:].view(1, -1).to(device), tf)
+        tf.allocation_levels = ALLOCATION_LEVELS
+        blocks = allocate_blocks(tf.block_kl, ALLOCATION_LEVELS, tf.greedy_targets)  # [S, L]
+        tf.allocated_sparsities = torch.stack([
+            torch.stack([interp(blocks[j, b], tf.greedy_targets, tf.greedy_sparsities[:, b]) for b in range(args.n_layer)])
+            for j in range(len(tf.greedy_targets))])
+        tf.provenance.update(allocation_tokens=allocation_tokens)
     if held_targets:
         held_ids = ids[: (held_tokens // held_seq_len) * held_seq_len].view(-1, held_seq_len)
         pc_model = None
-        tf.held_targets = torch.tensor(sorted(held_targets), dtype=torch.float32)
-        work = [(m, t) for m in tf.modes() for t in tf.held_targets.tolist()]
-        results = {}
+        targets = torch.tensor(sorted(held_targets), dtype=torch.float32)
+        same = tf.held_targets is not None and torch.equal(tf.held_targets, targets)
+        results = {m: list(t) for m, t in tf.held.items()} if same else {}
+        tf.held_targets = targets
+        work = [(m, t) for m in tf.modes() if m not in results for t in targets.tolist()]
         for mode, target in tqdm(work, desc="held calibration"):
             if mode == "weight-aware" and pc_model is None:
                 pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True)
@@ -313,9 +411,14 @@ def main(argv=None):
     p.add_argument("--no_greedy", action="store_true", help="skip the block-wise greedy search")
     p.add_argument("--greedy_tokens", type=int, default=256, help="tokens of block input the greedy search scores on")
     p.add_argument("--greedy_step", type=float, default=0.04, help="sparsity step of the largest projection")
+    p.add_argument("--no_allocation", action="store_true", help="skip the allocation across blocks (mode allocated)")
+    p.add_argument("--allocation_tokens", type=int, default=1024,
+                   help="tokens, from the end of the text, on which each block's effect on the output is measured")
     p.add_argument("--held_targets", type=float, nargs="*", default=[0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9])
     p.add_argument("--held_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--from_file", type=Path, help="keep this threshold file's statistics, greedy and held tables; "
+                   "add what it lacks (e.g. the allocation across blocks) and write --out")
     a = p.parse_args(argv)
     for t in a.held_targets:
         if not 0 < t <= MAX_SPARSITY:
@@ -324,7 +427,8 @@ def main(argv=None):
     name = ModelArgs.load(Path(a.checkpoint_path) / "model_config.json").name if (Path(a.checkpoint_path) / "model_config.json").exists() else "model"
     out = a.out or Path(__file__).resolve().parent / f"{name}.safetensors"
     calibrate(a.checkpoint_path, out, a.data, a.dataset, a.tokens, a.seq_len, not a.no_greedy, a.greedy_tokens,
-              a.greedy_step, a.held_targets, a.held_tokens, device=a.device, command="python -m thresholds.calibrate " + " ".join(sys.argv[1:]))
+              a.greedy_step, not a.no_allocation, a.allocation_tokens, a.held_targets, a.held_tokens, device=a.device, command="python -m thresholds.calibrate " + " ".join(sys.argv[1:]),
+              base=a.from_file)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ Tensors (L layers, Q quantile levels, the 4 sites and 7 projections in sparse.PR
   score_quantiles      [L, 7, Q]  quantiles of |x_i| * ||W_p[:, i]||_2, the weight-aware score of each projection
   greedy_targets       [S]        block sparsity targets of the greedy path (optional)
   greedy_sparsities    [S, L, 7]  per-projection sparsity the block-wise greedy search gives for each target
+  block_kl             [L, A]     KL(dense || sparse) of the model's next-token distributions with only block b
+                                  sparse, at its greedy split for block sparsity allocation_levels[a] (optional)
+  allocation_levels    [A]        block sparsities at which block_kl was measured
+  allocated_sparsities [S, L, 7]  per-projection sparsity for each model-wide target when the blocks' own
+                                  sparsities are allocated from block_kl (mode "allocated")
   held_targets         [H]        targets of the sequential ("held") calibration (optional)
   held_<mode>          [H, L, 7]  thresholds calibrated with earlier layers already sparse, per mode
                                   (weight-aware: in score units; divided by ||W_p[:, i]|| at load)
@@ -25,7 +30,7 @@ from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, sparse_layers
 FORMAT = "teal-thresholds/1"
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 SITE_OF = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
-MODES = ("uniform", "greedy", "weight-aware")
+MODES = ("uniform", "greedy", "weight-aware", "allocated")
 MAX_SPARSITY = 0.99
 
 
@@ -38,13 +43,17 @@ class ThresholdFile:
     score_quantiles: torch.Tensor | None = None
     greedy_targets: torch.Tensor | None = None
     greedy_sparsities: torch.Tensor | None = None
+    block_kl: torch.Tensor | None = None
+    allocation_levels: torch.Tensor | None = None
+    allocated_sparsities: torch.Tensor | None = None
     held_targets: torch.Tensor | None = None
     held: dict = field(default_factory=dict)  # mode -> [H, L, 7]
     provenance: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         tensors = {"levels": self.levels, "site_quantiles": self.site_quantiles}
-        for name in ("score_quantiles", "greedy_targets", "greedy_sparsities", "held_targets"):
+        for name in ("score_quantiles", "greedy_targets", "greedy_sparsities", "block_kl", "allocation_levels",
+                     "allocated_sparsities", "held_targets"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         tensors.update({f"held_{m}": t for m, t in self.held.items()})
@@ -73,6 +82,8 @@ class ThresholdFile:
         tf = cls(model=meta["model"], config_hash=meta["config_hash"], levels=tensors["levels"],
                  site_quantiles=tensors["site_quantiles"], score_quantiles=tensors.get("score_quantiles"),
                  greedy_targets=tensors.get("greedy_targets"), greedy_sparsities=tensors.get("greedy_sparsities"),
+                 block_kl=tensors.get("block_kl"), allocation_levels=tensors.get("allocation_levels"),
+                 allocated_sparsities=tensors.get("allocated_sparsities"),
                  held_targets=tensors.get("held_targets"),
                  held={m: tensors[f"held_{m}"] for m in MODES if f"held_{m}" in tensors},
                  provenance=json.loads(meta.get("provenance", "{}")))
@@ -93,6 +104,8 @@ class ThresholdFile:
             out.append("greedy")
         if self.score_quantiles is not None:
             out.append("weight-aware")
+        if self.allocated_sparsities is not None:
+            out.append("allocated")
         return out
 
 
@@ -126,6 +139,8 @@ def quantile_lookup(levels: torch.Tensor, table: torch.Tensor, level: torch.Tens
 def projection_sparsities(tf: ThresholdFile, sparsity: float, mode: str) -> torch.Tensor:
     """[L, 7] per-projection sparsity levels for a model-wide target."""
     n_layer = tf.site_quantiles.shape[0]
+    if mode == "allocated":
+        return interp(torch.tensor(sparsity), tf.greedy_targets, tf.allocated_sparsities)
     if mode == "uniform" or tf.greedy_sparsities is None:
         return torch.full((n_layer, len(PROJECTIONS)), sparsity)
     return interp(torch.tensor(sparsity), tf.greedy_targets, tf.greedy_sparsities)
@@ -142,7 +157,7 @@ def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform", h
         raise ValueError(f"unknown sparsity mode {mode!r}; choose from {MODES}")
     if mode not in tf.modes():
         raise ValueError(f"this threshold file has no data for mode {mode!r} (it has {tf.modes()}); recalibrate with "
-                         "`python -m thresholds.calibrate --greedy`")
+                         "`python -m thresholds.calibrate` (without --no_greedy / --no_allocation)")
     if sparsity == 0:
         return torch.zeros(tf.site_quantiles.shape[0], len(PROJECTIONS))
     if held and mode in tf.held and tf.held_targets[0] <= sparsity <= tf.held_targets[-1]:
