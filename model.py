@@ -172,8 +172,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, input_pos, freqs_cis, mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # The residual goes into the output projections (wo, w2), so a sparse layer can add it in its kernel.
+        h = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, residual=x)
+        return self.feed_forward(self.ffn_norm(h), residual=h)
 
 
 class Attention(nn.Module):
@@ -185,10 +186,10 @@ class Attention(nn.Module):
         self.qkv_sizes = (config.n_head * config.head_dim, config.n_local_heads * config.head_dim,
                           config.n_local_heads * config.head_dim)
         self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=False)
-        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, freqs_cis, mask, input_pos):
+    def forward(self, x, freqs_cis, mask, input_pos, residual=None):
         bsz, seqlen, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         q = q.view(bsz, seqlen, -1, self.head_dim)
@@ -205,7 +206,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(y)
+        return self.wo(y, residual)
 
 
 class FeedForward(nn.Module):
@@ -214,11 +215,19 @@ class FeedForward(nn.Module):
         # gate (w1) and up (w3) fused as in w13: both read the same input.
         self.intermediate_size = config.intermediate_size
         self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(gate) * up, residual)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward also adds a residual: the sparse layer swapped in for it adds it in its kernel."""
+
+    def forward(self, x, residual=None):
+        y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 class RMSNorm(nn.Module):

@@ -1,7 +1,8 @@
 """Tensor parallelism for `torchrun --nproc_per_node=N generate.py ...` (and the TP benchmark).
 
 q/k/v and gate/up are split by output channels (each projection's rows split on its own, so every rank
-keeps whole heads); o and down are split by input channels, followed by one all-reduce each. Sparse
+keeps whole heads); o and down are split by input channels, followed by one all-reduce each (the block's
+residual, which those projections add, is added on rank 0 only). Sparse
 layers shard like dense ones: column-sharded layers threshold the full input with the full thresholds,
 row-sharded layers threshold their input slice with the matching slice of per-channel thresholds.
 """
@@ -64,6 +65,12 @@ def _all_reduce_output(module, inputs, output):
     return funcol.all_reduce(output, "sum", list(range(dist.get_world_size())))
 
 
+def _drop_residual(module, args, kwargs):
+    # The block passes its residual into the output projection; the all-reduce sums every rank's output,
+    # so only rank 0 adds it.
+    return args, {**kwargs, "residual": None}
+
+
 def apply_tp(model: Transformer, rank: int | None = None, world: int | None = None) -> Transformer:
     rank = dist.get_rank() if rank is None else rank
     world = dist.get_world_size() if world is None else world
@@ -83,4 +90,7 @@ def apply_tp(model: Transformer, rank: int | None = None, world: int | None = No
         ffn.intermediate_size //= world
         attn.register_forward_hook(_all_reduce_output)
         ffn.register_forward_hook(_all_reduce_output)
+        if rank != 0:
+            attn.register_forward_pre_hook(_drop_residual, with_kwargs=True)
+            ffn.register_forward_pre_hook(_drop_residual, with_kwargs=True)
     return model

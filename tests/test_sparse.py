@@ -1,6 +1,7 @@
 """Sparse decoding end to end on the CPU against an independent masked-dense reference."""
 import copy
 
+import pytest
 import torch
 
 from generate import generate
@@ -32,15 +33,17 @@ def masked_reference(dense, table):
             # arithmetic matches bit for bit and only the masking is under test: on a real model a
             # last-bit difference can move an activation across its threshold
             def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
-                x = args[0]
+                x, residual = args[0], (args[1] if len(args) > 1 else None)  # wo and w2 add the block's residual
                 if x.shape[1] != 1:
-                    return x @ w_t
-                parts, col = [], 0
-                for n, p in zip(sizes, projs):
-                    t = table[i, PROJECTIONS.index(p)]
-                    parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
-                    col += n
-                return torch.cat(parts, -1)
+                    y = x @ w_t
+                else:
+                    parts, col = [], 0
+                    for n, p in zip(sizes, projs):
+                        t = table[i, PROJECTIONS.index(p)]
+                        parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
+                        col += n
+                    y = torch.cat(parts, -1)
+                return y if residual is None else residual + y
             lin.register_forward_hook(hook)
     return ref
 
@@ -102,6 +105,36 @@ def test_sparsity_zero_equals_dense_and_meter_matches_target():
             sparse(seq[:, pos:pos + 1], torch.tensor([pos]))
     meter.close()
     assert abs(meter.model_sparsity() - 0.5) < 0.1  # thresholds from a different (prefill) distribution
+
+
+def test_folded_norms_decode_as_the_unfolded_model():
+    # fold_norms moves each block's RMSNorms into the q/k/v and gate/up layers: the same math in the same
+    # order on CPU, so logits are bitwise equal, and the meter still counts the normed activations.
+    from sparse import fold_norms
+    dense = tiny_model(3)
+    table = thresholds_at(dense, 0.5)
+    plain = sparsify(copy.deepcopy(dense))
+    set_thresholds(plain, table)
+    folded = fold_norms(sparsify(copy.deepcopy(dense)))
+    set_thresholds(folded, table)
+    assert all(isinstance(b.attention_norm, torch.nn.Identity) and b.attention.wqkv.norm_weight is not None
+               for b in folded.layers)
+    prompt = torch.tensor([4, 9, 2], dtype=torch.int)
+    seq = generate(plain, prompt, 24, temperature=0)
+    assert torch.equal(generate(folded, prompt, 24, temperature=0), seq)
+    sparsities = []
+    for m in (plain, folded):
+        meter = SparsityMeter(m)
+        m.setup_caches(1, 64)
+        with torch.no_grad():
+            logits = [m(seq[:, pos:pos + 1], torch.tensor([pos])) for pos in range(seq.shape[1])]
+        meter.close()
+        sparsities.append(meter.model_sparsity())
+        m.logits = torch.cat(logits, dim=1)
+    assert torch.equal(plain.logits, folded.logits)
+    assert sparsities[0] == sparsities[1] and 0.3 < sparsities[0] < 0.7
+    with pytest.raises(ValueError, match="sparsify"):
+        fold_norms(tiny_model(3))
 
 
 def test_changing_sparsity_does_not_recompile():
