@@ -161,7 +161,7 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
                       kernel: str = "auto"):
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
     kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity)."""
-    from sparse import fold_norms, sparsify
+    from sparse import sparsify
     check_sparsity(sparsity)
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
@@ -172,7 +172,7 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
                          f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
     compact = kernel == "compact" or (kernel == "auto" and sparsity >= COMPACT_FROM)
-    fold_norms(sparsify(model, per_channel=(mode == "weight-aware"), compact=compact))
+    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 

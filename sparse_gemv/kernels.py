@@ -14,10 +14,8 @@ On Hopper and newer the kernel takes part in programmatic dependent launch (PDL)
 previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
-With NORM, the RMSNorm in front of the layer runs in the kernel's prologue: every program sums the squares of the
-whole (small, L2-resident) input row for 1/rms and scales each activation by it and by the norm weight, rounding as
-model.RMSNorm rounds, before the threshold test. With RESIDUAL, the block's residual add runs in the epilogue.
-The decode step then has no separate norm or add kernels.
+With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), so a decode step has no
+separate add kernels.
 
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
@@ -40,29 +38,9 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """fp32 x rounded to dtype (round to nearest even), returned as fp32. bf16 is rounded with integer ops: the same
-    bits as the hardware conversion for finite values, and also right under the interpreter, which truncates."""
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _rms_normed(x, rstd, norm_w):
-    """RMSNorm of loaded activations (fp32 values of x's dtype), rounded as model.RMSNorm rounds: x / rms to the
-    activation dtype, times the weight, rounded again. So thresholds see the values the unfused model sees."""
-    return _round(_round(x * rstd, norm_w.dtype) * norm_w.to(tl.float32), norm_w.dtype)
-
-
-@triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, norm_ptr, res_ptr,
-                        T, K, N, N0, N1, stride_xt, stride_yt, eps,
-                        NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr,
-                        PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
+def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr,
+                        T, K, N, N0, N1, stride_xt, stride_yt,
+                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -88,18 +66,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         thr = tl.load(thr_ptr + g)  # thresholds are no kernel's output: read while the previous kernel drains
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete
-    if NORM:
-        # 1/rms of each token's whole input row (every program needs all of it; the row is read from L2), in one
-        # load where K allows, since this round trip delays every weight load behind it.
-        sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for c0 in range(0, K, NORM_BLOCK):
-            offs_c = c0 + tl.arange(0, NORM_BLOCK)
-            xc = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :],
-                         mask=t_mask[:, None] & (offs_c < K)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(xc * xc, axis=1)
-        rstd = tl.math.rsqrt(sq / K + eps)  # [BLOCK_T]
-        rstd_1 = tl.sum(rstd, axis=0)  # the one token's, when BLOCK_T == 1
-
     if BLOCK_T == 1:
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
@@ -120,12 +86,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             else:
                 thr_c = thr
             keep = tl.zeros((COMPACT_CHUNK,), dtype=tl.int32)
-            if NORM:
-                norm_c = tl.load(norm_ptr + offs_c, mask=in_range, other=0.0)
             for t in range(T):
                 xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
-                if NORM:
-                    xt = _rms_normed(xt, tl.sum(tl.where(offs_t == t, rstd, 0.0), axis=0), norm_c)
                 keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
             pos = count + tl.cumsum(keep, 0) - 1
             tl.store(slots + pos, offs_c, mask=keep != 0)
@@ -136,18 +98,12 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             valid = offs_j < count
             rows = tl.load(slots + offs_j, mask=valid, other=0)
             w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
-            if NORM:
-                norm_j = tl.load(norm_ptr + rows, mask=valid, other=0.0)
             if BLOCK_T == 1:
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-                if NORM:
-                    xv = _rms_normed(xv, rstd_1, norm_j)
                 acc2 += xv[:, None] * w.to(tl.float32)
             else:
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
                              mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
-                if NORM:
-                    xv = _rms_normed(xv, rstd[:, None], norm_j[None, :])
                 if PER_CHANNEL:
                     thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
                 xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
@@ -163,12 +119,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             k_mask = offs_k < k_stop
             if PER_CHANNEL:
                 thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-            if NORM:
-                norm_k = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0)
             if BLOCK_T == 1:
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    x = _rms_normed(x, rstd_1, norm_k)
                 keep = tl.abs(x) > thr
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                 acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -176,8 +128,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 # Several tokens: a weight row is skipped only when every token's activation is under threshold.
                 x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                if NORM:
-                    x = _rms_normed(x, rstd[:, None], norm_k[None, :])
                 if PER_CHANNEL:
                     x = tl.where(tl.abs(x) > thr[None, :], x, 0.0)
                 else:
@@ -268,12 +218,10 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    norm_weight: [K], x's dtype: apply RMSNorm(x) with this weight and norm_eps first, in the kernel.
     residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once)."""
     t, k = x.shape
     n = weight_t.shape[1]
@@ -300,13 +248,9 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     counters, rows = _workspace(x.device, k, n)
     if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
         raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
-    # absent inputs are passed as any tensor: the kernel does not read them
-    norm = norm_weight if norm_weight is not None else thresholds
-    res = residual if residual is not None else y
-    args = (x, weight_t, thresholds, y, partials, counters, rows, norm, res, t, k, n, n0, n1, x.stride(0), y.stride(0),
-            float(norm_eps))
-    flags = {"NORM": norm_weight is not None, "NORM_BLOCK": min(triton.next_power_of_2(k), 8192) if norm_weight is not None else 1,
-             "RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+    res = residual if residual is not None else y  # unread without RESIDUAL
+    args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
              # fp32 inputs need the full-precision product; the interpreter (seen with Triton 3.9) multiplies bf16
              # operands wrongly, so under it bf16 also goes through fp32 (the same exact products)
              "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),

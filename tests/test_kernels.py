@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_gemv import rms_norm, sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
 
 # Relative Frobenius error: fp32 accumulation; bf16 inputs round to 8 bits, fp16 to 11.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -14,10 +14,10 @@ VARIANTS = [{"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, "COMPACT": compact,
             for compact in (False, True) for split in (1, 3)]
 
 
-def poisoned_run(x, w, thr, groups, config=None):
+def poisoned_run(x, w, thr, groups, config=None, residual=None):
     # Output filled with NaN first: any element the kernel fails to write fails the comparison.
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
-    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config)
+    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config, residual=residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -78,29 +78,20 @@ def test_one_token_through_the_tensor_core_path(dtype, compact):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("k", [130, 1100])  # 1100: the prologue's sum of squares runs over two chunks
-@pytest.mark.parametrize("fused", ["norm", "residual", "norm+residual"])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
-def test_rms_norm_prologue_and_residual_epilogue(dtype, tokens, k, fused, variant):
-    # Reference: RMSNorm in the activation dtype (model.RMSNorm's roundings), then the masked product and the
-    # residual add in float64.
-    g = torch.Generator().manual_seed(k + tokens)
-    groups = [40, 24, 24]
-    x = (torch.randn(tokens, k, generator=g) * 3).to(dtype)
+def test_residual_added_in_the_epilogue(dtype, tokens, variant):
+    # Reference: the masked product plus the residual in float64 (with and without the split-K reduction).
+    g = torch.Generator().manual_seed(tokens)
+    k, groups = 300, [40, 24, 24]
+    x = torch.randn(tokens, k, generator=g).to(dtype)
     w = torch.randn(k, sum(groups), generator=g).to(dtype)
-    norm = (torch.rand(k, generator=g) + 0.5).to(dtype) if "norm" in fused else None
-    residual = (torch.randn(tokens, sum(groups), generator=g) * 10).to(dtype) if "residual" in fused else None
-    xn = rms_norm(x, norm, 1e-5) if norm is not None else x
-    thr = torch.tensor([float(xn.abs().float().quantile(q)) for q in (0.3, 0.5, 0.7)])
-    out = torch.full((tokens, sum(groups)), float("nan"), dtype=dtype)
-    y = sparse_gemv_triton(x, w, thr, groups, out=out, config=VARIANTS[variant], norm_weight=norm, norm_eps=1e-5,
-                           residual=residual)
-    ref = sparse_gemv_reference(xn.double(), w.double(), thr.double(), groups,
-                                residual=None if residual is None else residual.double())
+    residual = (torch.randn(tokens, sum(groups), generator=g) * 10).to(dtype)
+    thr = torch.tensor([0.4, 0.7, 1.0])
+    y = poisoned_run(x, w, thr, groups, VARIANTS[variant], residual=residual)
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups, residual=residual.double())
     assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
-    # the op's reference path fuses the same way: identical to normalising first and adding after
-    assert torch.equal(sparse_gemv(x, w, thr, groups, norm_weight=norm, norm_eps=1e-5, residual=residual),
-                       sparse_gemv(xn, w, thr, groups) + (0 if residual is None else residual))
+    # the op's reference path: the product, then the add
+    assert torch.equal(sparse_gemv(x, w, thr, groups, residual=residual), sparse_gemv(x, w, thr, groups) + residual)
 
 
 def test_dense_path_compares_thresholds_in_float32():
@@ -128,10 +119,6 @@ def test_bad_inputs_get_clear_errors():
         sparse_gemv(x, w, torch.zeros(2), [6])
     with pytest.raises(ValueError, match="tokens, K"):
         sparse_gemv(x[0], w, thr, [6])
-    with pytest.raises(ValueError, match="norm_weight must be"):
-        sparse_gemv(x, w, thr, [6], norm_weight=torch.ones(6))
-    with pytest.raises(ValueError, match="norm_weight must be"):
-        sparse_gemv(x, w, thr, [6], norm_weight=torch.ones(8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="residual must be"):
         sparse_gemv(x, w, thr, [6], residual=torch.ones(1, 8))
 
@@ -143,8 +130,7 @@ def test_custom_op_under_torch_compile_on_cpu():
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [24, 24])
     assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
     torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24]))
-    torch.library.opcheck(torch.ops.teal.sparse_gemv.default,
-                          (x, w, thr, [24, 24], False, torch.rand(64) + 0.5, 1e-6, torch.randn(1, 48)))
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24], False, torch.randn(1, 48)))
 
 
 def test_pdl_switch_reaches_inductor_and_the_kernel():

@@ -1,7 +1,6 @@
 """Sparse decoding end to end on the CPU against an independent masked-dense reference."""
 import copy
 
-import pytest
 import torch
 
 from generate import generate
@@ -105,36 +104,6 @@ def test_sparsity_zero_equals_dense_and_meter_matches_target():
             sparse(seq[:, pos:pos + 1], torch.tensor([pos]))
     meter.close()
     assert abs(meter.model_sparsity() - 0.5) < 0.1  # thresholds from a different (prefill) distribution
-
-
-def test_folded_norms_decode_as_the_unfolded_model():
-    # fold_norms moves each block's RMSNorms into the q/k/v and gate/up layers: the same math in the same
-    # order on CPU, so logits are bitwise equal, and the meter still counts the normed activations.
-    from sparse import fold_norms
-    dense = tiny_model(3)
-    table = thresholds_at(dense, 0.5)
-    plain = sparsify(copy.deepcopy(dense))
-    set_thresholds(plain, table)
-    folded = fold_norms(sparsify(copy.deepcopy(dense)))
-    set_thresholds(folded, table)
-    assert all(isinstance(b.attention_norm, torch.nn.Identity) and b.attention.wqkv.norm_weight is not None
-               for b in folded.layers)
-    prompt = torch.tensor([4, 9, 2], dtype=torch.int)
-    seq = generate(plain, prompt, 24, temperature=0)
-    assert torch.equal(generate(folded, prompt, 24, temperature=0), seq)
-    sparsities = []
-    for m in (plain, folded):
-        meter = SparsityMeter(m)
-        m.setup_caches(1, 64)
-        with torch.no_grad():
-            logits = [m(seq[:, pos:pos + 1], torch.tensor([pos])) for pos in range(seq.shape[1])]
-        meter.close()
-        sparsities.append(meter.model_sparsity())
-        m.logits = torch.cat(logits, dim=1)
-    assert torch.equal(plain.logits, folded.logits)
-    assert sparsities[0] == sparsities[1] and 0.3 < sparsities[0] < 0.7
-    with pytest.raises(ValueError, match="sparsify"):
-        fold_norms(tiny_model(3))
 
 
 def test_changing_sparsity_does_not_recompile():

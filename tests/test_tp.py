@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparse import fold_norms, set_thresholds, sparsify
+from sparse import set_thresholds, sparsify
 from tests.test_sparse import tiny_model
 from tp import apply_tp
 
@@ -15,8 +15,8 @@ def worker(rank, world, port, sparse, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = tiny_model(5, n_head=8, n_local_heads=4)
-    if sparse:  # with the norms folded into q/k/v and gate/up, as generate.py runs it
-        fold_norms(sparsify(m, per_channel=True))
+    if sparse:
+        sparsify(m, per_channel=True)
         set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
                            * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
     apply_tp(m)
