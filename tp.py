@@ -2,9 +2,9 @@
 
 q/k/v and gate/up are split by output channels (each projection's rows split on its own, so every rank
 keeps whole heads); o and down are split by input channels, followed by one all-reduce each (the block's
-residual, which those projections add, is added on rank 0 only). Sparse
-layers shard like dense ones: column-sharded layers threshold the full input with the full thresholds,
-row-sharded layers threshold their input slice with the matching slice of per-channel thresholds.
+residual, which those projections add, is added on rank 0 only). Sparse layers shard like dense ones:
+column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
+input slice with the matching slice of per-channel thresholds.
 """
 import datetime
 import os

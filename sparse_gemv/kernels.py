@@ -40,7 +40,8 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
-                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+                        DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
