@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_gemv.kernels import INTERPRET, pdl_launch
+from sparse_gemv.kernels import fp32_products, pdl_launch
 
 CHUNK = 256  # positions per split; a cache of up to this many positions is one launch
 MAX_SPLITS = 64
@@ -149,13 +149,11 @@ def decode_attention_triton(q, k_cache, v_cache, input_pos, chunk: int = CHUNK, 
     else:
         part_o = part_lse = out  # unused
     block_d = triton.next_power_of_2(d)
-    # The interpreter (seen with Triton 3.9) multiplies bf16 operands wrongly: there, products go through fp32.
-    dot_fp32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
     _decode_attention_kernel[(b * hkv, splits)](
         q, k_cache, v_cache, input_pos, out, part_o, part_lse, hkv, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=dot_fp32, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(q.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     if splits > 1:
         _attention_combine_kernel[(b * h,)](part_o, part_lse, out, h, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d,
                                          SPLITS=splits, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)

@@ -252,13 +252,18 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     res = residual if residual is not None else y  # unread without RESIDUAL
     args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
     flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
-             # fp32 inputs need the full-precision product; the interpreter (seen with Triton 3.9) multiplies bf16
-             # operands wrongly, so under it bf16 also goes through fp32 (the same exact products)
-             "DOT_FP32": x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+             "DOT_FP32": fp32_products(x.dtype),
              "USE_PDL": use_pdl}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y
+
+
+def fp32_products(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must take fp32 operands: fp32 inputs need the full-precision product, and the interpreter
+    (seen with Triton 3.9) multiplies bf16 operands wrongly, so under it bf16 also goes through fp32 (the same
+    exact products). Shared by the sparse GEMV and the attention kernel."""
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
 def pdl_launch(device: torch.device) -> bool:
