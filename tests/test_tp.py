@@ -11,15 +11,26 @@ from tests.test_sparse import tiny_model
 from tp import apply_tp
 
 
+def make_sparse(m, per_channel: bool):
+    """Per-channel thresholds (made sparse before sharding: each rank slices its own) or per-tensor ones."""
+    if per_channel:
+        sparsify(m, per_channel=True)
+        set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
+                           * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
+    else:
+        sparsify(m)
+        set_thresholds(m, torch.rand(2, 7, generator=torch.Generator().manual_seed(7)) * 0.3)
+
+
 def worker(rank, world, port, sparse, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = tiny_model(5, n_head=8, n_local_heads=4)
-    if sparse:
-        sparsify(m, per_channel=True)
-        set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
-                           * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
+    if sparse == "before":
+        make_sparse(m, per_channel=True)
     apply_tp(m)
+    if sparse == "after":  # as the benchmark builds big random models: sharded first, then made sparse
+        make_sparse(m, per_channel=False)
     m.setup_caches(1, 32)
     with torch.no_grad():
         logits = [m(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81 % 96])]
@@ -37,18 +48,16 @@ def failing_worker(rank, world, port):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sparse", [None, "before", "after"])
 def test_tp_logits_match_single_process(tmp_path, world, sparse):
     ref = tiny_model(5, n_head=8, n_local_heads=4)
     if sparse:
-        sparsify(ref, per_channel=True)
-        set_thresholds(ref, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
-                             * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
+        make_sparse(ref, per_channel=sparse == "before")
     ref.setup_caches(1, 32)
     with torch.no_grad():
         expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
     path = tmp_path / "logits.pt"
-    mp.spawn(worker, args=(world, 29500 + world + 10 * sparse, sparse, str(path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, 29500 + world + 10 * [None, "before", "after"].index(sparse), sparse, str(path)), nprocs=world, join=True)
     got = torch.load(path, weights_only=True)
     assert (got - expected).abs().max() < 1e-4  # fp32; all-reduce changes only the summation order
 
