@@ -270,7 +270,6 @@ def main(argv=None):
             r["tp"] = world
             r["allreduce_share"] = 2 * model.config.n_layer * ar * 1e-6 * r["tok_s"]
     if rank not in (None, 0):
-        dist.barrier()  # leave together with rank 0, once it has written the results
         dist.destroy_process_group()
         return
     props = torch.cuda.get_device_properties(0)
@@ -287,9 +286,8 @@ def main(argv=None):
     path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))
-    print(f"recompilations on sparsity change: {recompiles}; wrote {path}", flush=True)
+    print(f"recompilations on sparsity change: {recompiles}; wrote {path}")
     if rank is not None:
-        dist.barrier()
         dist.destroy_process_group()
 
 
