@@ -137,8 +137,10 @@ class Transformer(nn.Module):
         self.max_batch_size = -1
         self.max_seq_length = -1
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, exact: bool = False):
+        """Static KV caches for max_seq_length positions: kept if big enough already (as GPT-Fast does), or made
+        exactly this size with exact=True (decode attention splits its work by cache size, benchmarks compare)."""
+        if not exact and self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype = self.output.weight.dtype

@@ -241,6 +241,9 @@ def main(argv=None):
     model, tf = build(sparse=True)
     sizes = weight_bytes(model)  # of the sparse model: "sparse" counts the bytes its kernels may skip
     table = None if tf else calibrate_on_random_prefill(model, a.sparsities)
+    # The calibration prefill left 512-position caches; decode over caches of the dense run's size, as it did
+    # (a longer cache makes the attention kernel split its reads and launch a combine kernel).
+    model.setup_caches(1, a.prompt_tokens + a.new_tokens, exact=True)
     sparse_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     frames_before = None
     for s in a.sparsities:

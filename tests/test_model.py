@@ -43,6 +43,18 @@ def test_logits_match_transformers_full_sequence_and_kv_cache(tmp_path, name):
         assert (steps - ref).abs().max() <= 1e-4
 
 
+def test_setup_caches_keeps_a_big_enough_cache_unless_exact():
+    from tests.test_sparse import tiny_model
+    m = tiny_model(2)
+    m.setup_caches(1, 64)
+    cache = m.layers[0].attention.kv_cache.k_cache
+    m.setup_caches(1, 32)
+    assert m.layers[0].attention.kv_cache.k_cache is cache  # GPT-Fast: a bigger cache serves a shorter run
+    m.setup_caches(1, 32, exact=True)
+    assert m.layers[0].attention.kv_cache.k_cache.shape[2] == 32 and m.max_seq_length == 32
+    assert m.causal_mask.shape == (32, 32) and m.freqs_cis.shape[0] == 32
+
+
 def test_config_from_hf_and_errors(tmp_path):
     hf, folder = tiny_hf(tmp_path, "llama31-rope")
     import json
