@@ -55,7 +55,7 @@ def sample(logits, temperature: float = 1.0, top_k: int | None = None):
     if top_k is None or top_k >= last.size(-1):
         return multinomial_sample_one_no_sync(torch.softmax(last / temperature, dim=-1))
     # A positive temperature does not change which logits are the k largest; their order does not matter to the
-    # draw, and sorting them was a 21 us kernel per step (decode-llama-3-8b-NVIDIA-H100-80GB-HBM3.json, H100).
+    # draw, and sorting them was a 21 us kernel per step on the H100 (decode-llama-3-8b-*.json, its earlier versions).
     values, indices = torch.topk(last, top_k, sorted=False)
     choice = multinomial_sample_one_no_sync(torch.softmax(values / temperature, dim=-1))
     return torch.gather(indices, -1, choice.long()).to(torch.int)

@@ -57,7 +57,8 @@ def test_tp_logits_match_single_process(tmp_path, world, sparse):
     with torch.no_grad():
         expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
     path = tmp_path / "logits.pt"
-    mp.spawn(worker, args=(world, 29500 + world + 10 * [None, "before", "after"].index(sparse), sparse, str(path)), nprocs=world, join=True)
+    port = 29500 + world + 10 * [None, "before", "after"].index(sparse)
+    mp.spawn(worker, args=(world, port, sparse, str(path)), nprocs=world, join=True)
     got = torch.load(path, weights_only=True)
     assert (got - expected).abs().max() < 1e-4  # fp32; all-reduce changes only the summation order
 
