@@ -1,4 +1,9 @@
-"""Single-token attention over the static KV cache: a Triton kernel behind the `teal::decode_attention` op.
+"""A decode step's attention in one kernel: the Triton kernel behind the `teal::decode_attention` op.
+
+It takes the token's q, k and v as the qkv projection wrote them, applies RoPE to q and k, writes k and v into the
+static KV cache at the token's position, and attends over the positions written so far. Done by the compiler
+instead, the rotations and the cache writes are three small kernels per layer ahead of the attention, each a
+dependent launch in the step's chain (about 4 us per layer on an H100, benchmark/results/decode-*.json).
 
 Why not torch.compile's attention: inductor lowers a decode step's scaled_dot_product_attention into several
 small kernels over the whole max_seq_length cache, and how fast those are depends on its coordinate-descent
@@ -21,9 +26,17 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-                             HKV, sm_scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-                             stride_ob, stride_oh,
+def _rope(ptrs, mask, cos, sin, dtype: tl.constexpr):
+    """Load interleaved (even, odd) pairs at ptrs (even elements) and rotate them by the position's angles in fp32,
+    rounded to dtype, as apply_rotary_emb does; returned as [..., pairs, 2] (reshaped by the caller)."""
+    even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    return tl.join((even * cos - odd * sin).to(dtype), (odd * cos + even * sin).to(dtype))
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, part_lse_ptr,
+                             HKV, sm_scale, stride_qkv, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
                              REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr,
                              DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
@@ -36,15 +49,30 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, pa
     heads = kvh * REP + offs_h  # the query heads that read this KV head
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # q and the cache row just written come from the previous kernel
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-    length = tl.load(pos_ptr) + 1  # causal: the token at position p sees positions 0..p
-    start = split * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, length)
+    offs_p = tl.arange(0, BLOCK_D // 2)  # RoPE pairs
+    p_mask = offs_p < D // 2
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_kb + kvh * stride_kh
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # qkv, the position and its RoPE row are earlier kernels' outputs
+    cos = tl.load(freqs_ptr + 2 * offs_p, mask=p_mask, other=0.0)
+    sin = tl.load(freqs_ptr + 2 * offs_p + 1, mask=p_mask, other=0.0)
+    pos = tl.load(pos_ptr)
+    length = pos + 1  # causal: the token at position p sees positions 0..p
+    dtype = o_ptr.dtype.element_ty
+    row = qkv_ptr + b * stride_qkv  # [q heads | k heads | v heads] x D
+    q = _rope(row + heads[:, None] * D + 2 * offs_p[None, :],
+              h_mask[:, None] & p_mask[None, :], cos[None, :], sin[None, :], dtype).reshape(BLOCK_H, BLOCK_D)
+    if split == pos // SPLIT_LEN:
+        # The one program whose positions include the new token writes its k and v into the cache, then reads
+        # them back with the rest (the barrier makes the row visible to all of this program's threads).
+        k_new = _rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, dtype).reshape(BLOCK_D)
+        tl.store(k_base + pos * stride_ks + offs_d, k_new, mask=d_mask)
+        v_new = tl.load(row + (HKV * REP + HKV + kvh) * D + offs_d, mask=d_mask)
+        tl.store(v_base + pos * stride_ks + offs_d, v_new, mask=d_mask)
+        tl.debug_barrier()
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
@@ -105,70 +133,96 @@ def _attention_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, H, stride_ob, str
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
-def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor) -> None:
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"decode_attention: q must be [B, H, 1, D] (one token), got {tuple(q.shape)}")
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved (even, odd) pairs. x: [B, S, H, D]; freqs_cis: [S, D / 2, 2] (cos, sin) in fp32."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: k_cache and v_cache must be one [B, H_kv, S, D] shape, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    b, h, _, d = q.shape
-    if k_cache.shape[0] != b or k_cache.shape[3] != d or h % k_cache.shape[1]:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)} "
-                         "(same batch and head size, query heads a multiple of KV heads)")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"decode_attention: q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    if qkv.dim() != 3 or qkv.shape[1] != 1:
+        raise ValueError(f"decode_attention: qkv must be [B, 1, (H + 2 H_kv) D] (one token), got {tuple(qkv.shape)}")
+    h = qkv.shape[2] // d - 2 * hkv
+    if qkv.shape[2] % d or h <= 0 or h % hkv or qkv.shape[0] > k_cache.shape[0]:
+        raise ValueError(f"decode_attention: qkv {tuple(qkv.shape)} does not match the cache {tuple(k_cache.shape)} "
+                         f"(width (H + 2 x {hkv}) x {d} with H a multiple of {hkv}, batch within the cache's)")
+    if d % 2 or tuple(freqs_cis.shape) != (1, d // 2, 2) or freqs_cis.dtype != torch.float32:
+        raise ValueError(f"decode_attention: freqs_cis must be the position's float32 [1, {d // 2}, 2] RoPE table row "
+                         f"(even head size), got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
+    if not (qkv.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"decode_attention: qkv and the caches must share a dtype, got {qkv.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if input_pos.numel() != 1 or input_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"decode_attention: input_pos must hold one integer position, got {tuple(input_pos.shape)} {input_pos.dtype}")
-    if not (q.device == k_cache.device == v_cache.device == input_pos.device):
-        raise ValueError("decode_attention: q, the caches and input_pos must be on one device")
+    if len({t.device for t in (qkv, freqs_cis, k_cache, v_cache, input_pos)}) != 1:
+        raise ValueError("decode_attention: qkv, freqs_cis, the caches and input_pos must be on one device")
 
 
-def decode_attention_reference(q, k_cache, v_cache, input_pos):
-    """Causal attention of one query token over the cache, as the model's multi-token path computes it."""
-    rep = q.shape[1] // k_cache.shape[1]
-    k = k_cache.repeat_interleave(rep, dim=1)
-    v = v_cache.repeat_interleave(rep, dim=1)
+def decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos):
+    """The model's multi-token path for one token: RoPE, cache write, causal attention over the cache."""
+    b, hkv, d = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(b, 1, -1, d).split([qkv.shape[2] // d - 2 * hkv, hkv, hkv], dim=2)
+    q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k_cache[:b, :, input_pos] = k
+    v_cache[:b, :, input_pos] = v
+    rep = q.shape[1] // hkv
+    keys = k_cache[:b].repeat_interleave(rep, dim=1)
+    values = v_cache[:b].repeat_interleave(rep, dim=1)
     mask = torch.arange(k_cache.shape[2], device=q.device) <= input_pos.reshape(())
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None, None, :])
+    y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None, None, None, :])
+    return y.transpose(1, 2).reshape(b, 1, -1)
 
 
-def decode_attention_triton(q, k_cache, v_cache, input_pos, chunk: int = CHUNK, block_s: int = 64) -> torch.Tensor:
-    """Launch the kernel(s). q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, S, D] with the last dim contiguous."""
-    b, h, _, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
-    if q.stride(3) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("decode_attention: q and the caches need a contiguous last dimension and equal cache strides")
+def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: int = CHUNK,
+                            block_s: int = 64) -> torch.Tensor:
+    """Launch the kernel(s). qkv: [B, 1, (H + 2 H_kv) D] with the last dim contiguous; freqs_cis: [1, D / 2, 2];
+    k_cache, v_cache: [B', H_kv, S, D] (B' >= B) with the last dim contiguous. Returns [B, 1, H D]."""
+    hkv, s, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    b, h = qkv.shape[0], qkv.shape[2] // d - 2 * hkv
+    if qkv.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or not freqs_cis.is_contiguous():
+        raise ValueError("decode_attention: qkv and the caches need a contiguous last dimension, the caches equal "
+                         "strides, freqs_cis contiguous")
     rep = h // hkv
     splits = min(triton.next_power_of_2(triton.cdiv(s, chunk)), MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
-    out = torch.empty((b, h, 1, d), dtype=q.dtype, device=q.device)
-    use_pdl = pdl_launch(q.device)
+    out = torch.empty((b, 1, h * d), dtype=qkv.dtype, device=qkv.device)
+    use_pdl = pdl_launch(qkv.device)
     if splits > 1:
-        part_o = torch.empty((b * h, splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((b * h, splits), dtype=torch.float32, device=q.device)
+        part_o = torch.empty((b * h, splits, d), dtype=torch.float32, device=qkv.device)
+        part_lse = torch.empty((b * h, splits), dtype=torch.float32, device=qkv.device)
     else:
         part_o = part_lse = out  # unused
     block_d = triton.next_power_of_2(d)
     _decode_attention_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, input_pos, out, part_o, part_lse, hkv, d ** -0.5,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        qkv, freqs_cis, k_cache, v_cache, input_pos, out, part_o, part_lse, hkv, d ** -0.5,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d,
         REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(q.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(qkv.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     if splits > 1:
-        _attention_combine_kernel[(b * h,)](part_o, part_lse, out, h, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d,
+        _attention_combine_kernel[(b * h,)](part_o, part_lse, out, h, out.stride(0), d, D=d, BLOCK_D=block_d,
                                          SPLITS=splits, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
 
-@torch.library.custom_op("teal::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over cache positions 0..input_pos, for one query token: [B, H, 1, D]."""
-    check_inputs(q, k_cache, v_cache, input_pos)
-    if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, input_pos)
-    return decode_attention_reference(q, k_cache, v_cache, input_pos)
+@torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: torch.Tensor, freqs_cis: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """One token's attention from its qkv projection [B, 1, (H + 2 H_kv) D] (q, k, v heads in that order): RoPE on q
+    and k (freqs_cis: the position's [1, D / 2, 2] table row), k and v written into the caches [B', H_kv, S, D] at
+    input_pos, then softmax(q k^T / sqrt(D)) v over cache positions 0..input_pos. Returns [B, 1, H D]."""
+    check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos)
+    if qkv.is_cuda:
+        return decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos)
+    return decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, input_pos):
-    return q.new_empty(q.shape)
+def _(qkv, freqs_cis, k_cache, v_cache, input_pos):
+    return qkv.new_empty((qkv.shape[0], 1, qkv.shape[2] - 2 * k_cache.shape[1] * k_cache.shape[3]))

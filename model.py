@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import decode_attention
+from attention import apply_rotary_emb, decode_attention
 
 
 @dataclass
@@ -193,20 +193,21 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, mask, input_pos, residual=None):
         bsz, seqlen, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        qkv = self.wqkv(x)
+        if seqlen == 1:  # a decode step: one kernel applies RoPE, writes the cache and attends (attention.py)
+            y = decode_attention(qkv, freqs_cis, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos)
+            return self.wo(y, residual)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(bsz, seqlen, -1, self.head_dim)
         k = k.view(bsz, seqlen, -1, self.head_dim)
         v = v.view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(input_pos, k, v)
-        if seqlen == 1:  # a decode step: one kernel reads only the cache written so far (attention.py)
-            y = decode_attention(q, k, v, input_pos)
-        else:
-            rep = self.n_head // self.n_local_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        rep = self.n_head // self.n_local_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(y, residual)
 
@@ -261,14 +262,6 @@ def apply_llama31_scaling(freqs: torch.Tensor, s: dict) -> torch.Tensor:
     smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
     mid = (1 - smooth) * freqs / s["factor"] + smooth * freqs
     return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / s["factor"], mid))
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
 
 
 def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Transformer:

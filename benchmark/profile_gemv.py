@@ -3,7 +3,8 @@
     python -m benchmark.profile_gemv --out benchmark/results      # runs ncu on itself, writes ncu-gemv-<device>.json
 
 Profiles the kernel at pick_config's choice on the 14336x4096 and 4096x14336 shapes (bf16, one token) at
-0, 50 and 80% sparsity, both variants, with cuBLAS at 0% beside it. Each case is launched over rotating
+0, 50 and 80% sparsity, both variants (and the predicated one at 90%), with cuBLAS at 0% beside it; besides the
+sections, the per-instruction warp stall reasons and the executed instruction count. Each case is launched over rotating
 weight copies (L2 never holds the weights), and only the last launch of each case is kept. Clocks are left
 as they are (--clock-control none), so durations are comparable with the CUDA-graph timings of bench_gemv.
 """
@@ -26,9 +27,15 @@ import triton
 from benchmark.bench_gemv import threshold_for
 
 SHAPES = (("14336x4096", 4096, 14336), ("4096x14336", 14336, 4096))  # (name, K, N)
-CASES = ((0.0, False), (0.5, False), (0.5, True), (0.8, False), (0.8, True))  # (sparsity, compact)
+CASES = ((0.0, False), (0.5, False), (0.5, True), (0.8, False), (0.8, True), (0.9, False))  # (sparsity, compact)
 COPIES = 8
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis")
+# Why warps wait, per issued instruction (what the WarpStateStats section sums into one number).
+STALLS = ("barrier", "long_scoreboard", "short_scoreboard", "wait", "mio_throttle", "lg_throttle", "math_pipe_throttle",
+          "not_selected", "selected", "dispatch_stall", "drain", "membar", "no_instruction", "branch_resolving", "misc",
+          "sleeping", "tex_throttle", "imc_miss")
+METRICS = [f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio" for s in STALLS] + [
+    "l1tex__t_sector_hit_rate.pct", "smsp__inst_executed.sum", "dram__bytes_read.sum"]
 
 
 def launch_all() -> list[str]:
@@ -92,6 +99,7 @@ def parse(csv_text: str, labels: list[str]) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
+    p.add_argument("--tag", default="", help="suffix of the output name, so a new profile keeps the old file")
     p.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)  # the child ncu profiles
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -105,6 +113,7 @@ def main(argv=None):
     cmd = [ncu, "--clock-control", "none", "--csv", "--page", "details", "--print-units", "base"]
     for s in SECTIONS:
         cmd += ["--section", s]
+    cmd += ["--metrics", ",".join(METRICS)]
     cmd += [sys.executable, "-m", "benchmark.profile_gemv", "--launch"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if proc.returncode != 0:
@@ -116,13 +125,13 @@ def main(argv=None):
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "ncu": " ".join(cmd[:-4]), "dtype": "bfloat16", "tokens": 1, "launches": launches}
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"ncu-gemv-{props.name.replace(' ', '-')}.json"
+    path = a.out / f"ncu-gemv{a.tag}-{props.name.replace(' ', '-')}.json"
     path.write_text(json.dumps(result, indent=1))
     for e in launches:
         m = e["metrics"]
         pick = {k.split("/", 1)[1]: v for k, v in m.items() if any(s in k for s in (
             "Duration", "DRAM Throughput", "Memory Throughput", "Achieved Occupancy", "Registers Per Thread",
-            "Dynamic Shared Memory Per Block", "Warp Cycles Per Issued Instruction"))}
+            "Dynamic Shared Memory Per Block", "Warp Cycles Per Issued Instruction", "issue_stalled", "inst_executed"))}
         print(e["case"], json.dumps(pick))
     print(f"wrote {path}")
 

@@ -1,4 +1,5 @@
-"""The decode-attention kernel (attention.py) under TRITON_INTERPRET=1 against float64 softmax attention."""
+"""The decode-attention kernel (attention.py: RoPE, cache write, attention) under TRITON_INTERPRET=1 against
+float64 math."""
 import pytest
 import torch
 
@@ -9,74 +10,132 @@ from attention import decode_attention, decode_attention_reference, decode_atten
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def math_attention(q, k_cache, v_cache, pos):
-    """float64 softmax(q k^T / sqrt(D)) v over positions 0..pos, query head h reading KV head h // rep."""
-    b, h, _, d = q.shape
-    rep = h // k_cache.shape[1]
-    k = k_cache[:, :, : pos + 1].double().repeat_interleave(rep, dim=1)
-    v = v_cache[:, :, : pos + 1].double().repeat_interleave(rep, dim=1)
-    scores = q.double() @ k.transpose(-1, -2) / d ** 0.5
-    return torch.softmax(scores, dim=-1) @ v
+def rope64(x, pos, base=10000.0):
+    """float64 RoPE of x [B, H, 1, D] at position pos: (even, odd) pairs rotated by pos / base^(2i/D)."""
+    d = x.shape[-1]
+    angle = pos / base ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    even, odd = x.double()[..., 0::2], x.double()[..., 1::2]
+    out = torch.stack([even * angle.cos() - odd * angle.sin(), odd * angle.cos() + even * angle.sin()], dim=-1)
+    return out.flatten(-2)
 
 
-def make(b, h, hkv, s, d, pos, dtype, seed=0):
+def freqs_row(d, pos, base=10000.0):
+    angle = torch.tensor(float(pos), dtype=torch.float32) / base ** (torch.arange(0, d, 2).float() / d)
+    return torch.stack([angle.cos(), angle.sin()], dim=-1)[None]  # [1, D / 2, 2], as model.precompute_freqs_cis
+
+
+def split_heads(qkv, hkv, d):
+    """[B, 1, (H + 2 H_kv) D] -> q [B, H, 1, D], k and v [B, H_kv, 1, D]."""
+    b = qkv.shape[0]
+    q, k, v = qkv.view(b, 1, -1, d).split([qkv.shape[2] // d - 2 * hkv, hkv, hkv], dim=2)
+    return (t.transpose(1, 2) for t in (q, k, v))
+
+
+def math_attention(qkv, k_cache, v_cache, pos):
+    """float64: RoPE on q and k, the cache rows before pos plus the new k and v, softmax(q k^T / sqrt(D)) v;
+    returned as [B, 1, H D] like the op."""
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = split_heads(qkv, hkv, d)
+    b, h = q.shape[:2]
+    keys = torch.cat([k_cache[:b, :, :pos].double(), rope64(k, pos)], dim=2).repeat_interleave(h // hkv, dim=1)
+    values = torch.cat([v_cache[:b, :, :pos].double(), v.double()], dim=2).repeat_interleave(h // hkv, dim=1)
+    scores = rope64(q, pos) @ keys.transpose(-1, -2) / d ** 0.5
+    return (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(b, 1, h * d)
+
+
+def make(b, h, hkv, s, d, pos, dtype, seed=0, cache_batch=None):
+    """One token's qkv row, its RoPE row, and caches whose rows after pos (not written yet) hold NaN, so reading
+    one shows up. The row at pos is stale: the op writes it."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, 1, h, d, generator=g).to(dtype).transpose(1, 2)  # the model's strided [B, H, 1, D] view
-    k = torch.randn(b, hkv, s, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, s, d, generator=g).to(dtype)
-    # Positions after pos are not written yet: poison them, so reading one shows up as NaN.
-    k[:, :, pos + 1:] = float("nan")
-    v[:, :, pos + 1:] = float("nan")
-    return q, k, v, torch.tensor([pos], dtype=torch.int32)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to(dtype)
+    k_cache = torch.randn(cache_batch or b, hkv, s, d, generator=g).to(dtype)
+    v_cache = torch.randn(cache_batch or b, hkv, s, d, generator=g).to(dtype)
+    k_cache[:, :, pos + 1:] = float("nan")
+    v_cache[:, :, pos + 1:] = float("nan")
+    return qkv, freqs_row(d, pos), k_cache, v_cache, torch.tensor([pos], dtype=torch.int32)
 
 
-def check(out, q, k, v, pos, dtype):
-    want = math_attention(q, k, v, pos)
+def check(out, before, after, args, pos, dtype):
+    """The output against float64 math; the caches: row pos holds the rotated k and v, every other row is untouched."""
+    qkv = args[0]
+    k_before, v_before = before
+    k_after, v_after = after
+    _, k, v = split_heads(qkv, k_before.shape[1], k_before.shape[3])
+    b = qkv.shape[0]
+    want = math_attention(qkv, k_before, v_before, pos)
     assert out.shape == want.shape and out.dtype == dtype
     err = (out.double() - want).abs().max() / want.abs().max()
     assert torch.isfinite(out).all() and err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]}"
+    # The cache row is the rotation rounded once to the dtype (fp32 math, as the model's RoPE): within one rounding.
+    torch.testing.assert_close(k_after[:b, :, pos:pos + 1].double(), rope64(k, pos), rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.equal(v_after[:b, :, pos:pos + 1], v)
+    untouched = torch.ones(k_before.shape[2], dtype=torch.bool, device=k_before.device)
+    untouched[pos] = False
+    for before_, after_ in ((k_before, k_after), (v_before, v_after)):
+        assert torch.equal(after_[:, :, untouched].nan_to_num(7.0), before_[:, :, untouched].nan_to_num(7.0))
+        assert torch.equal(after_[b:].nan_to_num(7.0), before_[b:].nan_to_num(7.0))  # batch rows past q's
+
+
+def run(fn, args, **kw):
+    before = (args[2].clone(), args[3].clone())
+    out = fn(*args, **kw)
+    return out, before, (args[2], args[3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b,h,hkv,d", [(1, 4, 1, 64), (2, 9, 3, 64), (1, 4, 4, 40)])
+@pytest.mark.parametrize("b,h,hkv,d,cache_batch", [(1, 4, 1, 64, None), (2, 9, 3, 64, 3), (1, 4, 4, 40, None)])
 @pytest.mark.parametrize("pos", [0, 37, 99])
-def test_one_launch_matches_math(dtype, b, h, hkv, d, pos):
-    q, k, v, p = make(b, h, hkv, 100, d, pos, dtype)
-    check(decode_attention_triton(q, k, v, p, chunk=128, block_s=16), q, k, v, pos, dtype)
+def test_one_launch_matches_math(dtype, b, h, hkv, d, cache_batch, pos):
+    args = make(b, h, hkv, 100, d, pos, dtype, cache_batch=cache_batch)
+    out, before, after = run(decode_attention_triton, args, chunk=128, block_s=16)
+    check(out, before, after, args, pos, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 15, 16, 70, 127])
 def test_split_cache_combines_to_math(dtype, pos):
-    # 128 positions in splits of 16: splits past pos are empty and must weigh nothing in the combine.
-    q, k, v, p = make(2, 8, 2, 128, 64, pos, dtype, seed=pos)
-    check(decode_attention_triton(q, k, v, p, chunk=16, block_s=16), q, k, v, pos, dtype)
+    # 128 positions in splits of 16: the split holding pos writes the new row; splits past pos are empty and must
+    # weigh nothing in the combine.
+    args = make(2, 8, 2, 128, 64, pos, dtype, seed=pos)
+    out, before, after = run(decode_attention_triton, args, chunk=16, block_s=16)
+    check(out, before, after, args, pos, dtype)
 
 
 def test_op_on_cpu_is_the_reference_and_matches_math():
-    q, k, v, p = make(1, 9, 3, 50, 64, 20, torch.float32)
-    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # SDPA's masked softmax multiplies masked positions by zero weight
-    out = decode_attention(q, k, v, p)
-    torch.testing.assert_close(out, decode_attention_reference(q, k, v, p), rtol=0, atol=0)
-    check(out, q, k, v, 20, torch.float32)
+    args = make(1, 9, 3, 50, 64, 20, torch.float32)
+    args[2].nan_to_num_(0.0), args[3].nan_to_num_(0.0)  # SDPA's masked softmax multiplies masked positions by zero
+    ref_args = tuple(a.clone() for a in args)
+    out, before, after = run(decode_attention, args)
+    torch.testing.assert_close(out, decode_attention_reference(*ref_args), rtol=0, atol=0)
+    assert torch.equal(after[0], ref_args[2]) and torch.equal(after[1], ref_args[3])
+    check(out, before, after, args, 20, torch.float32)
 
 
-def test_op_compiles_without_graph_breaks():
-    q, k, v, p = make(1, 4, 2, 32, 64, 10, torch.float32)
-    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
-    compiled = torch.compile(decode_attention, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(q, k, v, p), decode_attention(q, k, v, p), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_op_compiles_without_graph_breaks_and_writes_the_cache(backend):
+    # The caches are mutated in place by the op: compiled, they must end up as eager leaves them.
+    args = make(1, 4, 2, 32, 64, 10, torch.float32)
+    args[2].nan_to_num_(0.0), args[3].nan_to_num_(0.0)
+    eager_args = tuple(a.clone() for a in args)
+    compiled = torch.compile(decode_attention, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(*args), decode_attention(*eager_args), rtol=1e-6, atol=1e-6)
+    assert torch.equal(args[2], eager_args[2]) and torch.equal(args[3], eager_args[3])
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda q, k, v, p: (q.expand(1, 4, 2, 64), k, v, p), "one token"),
-    (lambda q, k, v, p: (q, k, v[:, :, :8], p), "one .* shape"),
-    (lambda q, k, v, p: (q[:, :3], k, v, p), "multiple of KV heads"),
-    (lambda q, k, v, p: (q.half(), k, v, p), "share a dtype"),
-    (lambda q, k, v, p: (q, k, v, torch.tensor([1, 2])), "one integer position"),
-    (lambda q, k, v, p: (q, k, v, p.float()), "one integer position"),
+    (lambda qkv, f, kc, vc, p: (qkv.expand(1, 2, 512), f, kc, vc, p), "one token"),
+    (lambda qkv, f, kc, vc, p: (qkv, f, kc, vc[:, :, :8], p), "one .* shape"),
+    (lambda qkv, f, kc, vc, p: (qkv[..., :-64], f, kc, vc, p), "multiple of 2"),
+    (lambda qkv, f, kc, vc, p: (qkv[..., :-1], f, kc, vc, p), "width"),
+    (lambda qkv, f, kc, vc, p: (torch.cat([qkv, qkv]), f, kc, vc, p), "batch within"),
+    (lambda qkv, f, kc, vc, p: (qkv, f[:, :5], kc, vc, p), "RoPE table row"),
+    (lambda qkv, f, kc, vc, p: (qkv, f.double(), kc, vc, p), "RoPE table row"),
+    (lambda qkv, f, kc, vc, p: (qkv.half(), f, kc, vc, p), "share a dtype"),
+    (lambda qkv, f, kc, vc, p: (qkv, f, kc, vc, torch.tensor([1, 2])), "one integer position"),
+    (lambda qkv, f, kc, vc, p: (qkv, f, kc, vc, p.float()), "one integer position"),
 ])
 def test_bad_inputs_are_refused(bad, match):
-    q, k, v, p = make(1, 4, 2, 16, 64, 3, torch.float32)
+    args = make(1, 4, 2, 16, 64, 3, torch.float32)
     with pytest.raises((ValueError, TypeError), match=match):
-        decode_attention(*bad(q, k, v, p))
+        decode_attention(*bad(*args))

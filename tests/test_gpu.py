@@ -117,25 +117,82 @@ def test_programmatic_dependent_launch_waits_for_the_previous_kernel():
 @pytest.mark.parametrize("rep", [1, 4])
 def test_decode_attention_on_gpu_matches_math(cache_len, rep):
     # One launch up to 256 positions, split (with the combine kernel) above; positions past pos hold NaN,
-    # so reading one fails. bf16 tolerance as in tests/test_attention.py.
+    # so reading one fails; the new k and v land in row pos and nowhere else. bf16 tolerance as in test_attention.py.
     from attention import decode_attention
     from test_attention import check, make
     for pos in (0, cache_len // 3, cache_len - 1):
-        q, k, v, p = (t.cuda() for t in make(1, 8 * rep, 8, cache_len, 128, pos, torch.bfloat16, seed=pos))
-        check(decode_attention(q, k, v, p), q, k, v, pos, torch.bfloat16)
+        args = tuple(t.cuda() for t in make(1, 8 * rep, 8, cache_len, 128, pos, torch.bfloat16, seed=pos))
+        before = (args[2].clone(), args[3].clone())
+        check(decode_attention(*args), before, (args[2], args[3]), args, pos, torch.bfloat16)
 
 
 def test_decode_attention_in_a_cuda_graph_follows_the_position():
+    # Replays of one captured launch at new positions: each writes its own row of the caches (buffers of a module, as
+    # in the model) and reads the rows before it.
     from attention import decode_attention
-    from test_attention import math_attention
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16, device="cuda", generator=g)
-    k, v = torch.randn(2, 1, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+    from model import precompute_freqs_cis
+    from test_attention import math_attention, rope64, split_heads
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator(device="cuda").manual_seed(0)
+            self.register_buffer("k_cache", torch.randn(1, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", generator=g))
+            self.register_buffer("v_cache", torch.randn(1, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", generator=g))
+            self.register_buffer("freqs_cis", precompute_freqs_cis(2048, 128, 10000.0).cuda())
+
+        def forward(self, qkv, pos):
+            return decode_attention(qkv, self.freqs_cis[pos], self.k_cache, self.v_cache, pos)
+
+    layer = Layer()
+    qkv = torch.randn(1, 1, 48 * 128, dtype=torch.bfloat16, device="cuda")
+    _, k, v = split_heads(qkv, 8, 128)
     pos = torch.zeros(1, dtype=torch.int32, device="cuda")
-    f = torch.compile(lambda: decode_attention(q, k, v, pos), mode="reduce-overhead", fullgraph=True)
+    f = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
     for p in (3, 300, 2047, 17):
         pos.fill_(p)
+        before = layer.k_cache.clone(), layer.v_cache.clone()
         for _ in range(3):
-            y = f()
-        want = math_attention(q, k, v, p)
+            y = f(qkv, pos)
+        want = math_attention(qkv, *before, p)
         assert float((y.double() - want).abs().max() / want.abs().max()) < 3e-2
+        torch.testing.assert_close(layer.k_cache[:, :, p:p + 1].double(), rope64(k, p), rtol=3e-2, atol=3e-2)
+        assert torch.equal(layer.v_cache[:, :, p:p + 1], v)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
+    # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
+    # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
+    # step on the same tokens, in fp32 so the two paths differ only by summation order.
+    import generate
+    from model import ModelArgs, Transformer
+    from sparse import set_thresholds, sparsify
+    torch.manual_seed(0)
+    args = ModelArgs(n_layer=2, n_head=8, n_local_heads=2, dim=256, intermediate_size=512, vocab_size=512, block_size=64)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = Transformer(args).cuda().float().eval()
+        if sparse:
+            sparsify(m)
+            set_thresholds(m, torch.full((2, 7), 0.5))
+        m.setup_caches(1, 64)
+        models.append(m)
+    eager, compiled = models
+    step = torch.compile(generate.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    prompt = torch.randint(0, 512, (1, 5), device="cuda")
+    with torch.no_grad():
+        eager(prompt, torch.arange(5, device="cuda"))
+        compiled(prompt, torch.arange(5, device="cuda"))
+        token = prompt[:, -1:]
+        for pos in range(5, 40):
+            input_pos = torch.tensor([pos], device="cuda")
+            want = eager(token, input_pos)
+            got = step(compiled, token, input_pos, temperature=0)  # greedy
+            assert int(got) == int(want.argmax()), f"position {pos}"
+            token = got.view(1, 1).clone()
+    torch.testing.assert_close(compiled.layers[1].attention.kv_cache.k_cache, eager.layers[1].attention.kv_cache.k_cache,
+                               rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
