@@ -164,10 +164,13 @@ def check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos) -> None:
         raise ValueError("decode_attention: qkv, freqs_cis, the caches and input_pos must be on one device")
 
 
-def decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos):
-    """The model's multi-token path for one token: RoPE, cache write, causal attention over the cache."""
-    b, hkv, d = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
-    q, k, v = qkv.view(b, 1, -1, d).split([qkv.shape[2] // d - 2 * hkv, hkv, hkv], dim=2)
+def cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask):
+    """Attention in PyTorch, as the model's prefill runs it: qkv [B, S, (H + 2 H_kv) D] at positions input_pos [S];
+    RoPE on q and k (freqs_cis: [S, D / 2, 2]), k and v written into the caches there, then attention over the whole
+    cache under mask [.., S, max_seq_length] (True: attend). Returns [B, S, H D]."""
+    b, s = qkv.shape[:2]
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(b, s, -1, d).split([qkv.shape[2] // d - 2 * hkv, hkv, hkv], dim=2)
     q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k_cache[:b, :, input_pos] = k
@@ -175,9 +178,14 @@ def decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos):
     rep = q.shape[1] // hkv
     keys = k_cache[:b].repeat_interleave(rep, dim=1)
     values = v_cache[:b].repeat_interleave(rep, dim=1)
-    mask = torch.arange(k_cache.shape[2], device=q.device) <= input_pos.reshape(())
-    y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None, None, None, :])
-    return y.transpose(1, 2).reshape(b, 1, -1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0)
+    return y.transpose(1, 2).reshape(b, s, -1)
+
+
+def decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos):
+    """The model's prefill path for one token: causal attention over the positions up to input_pos."""
+    mask = torch.arange(k_cache.shape[2], device=qkv.device) <= input_pos.reshape(())
+    return cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask[None, None, None, :])
 
 
 def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: int = CHUNK,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import apply_rotary_emb, decode_attention
+from attention import cached_attention, decode_attention
 
 
 @dataclass
@@ -117,12 +117,6 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos, k_val, v_val):
-        # input_pos: [S], k_val: [B, H, S, D]
-        self.k_cache[: k_val.shape[0], :, input_pos] = k_val
-        self.v_cache[: v_val.shape[0], :, input_pos] = v_val
-        return self.k_cache[: k_val.shape[0]], self.v_cache[: v_val.shape[0]]
-
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
@@ -182,7 +176,7 @@ class TransformerBlock(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        self.n_local_heads = config.n_local_heads  # this rank's key/value heads: the size of its KV cache
         # q, k and v stay separate row blocks of one weight: one launch reads the input once,
         # and each block keeps its own threshold when the layer is made sparse.
         self.qkv_sizes = (config.n_head * config.head_dim, config.n_local_heads * config.head_dim,
@@ -192,23 +186,13 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, freqs_cis, mask, input_pos, residual=None):
-        bsz, seqlen, _ = x.shape
+        # RoPE, the cache write and attention over the cache: one kernel for a decode step, PyTorch for prefill
         qkv = self.wqkv(x)
-        if seqlen == 1:  # a decode step: one kernel applies RoPE, writes the cache and attends (attention.py)
-            y = decode_attention(qkv, freqs_cis, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos)
-            return self.wo(y, residual)
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        q = q.view(bsz, seqlen, -1, self.head_dim)
-        k = k.view(bsz, seqlen, -1, self.head_dim)
-        v = v.view(bsz, seqlen, -1, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        rep = self.n_head // self.n_local_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
+        if x.shape[1] == 1:
+            y = decode_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
+        else:
+            y = cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask)
         return self.wo(y, residual)
 
 

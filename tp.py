@@ -84,7 +84,6 @@ def apply_tp(model: Transformer, rank: int | None = None, world: int | None = No
         _shard_linear(attn.wo, "rowwise", None, rank, world)
         _shard_linear(ffn.w13, "colwise", (ffn.intermediate_size,) * 2, rank, world)
         _shard_linear(ffn.w2, "rowwise", None, rank, world)
-        attn.n_head //= world
         attn.n_local_heads //= world
         attn.qkv_sizes = tuple(s // world for s in attn.qkv_sizes)
         ffn.intermediate_size //= world
