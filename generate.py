@@ -206,8 +206,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     set_pdl(a.pdl)
 
-    from tp import maybe_init_dist
+    from tp import maybe_init_dist, shutdown_dist
     rank = maybe_init_dist()
+    try:
+        run(a, rank)
+    finally:
+        if rank is not None:
+            shutdown_dist()
+
+
+def run(a: argparse.Namespace, rank: int | None) -> None:
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT, main as convert
     device = resolve_device(a.device) if rank is None else f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -217,7 +226,6 @@ def main(argv=None):
     checkpoint = Path(a.checkpoint_path)
     if not (checkpoint / "model.safetensors").exists() and checkpoint == DEFAULT_CHECKPOINT and is_main:
         log(f"{checkpoint} not found: converting the default model (SmolLM2-135M-Instruct GGUF) once")
-        from convert_hf_checkpoint import main as convert
         convert([])
     if rank is not None:
         torch.distributed.barrier()

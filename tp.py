@@ -7,6 +7,7 @@ column-sharded layers threshold the full input with the full thresholds, row-sha
 input slice with the matching slice of per-channel thresholds.
 """
 import datetime
+import gc
 import os
 
 import torch
@@ -33,6 +34,17 @@ def maybe_init_dist(backend: str | None = None) -> int | None:
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
     return rank
+
+
+def shutdown_dist() -> None:
+    """Leave the process group. CUDA graphs that captured NCCL collectives keep their communicators busy, and
+    destroying those waits forever (pytorch/pytorch#115388): torch._dynamo.reset frees the compiled graphs first."""
+    if dist.is_initialized():
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dist.destroy_process_group()
 
 
 def _split(t: torch.Tensor, dim: int, sizes, rank: int, world: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from generate import decode_one_token, generate, measure_realized_sparsity, pref
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
-from tp import apply_tp, maybe_init_dist
+from tp import apply_tp, maybe_init_dist, shutdown_dist
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 
@@ -272,8 +272,9 @@ def main(argv=None):
         if rank is not None:
             r["tp"] = world
             r["allreduce_share"] = 2 * model.config.n_layer * ar * 1e-6 * r["tok_s"]
+    del model, sparse_fn
+    shutdown_dist()
     if rank not in (None, 0):
-        dist.destroy_process_group()
         return
     props = torch.cuda.get_device_properties(0)
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
@@ -290,8 +291,6 @@ def main(argv=None):
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))
     print(f"recompilations on sparsity change: {recompiles}; wrote {path}")
-    if rank is not None:
-        dist.destroy_process_group()
 
 
 def plot(result: dict, path: Path) -> None:
