@@ -208,11 +208,9 @@ def main(argv=None):
 
     from tp import maybe_init_dist, shutdown_dist
     rank = maybe_init_dist()
-    try:
-        run(a, rank)
-    finally:
-        if rank is not None:
-            shutdown_dist()
+    run(a, rank)
+    if rank is not None:  # on an error, leave as before: torchrun ends the other ranks
+        shutdown_dist()
 
 
 def run(a: argparse.Namespace, rank: int | None) -> None:
