@@ -14,6 +14,18 @@ VARIANTS = [{"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, "COMPACT": compact,
             for compact in (False, True) for split in (1, 3)]
 
 
+def random_problem(seed, tokens, k, groups, dtype):
+    """x [tokens, K] and w [K, N] drawn from a seeded generator, which is returned for further draws."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g).to(dtype)
+    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    return x, w, g
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
 def poisoned_run(x, w, thr, groups, config=None, residual=None):
     # Output filled with NaN first: any element the kernel fails to write fails the comparison.
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
@@ -26,9 +38,7 @@ def poisoned_run(x, w, thr, groups, config=None, residual=None):
 @pytest.mark.parametrize("masked", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_per_tensor(dtype, tokens, k, groups, masked, variant):
-    g = torch.Generator().manual_seed(k * 10 + tokens)
-    x = torch.randn(tokens, k, generator=g).to(dtype)
-    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    x, w, _ = random_problem(k * 10 + tokens, tokens, k, groups, dtype)
     level = float(x.abs().float().quantile(masked)) if 0 < masked < 1 else (0.0 if masked == 0 else float("inf"))
     thr = torch.full((len(groups),), level)
     y = poisoned_run(x, w, thr, groups, VARIANTS[variant])
@@ -37,21 +47,19 @@ def test_per_tensor(dtype, tokens, k, groups, masked, variant):
     if masked == 1.0:
         assert torch.equal(y, torch.zeros_like(y))
     else:
-        assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+        assert rel_err(y, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant):
-    g = torch.Generator().manual_seed(tokens)
     k, groups = 150, [64, 32, 32]
-    x = torch.randn(tokens, k, generator=g).to(dtype)
-    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    x, w, g = random_problem(tokens, tokens, k, groups, dtype)
     for thr in (torch.tensor([0.2, 0.8, 1.5]), torch.rand(3, k, generator=g) * 1.5):
         y = poisoned_run(x, w, thr, groups, VARIANTS[variant])
         ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
-        assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+        assert rel_err(y, ref) < TOL[dtype]
     # the three groups really use different thresholds: q with threshold 0 equals the dense product
     thr = torch.tensor([0.0, 1e9, 1e9])
     y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant])
@@ -63,15 +71,13 @@ def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant)
 @pytest.mark.parametrize("compact", [False, True])
 def test_one_token_through_the_tensor_core_path(dtype, compact):
     # BLOCK_T=16 runs a single token through tl.dot (rows 1-15 padding), the path design sweeps compare.
-    g = torch.Generator().manual_seed(3)
     k, groups = 130, [64, 40]
-    x = torch.randn(1, k, generator=g).to(dtype)
-    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    x, w, _ = random_problem(3, 1, k, groups, dtype)
     thr = torch.tensor([0.5, 1.0])
     config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "COMPACT": compact, "STAGES": 1, "BLOCK_T": 16}
     y = poisoned_run(x, w, thr, groups, config)
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
-    assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+    assert rel_err(y, ref) < TOL[dtype]
     with pytest.raises(ValueError, match="fewer than"):
         sparse_gemv_triton(x.expand(2, k).contiguous(), w, thr, groups, config={**config, "BLOCK_T": 1})
 
@@ -81,15 +87,13 @@ def test_one_token_through_the_tensor_core_path(dtype, compact):
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_residual_added_in_the_epilogue(dtype, tokens, variant):
     # Reference: the masked product plus the residual in float64 (with and without the split-K reduction).
-    g = torch.Generator().manual_seed(tokens)
     k, groups = 300, [40, 24, 24]
-    x = torch.randn(tokens, k, generator=g).to(dtype)
-    w = torch.randn(k, sum(groups), generator=g).to(dtype)
+    x, w, g = random_problem(tokens, tokens, k, groups, dtype)
     residual = (torch.randn(tokens, sum(groups), generator=g) * 10).to(dtype)
     thr = torch.tensor([0.4, 0.7, 1.0])
     y = poisoned_run(x, w, thr, groups, VARIANTS[variant], residual=residual)
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups, residual=residual.double())
-    assert float((y.double() - ref).norm() / ref.norm()) < TOL[dtype]
+    assert rel_err(y, ref) < TOL[dtype]
     # the op's reference path: the product, then the add
     assert torch.equal(sparse_gemv(x, w, thr, groups, residual=residual), sparse_gemv(x, w, thr, groups) + residual)
 
