@@ -202,34 +202,18 @@ class FeedForward(nn.Module):
         # gate (w1) and up (w3) fused as in w13: both read the same input.
         self.intermediate_size = config.intermediate_size
         self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        # w2 takes w13's output whole and applies SwiGLU itself, so a sparse w2 does it while loading its input.
-        self.w2 = Linear(config.intermediate_size, config.dim, bias=False, swiglu_input=True)
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x, residual=None):
-        return self.w2(self.w13(x), residual)
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, for gate_up = [..., gate | up] (two halves of equal width)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up, residual)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward also adds a residual and, with swiglu_input, takes a SwiGLU's [gate | up] as input:
-    the sparse layer swapped in for it does both in its kernel."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, swiglu_input: bool = False,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.swiglu_input = swiglu_input
-
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """What multiplies the weight (and what a sparse layer thresholds): x, or swiglu(x) with swiglu_input."""
-        return swiglu(x) if self.swiglu_input else x
+    """nn.Linear whose forward also adds a residual: the sparse layer swapped in for it adds it in its kernel."""
 
     def forward(self, x, residual=None):
-        y = F.linear(self.activations(x), self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         return y if residual is None else residual + y
 
 

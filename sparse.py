@@ -7,14 +7,12 @@ multiplies densely by the same storage. Thresholds are data: `set_thresholds` co
 the buffers, so a compiled model picks up a new sparsity without recompiling.
 
 The block's residual adds go into o and down (model.Linear takes the residual), whose kernel adds them in
-its epilogue, and down takes the gate/up output whole, its kernel applying SwiGLU as it loads its input: a decode
-step launches no separate add or SwiGLU kernels.
+its epilogue: a decode step launches no separate add kernels.
 """
 import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from model import Linear, swiglu
 from sparse_gemv.kernels import reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -28,16 +26,14 @@ class SparseLinear(nn.Module):
 
     Columns are split into groups (q/k/v or gate/up) that each have their own threshold. Thresholds are
     [groups] (one per projection) or [groups, in_features] (per channel, for weight-aware thresholds).
-    With swiglu_input (down), the input is [gate | up] and x = silu(gate) * up is what is thresholded.
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 compact: bool = False, swiglu_input: bool = False, device=None, dtype=None):
+                 compact: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.split_sizes = [int(s) for s in split_sizes]
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.swiglu_input = swiglu_input
         self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device, dtype=dtype))
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
@@ -47,8 +43,7 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False) -> "SparseLinear":
         w = linear.weight
-        swiglu_input = isinstance(linear, Linear) and linear.swiglu_input
-        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, swiglu_input, device=w.device, dtype=w.dtype)
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, device=w.device, dtype=w.dtype)
         layer.weight_t = w.detach().t().contiguous()
         if w.is_cuda:
             reserve_workspace(w.device, layer.in_features, layer.out_features)
@@ -58,23 +53,19 @@ class SparseLinear(nn.Module):
     def per_channel(self) -> bool:
         return self.thresholds.dim() == 2
 
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """What is thresholded and multiplies the weight (as model.Linear.activations): x, or swiglu(x)."""
-        return swiglu(x) if self.swiglu_input else x
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual (as model.Linear takes it): added to the output, in the kernel's epilogue at decode."""
         if x.shape[-2] == 1 or self.mask_prefill:
             res = None if residual is None else residual.reshape(-1, self.out_features)
-            y = torch.ops.teal.sparse_gemv(x.reshape(-1, x.shape[-1]), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, res, self.swiglu_input)
+            y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
+                                           self.split_sizes, self.compact, res)
             return y.view(*x.shape[:-1], self.out_features)
-        y = self.activations(x) @ self.weight_t
+        y = x @ self.weight_t
         return y if residual is None else residual + y
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, swiglu_input={self.swiglu_input}")
+                f"per_channel={self.per_channel}, compact={self.compact}")
 
 
 def sparse_layers(model: nn.Module):
@@ -150,7 +141,7 @@ class SparsityMeter:
 
     def _hook(self, i, path, layer):
         def hook(module, args):
-            x = module.activations(args[0])
+            x = args[0]
             if x.shape[-2] != 1 and not module.mask_prefill:
                 return
             x = x.reshape(-1, x.shape[-1]).abs().float()

@@ -46,7 +46,7 @@ def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: in
 
     def hook(i, path, layer):
         def pre(module, args):
-            x = module.activations(args[0]).reshape(-1, layer.in_features).float().abs()
+            x = args[0].reshape(-1, layer.in_features).float().abs()
             if tp and path in ("attention.wo", "feed_forward.w2"):
                 parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
                 dist.all_gather(parts, x.contiguous())

@@ -10,9 +10,6 @@ dense model could use, each in a CUDA graph over rotating weight copies (bench_g
     kmajor    torch.compile: (silu(g) * u) @ W_t, W_t = [K, N] storage
     cublas    eager F.linear(silu(g) * u, W)                  (two kernels: the product, then cuBLAS)
     teal      eager SwiGLU product, then teal::sparse_gemv at threshold 0 on W_t
-    teal_swiglu  teal::sparse_gemv on [g | u] with swiglu_input: the product computed as the kernel loads its
-                 input (the sparse decode step's form), one kernel
-    teal50, teal_swiglu50  the same two at the median of |silu(g) * u| as threshold (50% sparsity)
 
     python -m benchmark.bench_mlp_down --out benchmark/results
 """
@@ -39,17 +36,14 @@ def bench(name, k, n, dtype, l2):
     ws = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
     wts = [w.t().contiguous() for w in ws]
     g, u = torch.randn(2, 1, k, dtype=dtype, device="cuda")
-    gu = torch.cat([g, u], dim=-1)
     h = F.silu(g) * u
     zero = torch.zeros(1, device="cuda")
-    median = h.abs().float().median().view(1)
     fused = torch.compile(lambda a, b, w: F.linear(F.silu(a) * b, w))
     plain = torch.compile(lambda a, w: F.linear(a, w))
     kmajor = torch.compile(lambda a, b, wt: (F.silu(a) * b) @ wt)
     ref = F.linear(h.double(), ws[0].double())
     for what, y in (("fused", fused(g, u, ws[0])), ("kmajor", kmajor(g, u, wts[0])),
-                    ("teal", sparse_gemv(F.silu(g) * u, wts[0], zero, [n])),
-                    ("teal_swiglu", sparse_gemv(gu, wts[0], zero, [n], swiglu_input=True))):
+                    ("teal", sparse_gemv(F.silu(g) * u, wts[0], zero, [n]))):
         rel = float((y.double() - ref).norm() / ref.norm())
         if rel > 2e-2:
             raise AssertionError(f"{name} {what}: relative error {rel:.2e}")
@@ -58,10 +52,7 @@ def bench(name, k, n, dtype, l2):
            "plain_us": graph_time_us(lambda i: plain(h, ws[i]), copies),
            "kmajor_us": graph_time_us(lambda i: kmajor(g, u, wts[i]), copies),
            "cublas_us": graph_time_us(lambda i: F.linear(F.silu(g) * u, ws[i]), copies),
-           "teal_us": graph_time_us(lambda i: sparse_gemv(F.silu(g) * u, wts[i], zero, [n]), copies),
-           "teal_swiglu_us": graph_time_us(lambda i: sparse_gemv(gu, wts[i], zero, [n], swiglu_input=True), copies),
-           "teal50_us": graph_time_us(lambda i: sparse_gemv(F.silu(g) * u, wts[i], median, [n]), copies),
-           "teal_swiglu50_us": graph_time_us(lambda i: sparse_gemv(gu, wts[i], median, [n], swiglu_input=True), copies)}
+           "teal_us": graph_time_us(lambda i: sparse_gemv(F.silu(g) * u, wts[i], zero, [n]), copies)}
     print(" ".join(f"{k_}={v:.1f}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()), flush=True)
     return row
 
@@ -91,7 +82,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    methods = ("fused", "plain", "kmajor", "cublas", "teal", "teal_swiglu", "teal50", "teal_swiglu50")
+    methods = ("fused", "plain", "kmajor", "cublas", "teal")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):

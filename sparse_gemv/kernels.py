@@ -14,9 +14,8 @@ On Hopper and newer the kernel takes part in programmatic dependent launch (PDL)
 previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
-With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), and with SWIGLU the input
-is the gate/up projection's output [gate | up], turned into silu(gate) * up as it is loaded (down projection), so a
-decode step has no separate add or SwiGLU kernels.
+With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), so a decode step has no
+separate add kernels.
 
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
@@ -39,36 +38,9 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """fp32 x rounded to dtype (to nearest even), returned as fp32. bf16 is rounded with integer ops: the same bits as
-    the hardware conversion for finite values, and also right under the interpreter, whose conversion truncates."""
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
-
-
-@triton.jit
-def _load_x(x_ptr, offs, mask, K, SWIGLU: tl.constexpr):
-    """Activations at offs, as fp32: x, or with SWIGLU silu(gate) * up from x = [gate | up] (K wide each), rounded to
-    x's dtype after the silu and after the product, as the unfused model rounds, so thresholds see its values."""
-    if SWIGLU:
-        gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
-        silu = _round(gate / (1.0 + tl.exp(-gate)), x_ptr.dtype.element_ty)
-        return _round(silu * up, x_ptr.dtype.element_ty)
-    else:
-        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
-                        RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
@@ -116,7 +88,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 thr_c = thr
             keep = tl.zeros((COMPACT_CHUNK,), dtype=tl.int32)
             for t in range(T):
-                xt = _load_x(x_ptr + t * stride_xt, offs_c, in_range, K, SWIGLU)
+                xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
                 keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
             pos = count + tl.cumsum(keep, 0) - 1
             tl.store(slots + pos, offs_c, mask=keep != 0)
@@ -128,11 +100,11 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             rows = tl.load(slots + offs_j, mask=valid, other=0)
             w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
             if BLOCK_T == 1:
-                xv = _load_x(x_ptr, rows, valid, K, SWIGLU)
+                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
                 acc2 += xv[:, None] * w.to(tl.float32)
             else:
-                xv = _load_x(x_ptr, offs_t[:, None] * stride_xt + rows[None, :], t_mask[:, None] & valid[None, :],
-                             K, SWIGLU)
+                xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
+                             mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
                 if PER_CHANNEL:
                     thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
                 xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
@@ -149,14 +121,14 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             if PER_CHANNEL:
                 thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
             if BLOCK_T == 1:
-                x = _load_x(x_ptr, offs_k, k_mask, K, SWIGLU)
+                x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 keep = tl.abs(x) > thr
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                 acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
             else:
                 # Several tokens: a weight row is skipped only when every token's activation is under threshold.
-                x = _load_x(x_ptr, offs_t[:, None] * stride_xt + offs_k[None, :], t_mask[:, None] & k_mask[None, :],
-                            K, SWIGLU)
+                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                            mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
                 if PER_CHANNEL:
                     x = tl.where(tl.abs(x) > thr[None, :], x, 0.0)
                 else:
@@ -247,17 +219,13 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       residual: torch.Tensor | None = None, swiglu_input: bool = False) -> torch.Tensor:
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once).
-    swiglu_input: x is [T, 2K] = [gate | up], contiguous, and silu(gate) * up is the activation."""
-    t = x.shape[0]
-    k, n = weight_t.shape
-    if x.shape[1] != (2 * k if swiglu_input else k):
-        raise ValueError(f"sparse_gemv: x is {tuple(x.shape)}, weight_t is {tuple(weight_t.shape)}"
-                         f"{' (swiglu_input: x must be [T, 2K])' if swiglu_input else ''}")
+    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once)."""
+    t, k = x.shape
+    n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
     if len(split_sizes) == 1:
         n0, n1 = n, 0
@@ -283,7 +251,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
     res = residual if residual is not None else y  # unread without RESIDUAL
     args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
-    flags = {"RESIDUAL": residual is not None, "SWIGLU": swiglu_input, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype),
              "USE_PDL": use_pdl}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])

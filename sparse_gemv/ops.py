@@ -7,7 +7,6 @@ a new sparsity is a copy into that tensor, never a recompilation.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from sparse_gemv.kernels import MAX_TOKENS, sparse_gemv_triton
 
@@ -15,14 +14,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
-                 residual: torch.Tensor | None = None, swiglu_input: bool = False) -> None:
+                 residual: torch.Tensor | None = None) -> None:
     if x.dim() != 2:
-        raise ValueError(f"sparse_gemv: x must be [tokens, {'2K' if swiglu_input else 'K'}], got shape {tuple(x.shape)}")
-    k = x.shape[1] // 2 if swiglu_input else x.shape[1]
-    if swiglu_input and x.shape[1] % 2:
-        raise ValueError(f"sparse_gemv: with swiglu_input, x must be [tokens, 2K] (gate | up), got odd width {x.shape[1]}")
-    if weight_t.dim() != 2 or weight_t.shape[0] != k:
-        raise ValueError(f"sparse_gemv: weight_t must be [K, N] with K={k} (input channels as rows), "
+        raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
+    if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1]:
+        raise ValueError(f"sparse_gemv: weight_t must be [K, N] with K={x.shape[1]} (input channels as rows), "
                          f"got {tuple(weight_t.shape)}; store W.t().contiguous()")
     if x.dtype not in SUPPORTED_DTYPES or weight_t.dtype != x.dtype:
         raise TypeError(f"sparse_gemv: x and weight_t must share one of {SUPPORTED_DTYPES}, got {x.dtype} and {weight_t.dtype}")
@@ -36,8 +32,8 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     if not 1 <= len(split_sizes) <= 3 or sum(split_sizes) != weight_t.shape[1] or min(split_sizes) <= 0:
         raise ValueError(f"sparse_gemv: split_sizes {list(split_sizes)} must be 1-3 positive sizes summing to N={weight_t.shape[1]}")
     g = len(split_sizes)
-    if tuple(thresholds.shape) not in ((g,), (g, k)):
-        raise ValueError(f"sparse_gemv: thresholds must be [{g}] (per tensor) or [{g}, {k}] (per channel), "
+    if tuple(thresholds.shape) not in ((g,), (g, x.shape[1])):
+        raise ValueError(f"sparse_gemv: thresholds must be [{g}] (per tensor) or [{g}, {x.shape[1]}] (per channel), "
                          f"got {tuple(thresholds.shape)}")
     out_shape = (x.shape[0], weight_t.shape[1])
     if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or residual.device != x.device):
@@ -45,11 +41,8 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
                          f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
 
 
-def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, swiglu_input=False):
-    """(SwiGLU,) mask, multiply densely (, add the residual): the definition the kernels are tested against."""
-    if swiglu_input:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None):
+    """Mask, multiply densely (, add the residual): the definition the kernels are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
         # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
@@ -62,20 +55,18 @@ def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, s
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                compact: bool = False, residual: Optional[torch.Tensor] = None,
-                swiglu_input: bool = False) -> torch.Tensor:
+                compact: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
-    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add).
-    swiglu_input: x is [T, 2K] = [gate | up] and silu(gate) * up takes its place (computed as the kernel loads it)."""
-    check_inputs(x, weight_t, thresholds, split_sizes, residual, swiglu_input)
+    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add)."""
+    check_inputs(x, weight_t, thresholds, split_sizes, residual)
     x = x.contiguous()
     if x.is_cuda and x.shape[0] <= MAX_TOKENS:
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact,
-                                  residual=None if residual is None else residual.contiguous(), swiglu_input=swiglu_input)
-    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual, swiglu_input)
+                                  residual=None if residual is None else residual.contiguous())
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None, swiglu_input=False):
+def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))

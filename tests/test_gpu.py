@@ -57,28 +57,6 @@ def test_residual_epilogue_matches_reference(variant, dtype, tokens, k, groups):
     assert rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("k,groups", [(14336, [4096]), (1000, [333])])
-def test_swiglu_input_matches_reference(variant, dtype, tokens, k, groups):
-    # The down projection's input [gate | up]: reference is PyTorch's silu(gate) * up, then the float64 masked
-    # product plus the residual, as the decode step runs it.
-    g = torch.Generator(device="cuda").manual_seed(tokens + k + 1)
-    gate_up = torch.randn(tokens, 2 * k, dtype=dtype, device="cuda", generator=g) * 3
-    w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
-    thr = torch.rand(len(groups), device="cuda", generator=g)
-    res = torch.randn(tokens, sum(groups), dtype=dtype, device="cuda", generator=g)
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = torch.nn.functional.silu(gate) * up
-    if VARIANTS[variant] is None:
-        y = sparse_gemv(gate_up, w, thr, groups, compact=bool(tokens % 2), residual=res, swiglu_input=True)
-    else:
-        y = sparse_gemv_triton(gate_up, w, thr, groups, config=VARIANTS[variant], residual=res, swiglu_input=True)
-    ref = sparse_gemv_reference(h.double(), w.double(), thr.double(), groups, residual=res.double())
-    assert rel_err(y, ref) < TOL[dtype]
-
-
 def test_split_k_reduction_is_race_free():
     x = torch.randn(1, 14336, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(14336, 4096, dtype=torch.bfloat16, device="cuda")

@@ -26,10 +26,10 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
 
-def poisoned_run(x, w, thr, groups, config=None, residual=None, swiglu_input=False):
+def poisoned_run(x, w, thr, groups, config=None, residual=None):
     # Output filled with NaN first: any element the kernel fails to write fails the comparison.
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
-    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config, residual=residual, swiglu_input=swiglu_input)
+    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config, residual=residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -98,31 +98,6 @@ def test_residual_added_in_the_epilogue(dtype, tokens, variant):
     assert torch.equal(sparse_gemv(x, w, thr, groups, residual=residual), sparse_gemv(x, w, thr, groups) + residual)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-def test_swiglu_applied_as_the_input_is_loaded(dtype, tokens, per_channel, variant):
-    # x = [gate | up]; the kernel thresholds and multiplies silu(gate) * up. Reference: PyTorch's silu and product,
-    # rounded to the dtype as the model rounds them, then the float64 masked product. In bf16 and fp16 the kernel's
-    # activations must be those same values bit for bit, so the result equals the kernel run on PyTorch's product.
-    k, groups = 300, [40, 30]
-    g = torch.Generator().manual_seed(tokens + 20)
-    gate_up = (torch.randn(tokens, 2 * k, generator=g) * 3).to(dtype)
-    w = torch.randn(k, sum(groups), generator=g).to(dtype)
-    thr = torch.rand(2, k, generator=g) if per_channel else torch.tensor([0.2, 0.5])
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = (torch.nn.functional.silu(gate) * up).contiguous()
-    assert 0.1 < float((h.abs().float() <= thr[0]).float().mean()) < 0.9  # the mask is neither empty nor full
-    y = poisoned_run(gate_up, w, thr, groups, VARIANTS[variant], swiglu_input=True)
-    ref = sparse_gemv_reference(h.double(), w.double(), thr.double(), groups)
-    assert rel_err(y, ref) < TOL[dtype]
-    if dtype != torch.float32:  # fp32 silu may differ from PyTorch's in the last bit (exp); stated by TOL above
-        assert torch.equal(y, poisoned_run(h, w, thr, groups, VARIANTS[variant]))
-    # the op's reference path applies the same SwiGLU
-    assert torch.equal(sparse_gemv(gate_up, w, thr, groups, swiglu_input=True), sparse_gemv(h, w, thr, groups))
-
-
 def test_dense_path_compares_thresholds_in_float32():
     # 9 tokens take the op's dense path. The threshold 1.005 rounds to 1.0078125 in bf16, which would
     # wrongly mask x = 1.0078125; compared in float32, as the kernels compare, x is kept.
@@ -150,12 +125,6 @@ def test_bad_inputs_get_clear_errors():
         sparse_gemv(x[0], w, thr, [6])
     with pytest.raises(ValueError, match="residual must be"):
         sparse_gemv(x, w, thr, [6], residual=torch.ones(1, 8))
-    with pytest.raises(ValueError, match="weight_t must be"):  # [gate | up] must be twice K wide
-        sparse_gemv(x, w, thr, [6], swiglu_input=True)
-    with pytest.raises(ValueError, match="odd width"):
-        sparse_gemv(torch.randn(1, 17), w, thr, [6], swiglu_input=True)
-    with pytest.raises(ValueError, match="swiglu_input"):
-        sparse_gemv_triton(x, w, thr, [6], swiglu_input=True)
 
 
 def test_custom_op_under_torch_compile_on_cpu():
@@ -166,7 +135,6 @@ def test_custom_op_under_torch_compile_on_cpu():
     assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
     torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24]))
     torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24], False, torch.randn(1, 48)))
-    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (torch.randn(1, 128), w, thr, [24, 24], False, None, True))
 
 
 def test_pdl_switch_reaches_inductor_and_the_kernel():

@@ -31,12 +31,8 @@ def masked_reference(dense, table):
             # the same [K, N] weight layout the sparse layer multiplies by (prefill too), so the unmasked
             # arithmetic matches bit for bit and only the masking is under test: on a real model a
             # last-bit difference can move an activation across its threshold
-            def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous(),
-                     swiglu_input=path.endswith("w2")):
+            def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
                 x, residual = args[0], (args[1] if len(args) > 1 else None)  # wo and w2 add the block's residual
-                if swiglu_input:  # w2 takes w13's output [gate | up]
-                    gate, up = x.chunk(2, dim=-1)
-                    x = torch.nn.functional.silu(gate) * up
                 if x.shape[1] != 1:
                     y = x @ w_t
                 else:
@@ -58,8 +54,7 @@ def thresholds_at(model, s):
     hooks = [b.attention.wqkv.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__((i, 0), a[0])) for i, b in enumerate(model.layers)]
     hooks += [b.attention.wo.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__((i, 1), a[0])) for i, b in enumerate(model.layers)]
     hooks += [b.feed_forward.w13.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__((i, 2), a[0])) for i, b in enumerate(model.layers)]
-    hooks += [b.feed_forward.w2.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__((i, 3), m.activations(a[0])))
-              for i, b in enumerate(model.layers)]
+    hooks += [b.feed_forward.w2.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__((i, 3), a[0])) for i, b in enumerate(model.layers)]
     model.setup_caches(1, 128)
     with torch.no_grad():
         model(torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(3)), torch.arange(64))

@@ -47,7 +47,7 @@ def test_greedy_reaches_target_and_beats_uniform_block_error():
     h = m.tok_embeddings(idx).detach()
     site_q = torch.zeros(2, 4, len(LEVELS))
     acts = {}
-    hooks = [l.register_forward_pre_hook(lambda mod, a, k=k: acts.__setitem__(k, mod.activations(a[0]))) for k, l in
+    hooks = [l.register_forward_pre_hook(lambda mod, a, k=k: acts.__setitem__(k, a[0])) for k, l in
              enumerate([m.layers[0].attention.wqkv, m.layers[0].attention.wo, m.layers[0].feed_forward.w13, m.layers[0].feed_forward.w2])]
     with torch.no_grad():
         dense_out = m.layers[0](h, torch.arange(64), m.freqs_cis[:64], m.causal_mask[None, None, :64])

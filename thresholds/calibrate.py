@@ -113,7 +113,7 @@ def collect_statistics(model, batch: torch.Tensor, greedy_seqs: int, greedy_len:
         norms = column_norms(layer)
 
         def hook(module, args):
-            x = module.activations(args[0]).reshape(-1, layer.in_features).abs().float()
+            x = args[0].reshape(-1, layer.in_features).abs().float()
             site_q[i, PATH_SITE[path]] = quantile_table(x, generator=gen)
             for g, proj in enumerate(LAYER_GROUPS[path]):
                 score_q[i, PROJECTIONS.index(proj)] = quantile_table(x * norms[g], generator=gen)
@@ -291,7 +291,7 @@ def held_calibration(model, batch: torch.Tensor, tf: ThresholdFile, mode: str, t
         norms = column_norms(layer) if layer.per_channel else None
 
         def pre(module, args):
-            x = module.activations(args[0]).reshape(-1, layer.in_features).abs().float()
+            x = args[0].reshape(-1, layer.in_features).abs().float()
             for g, proj in enumerate(LAYER_GROUPS[path]):
                 p = PROJECTIONS.index(proj)
                 level = float(levels[i, p])
