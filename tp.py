@@ -73,8 +73,36 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
         layer.out_features, layer.in_features = new.shape
 
 
+ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL
+_one_shot_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """Sum of x over the ranks. On an NCCL group, inputs up to ONE_SHOT_MAX_BYTES take a one-shot all-reduce: one
+    kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly over NVLink (no
+    multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the eager prefill;
+    a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA graphs see a
+    module buffer at a fixed address (any other tensor input they copy into their own memory, which is not symmetric)."""
+    if not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
+            and dist.get_backend() == "nccl":
+        key = (x.device, x.dtype)
+        if key not in _one_shot_buffers:
+            from torch.distributed import _symmetric_memory as symm_mem
+            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
+            buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // x.element_size(), dtype=x.dtype, device=x.device)
+            symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+            _one_shot_buffers[key] = buf
+        owner.register_buffer("one_shot_buffer", _one_shot_buffers[key], persistent=False)
+    buf = getattr(owner, "one_shot_buffer", None)
+    if buf is not None and buf.dtype == x.dtype and x.numel() <= buf.numel():
+        x = x.contiguous()
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view_as(x), x, "sum",
+                                                           dist.group.WORLD.group_name)
+    return funcol.all_reduce(x, "sum", list(range(dist.get_world_size())))
+
+
 def _all_reduce_output(module, inputs, output):
-    return funcol.all_reduce(output, "sum", list(range(dist.get_world_size())))
+    return all_reduce(output, module)
 
 
 def _drop_residual(module, args, kwargs):
