@@ -4,7 +4,8 @@ q/k/v and gate/up are split by output channels (each projection's rows split on 
 keeps whole heads); o and down are split by input channels, followed by one all-reduce each (the block's
 residual, which those projections add, is added on rank 0 only). Sparse layers shard like dense ones:
 column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
-input slice with the matching slice of per-channel thresholds.
+input slice with the matching slice of per-channel thresholds. On NCCL groups the decode step's all-reduces are
+one-shot all-reduces over symmetric memory (all_reduce below).
 """
 import datetime
 import gc
@@ -83,21 +84,21 @@ def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the eager prefill;
     a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA graphs see a
     module buffer at a fixed address (any other tensor input they copy into their own memory, which is not symmetric)."""
+    group = dist.group.WORLD.group_name
     if not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
             and dist.get_backend() == "nccl":
         key = (x.device, x.dtype)
         if key not in _one_shot_buffers:
             from torch.distributed import _symmetric_memory as symm_mem
-            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
+            symm_mem.enable_symm_mem_for_group(group)
             buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // x.element_size(), dtype=x.dtype, device=x.device)
-            symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+            symm_mem.rendezvous(buf, group)
             _one_shot_buffers[key] = buf
         owner.register_buffer("one_shot_buffer", _one_shot_buffers[key], persistent=False)
     buf = getattr(owner, "one_shot_buffer", None)
     if buf is not None and buf.dtype == x.dtype and x.numel() <= buf.numel():
         x = x.contiguous()
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view_as(x), x, "sum",
-                                                           dist.group.WORLD.group_name)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view_as(x), x, "sum", group)
     return funcol.all_reduce(x, "sum", list(range(dist.get_world_size())))
 
 
