@@ -22,6 +22,10 @@ Two ways to skip rows, one kernel (COMPACT):
   pipelined (three stages) so several tiles are in flight per program; best up to about 65% sparsity.
 - compact: first list the kept rows of the program's K range, then load only those. Every tile is
   full of useful bytes and the loop is (1 - s) as long, which wins at 80% and above on large matrices.
+
+Above about 50% sparsity the one-token loop is bound by instruction issue, not bytes, so two flags trim it where
+the shape allows: PAIRED reads bf16 weights as int32 pairs and widens each half to fp32 with one integer op (a
+shift or a mask) instead of a conversion; EVEN_N drops the column mask when every group is a whole number of strips.
 """
 import functools
 import os
@@ -43,7 +47,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+                        COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+                        PAIRED: tl.constexpr, EVEN_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -54,7 +59,10 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     g_end = tl.where(g == 0, N0, tl.where(g == 1, N0 + N1, N))
     strip = pid_n - tl.where(g == 0, 0, tl.where(g == 1, s0, s0 + s1))
     offs_n = g_start + strip * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < g_end
+    if EVEN_N:
+        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        n_mask = offs_n < g_end
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
 
@@ -67,7 +75,17 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         thr = tl.load(thr_ptr + g)  # thresholds are no kernel's output: read while the previous kernel drains
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete
-    if BLOCK_T == 1:
+    if PAIRED:
+        # Column pairs (2j, 2j+1) as one int32: acc2 sums the even columns (low halves), acc_hi the odd ones.
+        w_pairs = w_ptr.to(tl.pointer_type(tl.int32))
+        offs_p = (g_start + strip * BLOCK_N) // 2 + tl.arange(0, BLOCK_N // 2)
+        if EVEN_N:
+            p_mask = tl.full((BLOCK_N // 2,), 1, tl.int1)
+        else:
+            p_mask = offs_p < g_end // 2
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
+    elif BLOCK_T == 1:
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -98,11 +116,18 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             offs_j = j + tl.arange(0, BLOCK_K)
             valid = offs_j < count
             rows = tl.load(slots + offs_j, mask=valid, other=0)
-            w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
-            if BLOCK_T == 1:
+            if PAIRED:
+                w = tl.load(w_pairs + rows[:, None] * (N // 2) + offs_p[None, :], mask=valid[:, None] & p_mask[None, :], other=0)
+                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+                w_lo, w_hi = _widen_bf16_pairs(w)
+                acc2 += xv * w_lo
+                acc_hi += xv * w_hi
+            elif BLOCK_T == 1:
+                w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
                 acc2 += xv[:, None] * w.to(tl.float32)
             else:
+                w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
                              mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
                 if PER_CHANNEL:
@@ -123,8 +148,15 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             if BLOCK_T == 1:
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 keep = tl.abs(x) > thr
-                w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-                acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+                if PAIRED:
+                    w = tl.load(w_pairs + offs_k[:, None] * (N // 2) + offs_p[None, :], mask=keep[:, None] & p_mask[None, :], other=0)
+                    xs = tl.where(keep, x, 0.0)[:, None]
+                    w_lo, w_hi = _widen_bf16_pairs(w)
+                    acc2 += xs * w_lo
+                    acc_hi += xs * w_hi
+                else:
+                    w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
+                    acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
             else:
                 # Several tokens: a weight row is skipped only when every token's activation is under threshold.
                 x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
@@ -143,7 +175,10 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     acc = tl.dot(x.to(w.dtype), w, acc)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
-    if BLOCK_T == 1:
+    if PAIRED:
+        # Reduce over K once, at the end, and interleave the even and odd columns back into order.
+        acc = tl.reshape(tl.join(tl.sum(acc2, axis=0), tl.sum(acc_hi, axis=0)), (BLOCK_N,))[None, :]
+    elif BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
 
@@ -169,13 +204,23 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
 
 
+@triton.jit
+def _widen_bf16_pairs(w):
+    """int32 words holding two bf16 values -> (low, high) as fp32. A bf16 is the top half of its fp32, so widening
+    is a shift (low half) or a mask (high half): one integer op per element, where a conversion takes 1.5."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
 def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
     """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
     (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
     (deeper pipelines and tensor-core products did not help); kept-row lists want 128 x 64 tiles at about
     1.5-2 programs per SM; predicated loads want 64 x 128 tiles at about 3.4 programs per SM where N is
     wide enough to give each SM 1.4 strips of 64 (14336x4096: 44 us at 0% and 27 us at 50%, against 56 and 30
-    for 32 x 256), and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that. Autotuning was dropped
+    for 32 x 256), and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that, except where the strips
+    alone give every SM one program and K is short: there the split's reduction costs more than a second
+    program per SM gains (4096x4096: 14.5/10.6/8.9 us at 0/50/80% unsplit against 17.2/11.0/9.8 split in two,
+    gemv-ab-pairs-*.json; 4096x14336 still wants the split). Autotuning was dropped
     because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
     because the best config depends on the sparsity, which is data the tuning key cannot see."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
@@ -186,8 +231,9 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
     else:
         bn, bk, target = 32, 256, 1.4 * sms
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)
+    one_short_wave = not (compact or wide) and 0.9 * sms <= strips <= sms and k <= 4096
     split = 1
-    while strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
+    while not one_short_wave and strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
         split *= 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
@@ -252,11 +298,18 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     res = residual if residual is not None else y  # unread without RESIDUAL
     args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
     flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
-             "DOT_FP32": fp32_products(x.dtype),
-             "USE_PDL": use_pdl}
+             "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
+             "PAIRED": block_t == 1 and paired_bf16_loads(weight_t, split_sizes),
+             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes)}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y
+
+
+def paired_bf16_loads(weight_t: torch.Tensor, split_sizes) -> bool:
+    """Whether one-token launches read this weight as int32 pairs of bf16 (PAIRED): every group must start on an
+    even column and the weight on a 4-byte boundary, so no pair straddles two groups or an alignment."""
+    return weight_t.dtype == torch.bfloat16 and all(s % 2 == 0 for s in split_sizes) and weight_t.data_ptr() % 4 == 0
 
 
 def fp32_products(dtype: torch.dtype) -> bool:

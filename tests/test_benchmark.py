@@ -1,6 +1,13 @@
-"""The benchmarks' own bookkeeping: kernel classification of the decode profile and the Nsight Compute parser."""
+"""The benchmarks' own bookkeeping: kernel classification of the decode profile, the Nsight Compute parser, the
+revisions and configs of the kernel A/B, and the split rule its measurements set."""
+from pathlib import Path
+
+import pytest
+
+from benchmark import ab_gemv
 from benchmark.bench_decode import category
 from benchmark.profile_gemv import parse
+from sparse_gemv.kernels import pick_config
 
 
 def test_decode_profile_categories():
@@ -32,3 +39,27 @@ def test_ncu_csv_parser_keeps_the_last_launch_of_each_case():
     assert out["a s=0"]["metrics"]["GPU Speed Of Light Throughput/Duration [ns]"] == 51000.0
     assert out["a s=0.5"]["metrics"]["GPU Speed Of Light Throughput/Duration [ns]"] == 31000.0
     assert out["a cublas s=0.00 nvjet_gemv"]["metrics"]["Occupancy/Achieved Occupancy [%]"] == 12.5
+
+
+def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
+    module = ab_gemv.load_kernels("a", Path("sparse_gemv/kernels.py"))
+    k, groups, sms = 14336, [4096], 132
+    cfgs = ab_gemv.configs(module, k, groups, sms)
+    assert cfgs[:2] == [(module.pick_config(k, groups, False, sms), True), (module.pick_config(k, groups, True, sms), True)]
+    alternatives = [c for c, picked in cfgs[2:]]
+    assert alternatives and not any(picked for _, picked in cfgs[2:]) and not any(c["COMPACT"] for c in alternatives)
+    assert all(k // c["SPLIT_K"] >= c["BLOCK_K"] and 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * sms for c in alternatives)
+    with pytest.raises(SystemExit, match="two or more"):
+        ab_gemv.main(["a=sparse_gemv/kernels.py"])
+    with pytest.raises(SystemExit, match="two or more"):
+        ab_gemv.main(["a=sparse_gemv/kernels.py", "b=no/such/kernels.py"])
+
+
+def test_k_split_rule_from_the_ab_measurements():
+    # gemv-ab-pairs-*.json (H100, 132 SMs): 4096x4096 is faster unsplit at every sparsity; 4096x14336 (one program
+    # per SM too, but long K) and the 70B TP4 q/k/v (80 strips) still want their splits.
+    split = lambda k, groups: pick_config(k, groups, False, 132)["SPLIT_K"]
+    assert split(4096, [4096]) == 1
+    assert split(14336, [4096]) == 2
+    assert split(8192, [2048, 256, 256]) == 4
+    assert split(4096, [14336]) == 2 and pick_config(4096, [14336], False, 132)["BLOCK_N"] == 64

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv.kernels import paired_bf16_loads
 
 # Relative Frobenius error: fp32 accumulation; bf16 inputs round to 8 bits, fp16 to 11.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -65,6 +66,23 @@ def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant)
     y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant])
     assert torch.allclose(y[:, :64].double(), x.double() @ w[:, :64].double(), rtol=TOL[dtype], atol=TOL[dtype] * 10)
     assert torch.equal(y[:, 64:], torch.zeros_like(y[:, 64:]))
+
+
+def test_bf16_pairs_widen_exactly_as_the_conversion():
+    # One bf16 token reads a 4-byte aligned weight as int32 pairs, widened by a shift and a mask; the same weight
+    # one element off that alignment takes the plain conversion. Same products in the same order: equal bits.
+    k, groups = 200, [64, 30, 34]
+    x, w, _ = random_problem(11, 1, k, groups, torch.bfloat16)
+    misaligned = torch.empty(k * sum(groups) + 1, dtype=torch.bfloat16)[1:].view(k, sum(groups))
+    misaligned.copy_(w)
+    assert paired_bf16_loads(w, groups) and not paired_bf16_loads(misaligned, groups)
+    assert not paired_bf16_loads(w, [63, 31, 34]) and not paired_bf16_loads(w.half(), groups)
+    thr = torch.tensor([0.3, 0.6, 0.9])
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    for config in VARIANTS:
+        y = poisoned_run(x, w, thr, groups, config)
+        assert torch.equal(y, poisoned_run(x, misaligned, thr, groups, config))
+        assert rel_err(y, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
