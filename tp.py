@@ -5,7 +5,7 @@ keeps whole heads); o and down are split by input channels, followed by one all-
 residual, which those projections add, is added on rank 0 only). Sparse layers shard like dense ones:
 column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
 input slice with the matching slice of per-channel thresholds. On NCCL groups the decode step's all-reduces are
-one-shot all-reduces over symmetric memory (all_reduce below).
+one-shot all-reduces over symmetric memory (all_reduce below) unless set_one_shot(False) sends them through NCCL.
 """
 import datetime
 import gc
@@ -75,17 +75,27 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
 
 
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL
+# Off: every all-reduce through NCCL. On TP2 H200 runs one-shot made 50% sparse decode 75.2 against 67.1 tok/s but
+# dense 44.1 against 47.8 (tp-llama-3-70b-{diag-oneshot,nccl}-*.json: inductor's dense kernels that feed the
+# all-reduce run slower ahead of the one-shot op), so a dense run may prefer NCCL.
+ONE_SHOT = True
 _one_shot_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+def set_one_shot(on: bool) -> None:
+    """Choose between one-shot (True) and NCCL (False) decode all-reduces; before the model's first all-reduce."""
+    global ONE_SHOT
+    ONE_SHOT = on
+
+
 def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """Sum of x over the ranks. On an NCCL group, inputs up to ONE_SHOT_MAX_BYTES take a one-shot all-reduce: one
-    kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly over NVLink (no
-    multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the eager prefill;
+    """Sum of x over the ranks. On an NCCL group with ONE_SHOT on, inputs up to ONE_SHOT_MAX_BYTES take a one-shot
+    all-reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly over
+    NVLink (no multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the eager prefill;
     a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA graphs see a
     module buffer at a fixed address (any other tensor input they copy into their own memory, which is not symmetric)."""
     group = dist.group.WORLD.group_name
-    if not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
+    if ONE_SHOT and not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
             and dist.get_backend() == "nccl":
         key = (x.device, x.dtype)
         if key not in _one_shot_buffers:

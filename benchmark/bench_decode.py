@@ -29,7 +29,7 @@ from generate import decode_one_token, generate, measure_realized_sparsity, pref
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
-from tp import all_reduce, apply_tp, maybe_init_dist, shutdown_dist
+from tp import all_reduce, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 
@@ -156,7 +156,7 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
 
 def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     """One decode all-reduce ([1, 1, dim]) as the model runs it (tp.all_reduce: one-shot over symmetric memory on
-    NCCL groups), captured in a CUDA graph: median per call."""
+    NCCL groups unless switched off), captured in a CUDA graph: median per call."""
     x = torch.randn(1, 1, dim, dtype=dtype, device="cuda")
     from torch.distributed import _functional_collectives as funcol
     # its sum against NCCL's (the same bf16 inputs; the two may add in another order)
@@ -198,10 +198,13 @@ def main(argv=None):
                    help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
     p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
                    help="inductor's coordinate-descent tuning of its own kernels (GPT-Fast's setting)")
+    p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="tensor parallel: one-shot all-reduces over symmetric memory (else NCCL's)")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
     set_pdl(a.pdl)
+    set_one_shot(a.one_shot_allreduce)
     torch._inductor.config.coordinate_descent_tuning = a.coordinate_descent
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
@@ -285,6 +288,7 @@ def main(argv=None):
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
               "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "pdl": a.pdl,
               "coordinate_descent": a.coordinate_descent, "tp": world,
+              "allreduce": ("one-shot" if a.one_shot_allreduce else "nccl") if rank is not None else None,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
