@@ -202,15 +202,15 @@ def main(argv=None):
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
-    p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=True,
-                   help="tensor parallel: decode all-reduces as one-shot all-reduces over symmetric memory "
-                        "(faster sparse decode) instead of NCCL's")
+    p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
+                   help="tensor parallel: decode all-reduces as one-shot all-reduces over symmetric memory instead "
+                        "of NCCL's; default: on for sparse decoding, off for dense (each one's faster choice)")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
     set_pdl(a.pdl)
 
     from tp import maybe_init_dist, set_one_shot, shutdown_dist
-    set_one_shot(a.one_shot_allreduce)
+    set_one_shot(a.one_shot_allreduce if a.one_shot_allreduce is not None else a.sparsity > 0)
     rank = maybe_init_dist()
     run(a, rank)
     if rank is not None:  # on an error, leave as before: torchrun ends the other ranks

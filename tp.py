@@ -77,7 +77,7 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL
 # Off: every all-reduce through NCCL. On TP2 H200 runs one-shot made 50% sparse decode 75.2 against 67.1 tok/s but
 # dense 44.1 against 47.8 (tp-llama-3-70b-{diag-oneshot,nccl}-*.json: inductor's dense kernels that feed the
-# all-reduce run slower ahead of the one-shot op), so a dense run may prefer NCCL.
+# all-reduce run slower ahead of the one-shot op), so generate.py and bench_decode.py turn it off for dense decoding.
 ONE_SHOT = True
 _one_shot_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 

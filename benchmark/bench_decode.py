@@ -163,15 +163,19 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     nccl = funcol.all_reduce(x, "sum", list(range(dist.get_world_size()))).wait()
     owner = torch.nn.Module()  # holds the symmetric buffer, as the model's attention and MLP modules do
     torch.testing.assert_close(all_reduce(x, owner), nccl, rtol=1e-2, atol=1e-2)
-    for _ in range(3):
-        all_reduce(x, owner)
+    def calls(count):
+        for _ in range(count):
+            y = all_reduce(x, owner)
+        if isinstance(y, funcol.AsyncCollectiveTensor):  # NCCL's result: wait on the last, so the capture ends with it
+            funcol.wait_tensor(y)
+
+    calls(3)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         with torch.cuda.graph(g):
-            for _ in range(n):
-                all_reduce(x, owner)
+            calls(n)
     times = []
     for _ in range(10):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -198,13 +202,14 @@ def main(argv=None):
                    help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
     p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
                    help="inductor's coordinate-descent tuning of its own kernels (GPT-Fast's setting)")
-    p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=True,
-                   help="tensor parallel: one-shot all-reduces over symmetric memory (else NCCL's)")
+    p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
+                   help="tensor parallel: one-shot all-reduces over symmetric memory (else NCCL's); default: "
+                        "NCCL for the dense model, one-shot for the sparse one, each one's faster choice")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
     set_pdl(a.pdl)
-    set_one_shot(a.one_shot_allreduce)
+    one_shot = {"dense": bool(a.one_shot_allreduce), "sparse": a.one_shot_allreduce is not False}
     torch._inductor.config.coordinate_descent_tuning = a.coordinate_descent
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
@@ -229,6 +234,7 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(0)
     rows = []
+    set_one_shot(one_shot["dense"])
     model, _ = build(sparse=False)
     prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
     sizes = weight_bytes(model)
@@ -244,6 +250,7 @@ def main(argv=None):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
+    set_one_shot(one_shot["sparse"])
     model, tf = build(sparse=True)
     sizes = weight_bytes(model)  # of the sparse model: "sparse" counts the bytes its kernels may skip
     table = None if tf else calibrate_on_random_prefill(model, a.sparsities)
@@ -272,12 +279,17 @@ def main(argv=None):
                   f"{tok_s / rows[0]['tok_s']:.2f}x dense", flush=True)
             print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
     recompiles = counters["stats"]["unique_graphs"] - frames_before
-    ar = allreduce_us(model.config.dim, dtype) if rank is not None else 0.0
+    ar = {}  # microseconds per all-reduce, for each kind the run used
+    if rank is not None:
+        for on in sorted(set(one_shot.values())):
+            set_one_shot(on)
+            ar["one-shot" if on else "nccl"] = allreduce_us(model.config.dim, dtype)
     for r in rows:
         r["speedup_vs_dense"] = r["tok_s"] / rows[0]["tok_s"]
         if rank is not None:
             r["tp"] = world
-            r["allreduce_share"] = 2 * model.config.n_layer * ar * 1e-6 * r["tok_s"]
+            r["allreduce"] = "one-shot" if one_shot["dense" if r["mode"] == "dense" else "sparse"] else "nccl"
+            r["allreduce_share"] = 2 * model.config.n_layer * ar[r["allreduce"]] * 1e-6 * r["tok_s"]
     del model, sparse_fn
     shutdown_dist()
     if rank not in (None, 0):
@@ -288,7 +300,6 @@ def main(argv=None):
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
               "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "pdl": a.pdl,
               "coordinate_descent": a.coordinate_descent, "tp": world,
-              "allreduce": ("one-shot" if a.one_shot_allreduce else "nccl") if rank is not None else None,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
