@@ -90,10 +90,11 @@ def set_one_shot(on: bool) -> None:
 
 def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """Sum of x over the ranks. On an NCCL group with ONE_SHOT on, inputs up to ONE_SHOT_MAX_BYTES take a one-shot
-    all-reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly over
-    NVLink (no multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the eager prefill;
-    a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA graphs see a
-    module buffer at a fixed address (any other tensor input they copy into their own memory, which is not symmetric)."""
+    all-reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly
+    over NVLink (no multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the
+    eager prefill; a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA
+    graphs see a module buffer at a fixed address (any other tensor input they copy into their own memory, which is
+    not symmetric)."""
     group = dist.group.WORLD.group_name
     if ONE_SHOT and not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
             and dist.get_backend() == "nccl":
@@ -105,7 +106,7 @@ def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
             symm_mem.rendezvous(buf, group)
             _one_shot_buffers[key] = buf
         owner.register_buffer("one_shot_buffer", _one_shot_buffers[key], persistent=False)
-    buf = getattr(owner, "one_shot_buffer", None)
+    buf = getattr(owner, "one_shot_buffer", None) if ONE_SHOT else None
     if buf is not None and buf.dtype == x.dtype and x.numel() <= buf.numel():
         x = x.contiguous()
         return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view_as(x), x, "sum", group)

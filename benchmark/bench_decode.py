@@ -163,6 +163,7 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     nccl = funcol.all_reduce(x, "sum", list(range(dist.get_world_size()))).wait()
     owner = torch.nn.Module()  # holds the symmetric buffer, as the model's attention and MLP modules do
     torch.testing.assert_close(all_reduce(x, owner), nccl, rtol=1e-2, atol=1e-2)
+
     def calls(count):
         for _ in range(count):
             y = all_reduce(x, owner)

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import tp
 from sparse import set_thresholds, sparsify
 from tests.test_sparse import tiny_model
 from tp import apply_tp, shutdown_dist
@@ -72,3 +73,21 @@ def test_failing_rank_raises_instead_of_hanging():
 def test_tp_size_must_divide_heads():
     with pytest.raises(ValueError, match="does not divide"):
         apply_tp(tiny_model(), rank=0, world=3)
+
+
+def test_nccl_switch_bypasses_a_registered_one_shot_buffer(tmp_path):
+    # With the switch off, all_reduce takes funcol even on a module that already holds a one-shot buffer; here a plain
+    # CPU tensor stands in for that buffer, so the one-shot path (switch on) fails in the symm_mem op instead.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        owner = torch.nn.Module()
+        owner.register_buffer("one_shot_buffer", torch.zeros(64), persistent=False)
+        x = torch.randn(1, 1, 8)
+        tp.set_one_shot(False)
+        assert torch.equal(tp.all_reduce(x, owner), x)  # one rank: the sum is x itself
+        tp.set_one_shot(True)
+        with pytest.raises(NotImplementedError, match="one_shot_all_reduce_copy"):  # no CPU kernel for that op
+            tp.all_reduce(x, owner)
+    finally:
+        tp.set_one_shot(True)
+        dist.destroy_process_group()
