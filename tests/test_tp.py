@@ -6,10 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import tp
 from sparse import set_thresholds, sparsify
 from tests.test_sparse import tiny_model
-from tp import apply_tp, shutdown_dist
+from tp import all_reduce, apply_tp, set_one_shot, shutdown_dist
 
 
 def make_sparse(m, per_channel: bool):
@@ -83,11 +82,11 @@ def test_nccl_switch_bypasses_a_registered_one_shot_buffer(tmp_path):
         owner = torch.nn.Module()
         owner.register_buffer("one_shot_buffer", torch.zeros(64), persistent=False)
         x = torch.randn(1, 1, 8)
-        tp.set_one_shot(False)
-        assert torch.equal(tp.all_reduce(x, owner), x)  # one rank: the sum is x itself
-        tp.set_one_shot(True)
+        set_one_shot(False)
+        assert torch.equal(all_reduce(x, owner), x)  # one rank: the sum is x itself
+        set_one_shot(True)
         with pytest.raises(NotImplementedError, match="one_shot_all_reduce_copy"):  # no CPU kernel for that op
-            tp.all_reduce(x, owner)
+            all_reduce(x, owner)
     finally:
-        tp.set_one_shot(True)
+        set_one_shot(True)
         dist.destroy_process_group()
