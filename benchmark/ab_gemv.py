@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmark.bench_gemv import check_result, graph_time_us, rotating_copies, shapes, threshold_for
+from benchmark.bench_gemv import check_result, graph_time_us, rotating_copies, shape_panels, shapes, threshold_for
 from sparse_gemv import sparse_gemv_reference
 
 OTHER_CONFIGS = [(bn, bk, split) for bn, bk in ((32, 256), (64, 128)) for split in (1, 2, 4)]
@@ -72,26 +72,15 @@ def bench(name, k, groups, dtype, modules, sparsities, l2, sms) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(r["shape"] for r in result["rows"]))
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(names) / cols)),
-                             squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    def draw(ax, name):
         for label in result["kernels"]:
             rows = [r for r in result["rows"] if r["shape"] == name and r["kernels"] == label and r["picked"] and not r["COMPACT"]]
             ax.plot([r["sparsity"] for r in rows], [r["us"] for r in rows], "o-", label=label)
         ax.set_title(f"{name} (N={rows[0]['N']}, K={rows[0]['K']})", fontsize=9)
-        ax.set_xlabel("sparsity")
         ax.set_ylabel("us at pick_config")
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"sparse GEMV revisions, one token, {result['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    names = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    shape_panels(names, draw, f"sparse GEMV revisions, one token, {result['device']}", path)
 
 
 def main(argv=None):

@@ -165,15 +165,29 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
     return rows
 
 
-def plot(result: dict, path: Path) -> None:
+def shape_panels(names, draw, title: str, path: Path) -> None:
+    """A PNG with one panel per shape, four to a row: draw(ax, name) fills each panel against sparsity."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    cols, rows = 4, math.ceil(len(names) / 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        draw(ax, name)
+        ax.set_xlabel("sparsity")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot(result: dict, path: Path) -> None:
     names = sorted({r["shape"] for r in result["rows"]}, key=[s[0] for s in shapes()].index)
     dtypes = sorted({r["dtype"] for r in result["rows"]})
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(names) / cols)))
-    for ax, name in zip(axes.flat, names):
+
+    def draw(ax, name):
         for dt in dtypes:
             rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dt]
             ax.plot([r["sparsity"] for r in rows], [r["sparse_us"] for r in rows], "o-", label=f"predicated {dt}")
@@ -185,14 +199,9 @@ def plot(result: dict, path: Path) -> None:
         ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * 2 / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
         ax.plot(s, ideal, color="green", ls="-.", label="(1-s) bytes / copy BW")
         ax.set_title(f"{name} (N={rows[0]['N']}, K={rows[0]['K']})", fontsize=9)
-        ax.set_xlabel("sparsity")
         ax.set_ylabel("us")
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"sparse GEMV, one token, {result['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    shape_panels(names, draw, f"sparse GEMV, one token, {result['device']}", path)
 
 
 def main(argv=None):
