@@ -160,11 +160,10 @@ def resolve_device(name: str) -> str:
 
 
 def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None,
-                      kernel: str = "auto", fold: bool = True):
+                      kernel: str = "auto"):
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
-    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity).
-    fold: run the blocks' RMSNorms inside the q/k/v and gate/up kernels (sparse.fold_norms)."""
-    from sparse import fold_norms, sparsify
+    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity)."""
+    from sparse import sparsify
     check_sparsity(sparsity)
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
@@ -176,8 +175,6 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     tf = ThresholdFile.load(path, model.config)
     compact = kernel == "compact" or (kernel == "auto" and sparsity >= COMPACT_FROM)
     sparsify(model, per_channel=(mode == "weight-aware"), compact=compact)
-    if fold:
-        fold_norms(model)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 

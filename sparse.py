@@ -7,14 +7,12 @@ multiplies densely by the same storage. Thresholds are data: `set_thresholds` co
 the buffers, so a compiled model picks up a new sparsity without recompiling.
 
 The block's residual adds go into o and down (model.Linear takes the residual), whose kernel adds them in
-its epilogue: a decode step launches no separate add kernels. `fold_norms(model)` then moves each block's two
-RMSNorms into the layers they feed (q/k/v and gate/up), whose kernel applies them: no separate norm kernels either.
+its epilogue: a decode step launches no separate add kernels.
 """
 import torch
 import torch.nn as nn
 
-from model import RMSNorm
-from sparse_gemv import rms_norm  # importing sparse_gemv registers torch.ops.teal.sparse_gemv
+import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
 from sparse_gemv.kernels import reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -41,8 +39,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
         self.mask_prefill = False
-        self.register_buffer("norm_weight", None, persistent=False)  # set by fold_norm: the RMSNorm in front
-        self.norm_eps = 0.0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False) -> "SparseLinear":
@@ -57,28 +53,19 @@ class SparseLinear(nn.Module):
     def per_channel(self) -> bool:
         return self.thresholds.dim() == 2
 
-    def fold_norm(self, norm: RMSNorm) -> None:
-        """Take over the RMSNorm that feeds this layer: forward then expects the norm's input."""
-        self.norm_weight = norm.weight.detach().float().contiguous()
-        self.norm_eps = norm.eps
-
-    def thresholded_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The activations the thresholds apply to: x, or RMSNorm(x) when the layer has folded its norm in."""
-        return x if self.norm_weight is None else rms_norm(x, self.norm_weight, self.norm_eps)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual (as model.Linear takes it): added to the output, in the kernel's epilogue at decode."""
         if x.shape[-2] == 1 or self.mask_prefill:
             res = None if residual is None else residual.reshape(-1, self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, res, self.norm_weight, self.norm_eps)
+                                           self.split_sizes, self.compact, res)
             return y.view(*x.shape[:-1], self.out_features)
-        y = self.thresholded_input(x) @ self.weight_t
+        y = x @ self.weight_t
         return y if residual is None else residual + y
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, norm={self.norm_weight is not None}")
+                f"per_channel={self.per_channel}, compact={self.compact}")
 
 
 def sparse_layers(model: nn.Module):
@@ -106,22 +93,6 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False)
                     raise ValueError("model is already sparse with another threshold kind; sparsify a fresh model")
                 continue
             setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, compact))
-    return model
-
-
-def fold_norms(model: nn.Module) -> nn.Module:
-    """Move each block's attention and MLP RMSNorm into the sparse q/k/v and gate/up layers after them (call after
-    sparsify). Hooks on those layers then see the un-normed activations and should go through
-    SparseLinear.thresholded_input, as SparsityMeter does."""
-    for block in model.layers:
-        for norm_name, layer in (("attention_norm", block.attention.wqkv), ("ffn_norm", block.feed_forward.w13)):
-            norm = getattr(block, norm_name)
-            if isinstance(norm, nn.Identity):
-                continue
-            if not isinstance(layer, SparseLinear):
-                raise ValueError("fold_norms needs a sparse model: call sparsify(model) first")
-            layer.fold_norm(norm)
-            setattr(block, norm_name, nn.Identity())
     return model
 
 
@@ -173,7 +144,7 @@ class SparsityMeter:
             x = args[0]
             if x.shape[-2] != 1 and not module.mask_prefill:
                 return
-            x = module.thresholded_input(x).reshape(-1, x.shape[-1]).abs().float()
+            x = x.reshape(-1, x.shape[-1]).abs().float()
             for g, proj in enumerate(LAYER_GROUPS[path]):
                 masked = (x <= module.thresholds[g]).sum().item()
                 c = self.masked.setdefault((i, proj), [0, 0])

@@ -27,7 +27,7 @@ import triton
 
 from generate import decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
 from model import random_model
-from sparse import LAYER_GROUPS, fold_norms, sparse_layers, sparsify
+from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
 from tp import all_reduce, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
@@ -46,7 +46,7 @@ def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: in
 
     def hook(i, path, layer):
         def pre(module, args):
-            x = layer.thresholded_input(args[0]).reshape(-1, layer.in_features).float().abs()
+            x = args[0].reshape(-1, layer.in_features).float().abs()
             if tp and path in ("attention.wo", "feed_forward.w2"):
                 parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
                 dist.all_gather(parts, x.contiguous())
@@ -201,8 +201,6 @@ def main(argv=None):
     p.add_argument("--sparse_kernel", default="predicated", choices=["predicated", "compact"])
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
-    p.add_argument("--fold_norms", action=argparse.BooleanOptionalAction, default=True,
-                   help="the blocks' RMSNorms run inside the sparse q/k/v and gate/up kernels (else as kernels of their own)")
     p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
                    help="inductor's coordinate-descent tuning of its own kernels (GPT-Fast's setting)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
@@ -227,16 +225,13 @@ def main(argv=None):
         if a.checkpoint_path:
             from generate import load_sparse_model
             m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None,
-                                      a.sparse_kernel, a.fold_norms)
+                                      a.sparse_kernel)
             if rank is not None:
                 apply_tp(m)
             return m, tf
         shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
-        if not sparse:
-            return m, None
-        m = sparsify(m, compact=a.sparse_kernel == "compact")
-        return (fold_norms(m) if a.fold_norms else m), None
+        return (sparsify(m, compact=a.sparse_kernel == "compact") if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -305,7 +300,6 @@ def main(argv=None):
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
               "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "pdl": a.pdl,
-              "fold_norms": a.fold_norms,
               "coordinate_descent": a.coordinate_descent, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),

@@ -15,10 +15,7 @@ previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
 With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), so a decode step has no
-separate add kernels. With NORM, the RMSNorm in front of the layer (q/k/v, gate/up) runs in the kernel: every program
-first sums the squares of the whole (L2-resident) input row; the loop then multiplies each activation by the norm
-weight only, compares it with the threshold times rms (a scalar per token), and the epilogue multiplies the sums by
-1/rms. That is one load and one multiply per activation in the loop, so the step needs no separate norm kernels.
+separate add kernels.
 
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
@@ -45,10 +42,9 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr, norm_ptr,
-                        T, K, N, N0, N1, stride_xt, stride_yt, eps,
-                        RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                        PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr,
+                        T, K, N, N0, N1, stride_xt, stride_yt,
+                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
@@ -79,19 +75,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         thr = tl.load(thr_ptr + g)  # thresholds are no kernel's output: read while the previous kernel drains
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete
-    if NORM:
-        # 1/rms of each token's whole input row, which every threshold test needs; one load where K allows, since
-        # this round trip delays every weight load behind it.
-        sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for c0 in range(0, K, NORM_BLOCK):
-            offs_c = c0 + tl.arange(0, NORM_BLOCK)
-            xc = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :],
-                         mask=t_mask[:, None] & (offs_c < K)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(xc * xc, axis=1)
-        rstd = tl.math.rsqrt(sq / K + eps)  # [BLOCK_T]
-        rms = 1.0 / rstd
-        if BLOCK_T == 1 and not PER_CHANNEL:
-            thr = thr * tl.sum(rms, axis=0)  # |x * w| > thr * rms is |RMSNorm(x)| > thr, with 1/rms left to the end
     if PAIRED:
         # Column pairs (2j, 2j+1) as one int32: acc2 sums the even columns (low halves), acc_hi the odd ones.
         w_pairs = w_ptr.to(tl.pointer_type(tl.int32))
@@ -122,16 +105,9 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             else:
                 thr_c = thr
             keep = tl.zeros((COMPACT_CHUNK,), dtype=tl.int32)
-            if NORM:
-                norm_c = tl.load(norm_ptr + offs_c, mask=in_range, other=0.0)
             for t in range(T):
                 xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
-                thr_t = thr_c
-                if NORM:
-                    xt = xt * norm_c
-                    if BLOCK_T > 1 or PER_CHANNEL:  # (one token, per tensor: thr is scaled already)
-                        thr_t = thr_c * tl.sum(tl.where(offs_t == t, rms, 0.0), axis=0)
-                keep = keep | (tl.abs(xt) > thr_t).to(tl.int32)
+                keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
             pos = count + tl.cumsum(keep, 0) - 1
             tl.store(slots + pos, offs_c, mask=keep != 0)
             count += tl.sum(keep, 0)
@@ -142,31 +118,21 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             rows = tl.load(slots + offs_j, mask=valid, other=0)
             if PAIRED:
                 w = tl.load(w_pairs + rows[:, None] * (N // 2) + offs_p[None, :], mask=valid[:, None] & p_mask[None, :], other=0)
-                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-                if NORM:
-                    xv = xv * tl.load(norm_ptr + rows, mask=valid, other=0.0)
-                xv = xv[:, None]
+                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
                 w_lo, w_hi = _widen_bf16_pairs(w)
                 acc2 += xv * w_lo
                 acc_hi += xv * w_hi
             elif BLOCK_T == 1:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-                if NORM:
-                    xv = xv * tl.load(norm_ptr + rows, mask=valid, other=0.0)
                 acc2 += xv[:, None] * w.to(tl.float32)
             else:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
                              mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
                 if PER_CHANNEL:
-                    thr_tk = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
-                else:
-                    thr_tk = thr
-                if NORM:
-                    xv = xv * tl.load(norm_ptr + rows, mask=valid, other=0.0)[None, :]
-                    thr_tk = thr_tk * rms[:, None]
-                xv = tl.where(tl.abs(xv) > thr_tk, xv, 0.0)
+                    thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
+                xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
                 if DOT_FP32:
                     acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -181,10 +147,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
             if BLOCK_T == 1:
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    x = x * tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0)
-                    if PER_CHANNEL:
-                        thr = thr * tl.sum(rms, axis=0)
                 keep = tl.abs(x) > thr
                 if PAIRED:
                     w = tl.load(w_pairs + offs_k[:, None] * (N // 2) + offs_p[None, :], mask=keep[:, None] & p_mask[None, :], other=0)
@@ -199,16 +161,14 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 # Several tokens: a weight row is skipped only when every token's activation is under threshold.
                 x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                thr_tk = thr[None, :] if PER_CHANNEL else thr
-                if NORM:
-                    x = x * tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
-                    thr_tk = thr_tk * rms[:, None]
-                x = tl.where(tl.abs(x) > thr_tk, x, 0.0)
+                if PER_CHANNEL:
+                    x = tl.where(tl.abs(x) > thr[None, :], x, 0.0)
+                else:
+                    x = tl.where(tl.abs(x) > thr, x, 0.0)
                 keep = tl.max(tl.abs(x), axis=0) > 0
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                 # Tensor-core product in the weights' own dtype (x was bf16/fp16 before masking, so the cast
-                # back is exact, or rounds x * norm weight once, as the model rounds its norm's output) with fp32
-                # accumulation; fp32 inputs take the full-precision (ieee) path.
+                # back is exact) with fp32 accumulation; fp32 inputs take the full-precision (ieee) path.
                 if DOT_FP32:
                     acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -221,8 +181,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     elif BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
-    if NORM:
-        acc = acc * rstd[:, None]
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
@@ -307,13 +265,11 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                       norm_eps: float = 1e-5) -> torch.Tensor:
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once).
-    norm_weight: fp32 [K]: x is the input of an RMSNorm with this weight and norm_eps, applied in the kernel."""
+    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once)."""
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -340,12 +296,8 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
         raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
     res = residual if residual is not None else y  # unread without RESIDUAL
-    norm = norm_weight if norm_weight is not None else thresholds  # unread without NORM
-    args = (x, weight_t, thresholds, y, partials, counters, rows, res, norm, t, k, n, n0, n1, x.stride(0), y.stride(0),
-            norm_eps)
-    flags = {"RESIDUAL": residual is not None, "NORM": norm_weight is not None,
-             "NORM_BLOCK": min(triton.next_power_of_2(k), 8192 // block_t) if norm_weight is not None else 1,
-             "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+    args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PAIRED": block_t == 1 and paired_bf16_loads(weight_t, split_sizes),
              "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes)}

@@ -14,7 +14,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
-                 residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> None:
+                 residual: torch.Tensor | None = None) -> None:
     if x.dim() != 2:
         raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
     if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1]:
@@ -39,23 +39,10 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"sparse_gemv: residual must be a {list(out_shape)} {x.dtype} tensor on {x.device} like the output, "
                          f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
-    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != torch.float32
-                                    or norm_weight.device != x.device or not norm_weight.is_contiguous()):
-        raise ValueError(f"sparse_gemv: norm_weight must be a contiguous [{x.shape[1]}] float32 tensor on {x.device}, "
-                         f"got {tuple(norm_weight.shape)} {norm_weight.dtype} on {norm_weight.device}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as model.RMSNorm computes and rounds it (fp32 statistics, output in x's dtype); weight may be the
-    norm's weight in fp32, as sparse layers keep it."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight.to(x.dtype)
-
-
-def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, norm_weight=None, norm_eps=1e-5):
-    """(RMSNorm,) mask, multiply densely (, add the residual): the definition the kernels are tested against."""
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, norm_eps)
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None):
+    """Mask, multiply densely (, add the residual): the definition the kernels are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
         # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
@@ -68,22 +55,18 @@ def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, n
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                compact: bool = False, residual: Optional[torch.Tensor] = None,
-                norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5) -> torch.Tensor:
+                compact: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
-    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add).
-    norm_weight: fp32 [K]; x is then first replaced by RMSNorm(x) with this weight and norm_eps (fused into the kernel:
-    the norm in front of q/k/v or gate/up)."""
-    check_inputs(x, weight_t, thresholds, split_sizes, residual, norm_weight)
+    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add)."""
+    check_inputs(x, weight_t, thresholds, split_sizes, residual)
     x = x.contiguous()
     if x.is_cuda and x.shape[0] <= MAX_TOKENS:
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact,
-                                  residual=None if residual is None else residual.contiguous(),
-                                  norm_weight=norm_weight, norm_eps=norm_eps)
-    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual, norm_weight, norm_eps)
+                                  residual=None if residual is None else residual.contiguous())
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None, norm_weight=None, norm_eps=1e-5):
+def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))

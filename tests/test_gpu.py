@@ -57,31 +57,6 @@ def test_residual_epilogue_matches_reference(variant, dtype, tokens, k, groups):
     assert rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (8192, [1024, 128, 128]),
-                                      (576, [1536, 1536])])
-def test_rms_norm_in_the_kernel_matches_reference(variant, dtype, per_channel, tokens, k, groups):
-    # Reference: RMSNorm, the masked product, all in float64 (the kernel does not round the norm's output either;
-    # the q/k/v and gate/up shapes, whose kernels take the norm in front of them).
-    g = torch.Generator(device="cuda").manual_seed(tokens + k)
-    x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g) * 4
-    w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
-    norm = torch.rand(k, device="cuda", generator=g) + 0.5
-    shape = (len(groups), k) if per_channel else (len(groups),)
-    thr = torch.rand(shape, device="cuda", generator=g) * 1.5
-    if VARIANTS[variant] is None:
-        y = sparse_gemv(x, w, thr, groups, compact=bool(tokens % 2), norm_weight=norm, norm_eps=1e-5)
-    else:
-        y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant], norm_weight=norm, norm_eps=1e-5)
-    xd = x.double()
-    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
-    ref = sparse_gemv_reference(xn, w.double(), thr.double(), groups)
-    assert rel_err(y, ref) < TOL[dtype]
-
-
 def test_split_k_reduction_is_race_free():
     x = torch.randn(1, 14336, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(14336, 4096, dtype=torch.bfloat16, device="cuda")
@@ -186,14 +161,14 @@ def test_decode_attention_in_a_cuda_graph_follows_the_position():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("sparse", [False, True, "fold"])
+@pytest.mark.parametrize("sparse", [False, True])
 def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
     # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
     # step on the same tokens, in fp32 so the two paths differ only by summation order.
     import generate
     from model import ModelArgs, Transformer
-    from sparse import fold_norms, set_thresholds, sparsify
+    from sparse import set_thresholds, sparsify
     torch.manual_seed(0)
     args = ModelArgs(n_layer=2, n_head=8, n_local_heads=2, dim=256, intermediate_size=512, vocab_size=512, block_size=64)
     models = []
@@ -202,8 +177,6 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
         m = Transformer(args).cuda().float().eval()
         if sparse:
             sparsify(m)
-            if sparse == "fold":  # the blocks' RMSNorms inside the q/k/v and gate/up kernels, as generate.py runs
-                fold_norms(m)
             set_thresholds(m, torch.full((2, 7), 0.5))
         m.setup_caches(1, 64)
         models.append(m)

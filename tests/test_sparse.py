@@ -1,12 +1,11 @@
 """Sparse decoding end to end on the CPU against an independent masked-dense reference."""
 import copy
 
-import pytest
 import torch
 
 from generate import generate
 from model import ModelArgs, Transformer
-from sparse import LAYER_GROUPS, PROJECTIONS, SparsityMeter, fold_norms, set_thresholds, sparsify
+from sparse import LAYER_GROUPS, PROJECTIONS, SparsityMeter, set_thresholds, sparsify
 
 
 def tiny_model(seed=0, n_head=4, n_local_heads=2):
@@ -70,17 +69,11 @@ def thresholds_at(model, s):
     return table
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_sparse_decode_matches_masked_reference_token_for_token(fold):
-    # fold: the blocks' RMSNorms inside the q/k/v and gate/up layers, as generate.py runs a sparse model
+def test_sparse_decode_matches_masked_reference_token_for_token():
     dense = tiny_model()
     table = thresholds_at(dense, 0.5)
     ref = masked_reference(dense, table)
     sparse = sparsify(copy.deepcopy(dense))
-    if fold:
-        fold_norms(sparse)
-        assert all(isinstance(b.attention_norm, torch.nn.Identity) and b.feed_forward.w13.norm_weight is not None
-                   for b in sparse.layers)
     set_thresholds(sparse, table)
     prompt = torch.tensor([5, 17, 42, 7], dtype=torch.int)
     a = generate(sparse, prompt, 32, temperature=0)
@@ -113,34 +106,9 @@ def test_sparsity_zero_equals_dense_and_meter_matches_target():
     assert abs(meter.model_sparsity() - 0.5) < 0.1  # thresholds from a different (prefill) distribution
 
 
-def test_folded_norms_measure_the_same_sparsity():
-    # The meter sees a folded layer's un-normed input and counts through the layer's own norm.
-    dense = tiny_model(3)
-    table = thresholds_at(dense, 0.5)
-    prompt = torch.tensor([4, 9, 2], dtype=torch.int)
-    results = []
-    for fold in (False, True):
-        m = sparsify(copy.deepcopy(dense))
-        if fold:
-            fold_norms(m)
-        set_thresholds(m, table)
-        seq = generate(m, prompt, 24, temperature=0)
-        meter = SparsityMeter(m)
-        m.setup_caches(1, 64)
-        with torch.no_grad():
-            for pos in range(seq.shape[1]):
-                m(seq[:, pos:pos + 1], torch.tensor([pos]))
-        meter.close()
-        results.append((seq, meter.per_projection(), meter.model_sparsity()))
-    assert torch.equal(results[0][0], results[1][0])
-    assert results[0][1] == results[1][1] and 0.3 < results[1][2] < 0.7
-    with pytest.raises(ValueError, match="sparsify"):
-        fold_norms(tiny_model(3))
-
-
 def test_changing_sparsity_does_not_recompile():
     import torch._dynamo.utils
-    sparse = fold_norms(sparsify(tiny_model(2)))
+    sparse = sparsify(tiny_model(2))
     sparse.setup_caches(1, 32)
     step = torch.compile(lambda m, x, p: m(x, p), fullgraph=True)
     x, pos = torch.tensor([[3]], dtype=torch.int), torch.tensor([4])

@@ -6,15 +6,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparse import fold_norms, set_thresholds, sparsify
+from sparse import set_thresholds, sparsify
 from tests.test_sparse import tiny_model
 from tp import all_reduce, apply_tp, set_one_shot, shutdown_dist
 
 
 def make_sparse(m, per_channel: bool):
     """Per-channel thresholds (made sparse before sharding: each rank slices its own) or per-tensor ones."""
-    if per_channel:  # with the norms folded into q/k/v and gate/up, as generate.py runs a sparse model
-        fold_norms(sparsify(m, per_channel=True))
+    if per_channel:
+        sparsify(m, per_channel=True)
         set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
                            * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
     else:
