@@ -14,14 +14,13 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 import triton
 
-from benchmark.bench_gemv import check_result, graph_time_us, rotating_copies, shape_panels, shapes, threshold_for
+from benchmark.bench_gemv import check_result, graph_time_us, one_token_problem, shape_panels, shapes, threshold_for
 from sparse_gemv import sparse_gemv_reference
 
 OTHER_CONFIGS = [(bn, bk, split) for bn, bk in ((32, 256), (64, 128)) for split in (1, 2, 4)]
@@ -47,9 +46,7 @@ def configs(module, k: int, groups, sms: int) -> list[tuple[dict, bool]]:
 
 def bench(name, k, groups, dtype, modules, sparsities, l2, sms) -> list[dict]:
     n = sum(groups)
-    copies = rotating_copies(n * k * dtype.itemsize, l2)
-    weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
-    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    weights_t, x = one_token_problem(k, n, dtype, l2)
     rows = []
     for s in sparsities:
         thr = threshold_for(x, s, groups)
@@ -58,7 +55,7 @@ def bench(name, k, groups, dtype, modules, sparsities, l2, sms) -> list[dict]:
             for cfg, picked in configs(module, k, groups, sms):
                 run = module.sparse_gemv_triton
                 rel = check_result(run(x, weights_t[0], thr, groups, config=cfg), ref, f"{label} {name} s={s} {cfg}")
-                us = graph_time_us(lambda i: run(x, weights_t[i], thr, groups, config=cfg), copies)
+                us = graph_time_us(lambda i: run(x, weights_t[i], thr, groups, config=cfg), len(weights_t))
                 rows.append({"shape": name, "N": n, "K": k, "dtype": str(dtype).replace("torch.", ""), "sparsity": s,
                              "kernels": label, **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "COMPACT")},
                              "picked": picked, "us": us, "rel_err": rel})

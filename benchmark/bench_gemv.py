@@ -81,6 +81,13 @@ def rotating_copies(weight_bytes: int, l2_bytes: int) -> int:
     return max(8, math.ceil(4 * l2_bytes / weight_bytes))
 
 
+def one_token_problem(k: int, n: int, dtype, l2_bytes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rotating copies of a random [K, N] weight in the kernel's layout (rotating_copies of them) and one input row."""
+    copies = rotating_copies(n * k * dtype.itemsize, l2_bytes)
+    weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
+    return weights_t, torch.randn(1, k, dtype=dtype, device="cuda")
+
+
 def threshold_for(x: torch.Tensor, sparsity: float, groups) -> torch.Tensor:
     """One per-tensor threshold per group that masks `sparsity` of x."""
     t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
@@ -147,16 +154,15 @@ def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compac
 
 def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), **space):
     n = sum(groups)
-    copies = rotating_copies(n * k * dtype.itemsize, l2_bytes)
-    weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
-    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    weights_t, x = one_token_problem(k, n, dtype, l2_bytes)
     rows = []
     for s in sparsities:
         thr = threshold_for(x, s, groups)
         ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
         for cfg in variant_configs(n, k, sms, **space):
             check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg), ref, f"{name} s={s} {cfg}")
-            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), copies, replays=10)
+            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), len(weights_t),
+                               replays=10)
             rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "us": us, **cfg})
         for compact in (False, True):
             b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
