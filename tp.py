@@ -64,6 +64,7 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
             layer.out_features = sum(layer.split_sizes)
         else:
             layer.weight_t = _split(layer.weight_t, 0, [layer.in_features], rank, world)
+            layer.sum_partials_downstream = False  # its output goes to the all-reduce
             if layer.per_channel:
                 layer.thresholds = _split(layer.thresholds, 1, [layer.in_features], rank, world)
             layer.in_features //= world

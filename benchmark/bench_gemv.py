@@ -9,7 +9,9 @@ median of many replays. The device's copy bandwidth is measured in the same run.
     python -m benchmark.bench_gemv --variants     # the kernel design space: every variant at fixed configs
 
 Each sparsity is timed with both kernel variants at the configs pick_config chooses: predicated
-(sparse_us, the default) and compact (compact_us, kept rows listed first).
+(sparse_us, the default) and compact (compact_us, kept rows listed first); and, as the compiled decode step
+runs o and down, the predicated kernel returning its split-K partial sums (partials_us, teal::sparse_gemv_partials,
+with partials_splits of them), whose adding up is left to the kernel that reads them.
 
 --variants times explicit kernel configurations instead: predicated loads vs kept-row lists
 (COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sparse_gemv import kernels, sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 
@@ -119,15 +121,20 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
         for compact in (False, True):
             rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact), ref,
                                f"{name} {dtype} s={s} compact={compact}")
+        partials = sparse_gemv_partials(x, weights_t[0], thr, groups)
+        check_result(partials.sum(0), ref, f"{name} {dtype} s={s} partials")
         us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups), copies)
         compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True), copies)
+        partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups), copies)
         kept = float((x.abs() > float(thr[0])).float().mean())
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
-                     "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us, "cublas_us": out_cublas,
+                     "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us,
+                     "partials_us": partials_us, "partials_splits": partials.shape[0], "cublas_us": out_cublas,
                      "compiled_us": out_compiled, "rel_err": rel,
                      "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9,
                      "compact_kept_GBps": kept * bytes_ / (compact_us * 1e-6) / 1e9, "weight_copies": copies})
-        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  cublas {out_cublas:7.2f}  "
+        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  "
+              f"partials {partials_us:7.2f}  cublas {out_cublas:7.2f}  "
               f"compiled {out_compiled:7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} GB/s", flush=True)
     return rows
 
@@ -198,6 +205,7 @@ def plot(result: dict, path: Path) -> None:
             rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dt]
             ax.plot([r["sparsity"] for r in rows], [r["sparse_us"] for r in rows], "o-", label=f"predicated {dt}")
             ax.plot([r["sparsity"] for r in rows], [r["compact_us"] for r in rows], "x:", label=f"compact {dt}")
+            ax.plot([r["sparsity"] for r in rows], [r["partials_us"] for r in rows], "+--", label=f"partials {dt}")
         rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dtypes[0]]
         s = [r["sparsity"] for r in rows]
         ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS")

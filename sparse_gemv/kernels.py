@@ -48,7 +48,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                        PAIRED: tl.constexpr, EVEN_N: tl.constexpr):
+                        PAIRED: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -184,12 +184,15 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
+    part_stride = T * N
+    if not REDUCE:
+        # The fp32 partial sums are the output; whoever reads them adds them up (see sparse_gemv_partials).
+        tl.store(part_ptr + pid_k * part_stride + offs_t[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    elif SPLIT_K == 1:
         if RESIDUAL:
             acc += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
-        part_stride = T * N
         tl.store(part_ptr + pid_k * part_stride + offs_t[:, None] * N + offs_n[None, :], acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -211,7 +214,7 @@ def _widen_bf16_pairs(w):
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
 
 
-def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
+def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True) -> dict:
     """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
     (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
     (deeper pipelines and tensor-core products did not help); kept-row lists want 128 x 64 tiles at about
@@ -220,7 +223,9 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
     for 32 x 256), and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that, except where the strips
     alone give every SM one program and K is short: there the split's reduction costs more than a second
     program per SM gains (4096x4096: 14.5/10.6/8.9 us at 0/50/80% unsplit against 17.2/11.0/9.8 split in two,
-    gemv-ab-pairs-*.json; 4096x14336 still wants the split). Autotuning was dropped
+    gemv-ab-pairs-*.json; 4096x14336 still wants the split). Without that in-kernel reduction (reduce=False: the
+    partial sums are the output) the split has no such tail, and 4096x4096 split in two takes 14.4/9.1/6.8 us
+    against 14.3/10.4/8.8 unsplit (gemv-partials-*.json). Autotuning was dropped
     because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
     because the best config depends on the sparsity, which is data the tuning key cannot see."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
@@ -231,7 +236,7 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int) -> dict:
     else:
         bn, bk, target = 32, 256, 1.4 * sms
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)
-    one_short_wave = not (compact or wide) and 0.9 * sms <= strips <= sms and k <= 4096
+    one_short_wave = reduce and not (compact or wide) and 0.9 * sms <= strips <= sms and k <= 4096
     split = 1
     while not one_short_wave and strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
         split *= 2
@@ -265,11 +270,12 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once)."""
+    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once).
+    reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused)."""
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -277,13 +283,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
-    if config is None:
-        if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
-            config = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
-        else:
-            config = pick_config(k, split_sizes, compact, _sm_count(x.device))
-    meta = dict(config)
+    meta = dict(config or default_config(x.device, k, split_sizes, compact, reduce))
     warps = meta.pop("num_warps", 4)
     # BLOCK_T 1: one token, elementwise products summed over K at the end; 16: a tensor-core product with
     # the tokens padded to 16 rows (any T <= 8; for one token it trades registers for idle MMA rows).
@@ -293,6 +293,12 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     use_pdl = pdl_launch(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
+    if not reduce and (residual is not None or out is not None):
+        raise ValueError("sparse_gemv: with reduce=False the partial sums are the output; whoever adds them up adds the residual")
+    if reduce:
+        y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
+    else:
+        y = partials[0]  # not written: the kernel stores partial sums only
     if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
         raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
     res = residual if residual is not None else y  # unread without RESIDUAL
@@ -300,10 +306,17 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PAIRED": block_t == 1 and paired_bf16_loads(weight_t, split_sizes),
-             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes)}
+             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
-    return y
+    return y if reduce else partials
+
+
+def default_config(device: torch.device, k: int, split_sizes, compact: bool, reduce: bool = True) -> dict:
+    """The launch's meta-parameters unless the caller gives them (its SPLIT_K is how many partials reduce=False returns)."""
+    if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
+        return {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
+    return pick_config(k, split_sizes, compact, _sm_count(device), reduce)
 
 
 def paired_bf16_loads(weight_t: torch.Tensor, split_sizes) -> bool:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from sparse_gemv.kernels import MAX_TOKENS, sparse_gemv_triton
+from sparse_gemv.kernels import MAX_TOKENS, default_config, sparse_gemv_triton
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -61,7 +61,7 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add)."""
     check_inputs(x, weight_t, thresholds, split_sizes, residual)
     x = x.contiguous()
-    if x.is_cuda and x.shape[0] <= MAX_TOKENS:
+    if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact,
                                   residual=None if residual is None else residual.contiguous())
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual)
@@ -70,3 +70,27 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
 @sparse_gemv.register_fake
 def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+@torch.library.custom_op("teal::sparse_gemv_partials", mutates_args=())
+def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
+                         compact: bool = False) -> torch.Tensor:
+    """The same product as sparse_gemv, left as fp32 partial sums over slices of K: [S, T, N], summing to y in fp32.
+    The kernel's own reduction of a K split is a serial tail (store, atomic counter, reload); returned as partials,
+    the sums are added where they are read (under torch.compile, inside the residual add and RMSNorm that follow)."""
+    check_inputs(x, weight_t, thresholds, split_sizes)
+    x = x.contiguous()
+    if _on_kernel(x):
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False)
+    return sparse_gemv_reference(x.float(), weight_t.float(), thresholds, split_sizes)[None]
+
+
+@sparse_gemv_partials.register_fake
+def _(x, weight_t, thresholds, split_sizes, compact=False):
+    splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False)["SPLIT_K"] if _on_kernel(x) else 1
+    return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
+
+
+def _on_kernel(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs (CUDA, up to MAX_TOKENS tokens) rather than the PyTorch reference."""
+    return x.is_cuda and x.shape[0] <= MAX_TOKENS

@@ -57,6 +57,30 @@ def test_residual_epilogue_matches_reference(variant, dtype, tokens, k, groups):
     assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("k,groups", [(14336, [4096]), (4096, [4096]), (1000, [333, 77])])
+def test_partial_sums_add_up_to_the_product(variant, dtype, tokens, k, groups):
+    # sparse_gemv_partials (the o and down projections under torch.compile): fp32 [SPLIT_K, T, N] whose sum over
+    # the splits is the masked product, at pick_config's reduce=False choice (the op) and at explicit configs.
+    from sparse_gemv.kernels import pick_config
+    g = torch.Generator(device="cuda").manual_seed(tokens + k + 1)
+    x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g)
+    w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
+    thr = torch.rand(len(groups), device="cuda", generator=g) * 1.5
+    if VARIANTS[variant] is None:
+        parts = torch.ops.teal.sparse_gemv_partials(x, w, thr, groups, bool(tokens % 2))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert parts.shape[0] == pick_config(k, groups, bool(tokens % 2), sms, reduce=False)["SPLIT_K"]
+    else:
+        parts = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant], reduce=False)
+        assert parts.shape[0] == VARIANTS[variant]["SPLIT_K"]
+    assert parts.dtype == torch.float32 and parts.shape[1:] == (tokens, sum(groups))
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    assert rel_err(parts.sum(0), ref) < 1e-4  # fp32 sums of exact products, never rounded to the input dtype
+
+
 def test_split_k_reduction_is_race_free():
     x = torch.randn(1, 14336, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(14336, 4096, dtype=torch.bfloat16, device="cuda")

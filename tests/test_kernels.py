@@ -1,4 +1,6 @@
 """Triton sparse GEMV under TRITON_INTERPRET=1 against the float64 masked dense product."""
+import math
+
 import pytest
 import torch
 
@@ -114,6 +116,45 @@ def test_residual_added_in_the_epilogue(dtype, tokens, variant):
     assert rel_err(y, ref) < TOL[dtype]
     # the op's reference path: the product, then the add
     assert torch.equal(sparse_gemv(x, w, thr, groups, residual=residual), sparse_gemv(x, w, thr, groups) + residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_partial_sums_are_the_masked_products_of_each_k_slice(dtype, tokens, variant):
+    # reduce=False returns fp32 [SPLIT_K, T, N]: slice s must be the masked product over the K rows that split s
+    # covers (ceil(K / SPLIT_K) rounded up to whole BLOCK_K tiles), checked slice by slice against float64.
+    k, groups = 300, [40, 24, 24]
+    x, w, _ = random_problem(tokens + 50, tokens, k, groups, dtype)
+    thr = torch.tensor([0.4, 0.7, 1.0])
+    config = VARIANTS[variant]
+    parts = sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False)
+    split, bk = config["SPLIT_K"], config["BLOCK_K"]
+    assert parts.dtype == torch.float32 and parts.shape == (split, tokens, sum(groups))
+    per_split = math.ceil(math.ceil(k / split) / bk) * bk
+    for s in range(split):
+        rows = slice(s * per_split, min((s + 1) * per_split, k))
+        ref = sparse_gemv_reference(x[:, rows].double(), w[rows].double(), thr.double(), groups)
+        assert rel_err(parts[s], ref) < TOL[dtype]
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
+    assert rel_err(parts.sum(0), ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="partial sums are the output"):
+        sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False, residual=torch.zeros(tokens, 88, dtype=dtype))
+
+
+def test_partials_op_on_cpu_and_under_torch_compile():
+    x, w = torch.randn(2, 64), torch.randn(64, 48)
+    thr = torch.tensor([0.5, 1.0])
+    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [24, 24])
+    parts = torch.ops.teal.sparse_gemv_partials(x, w, thr, [24, 24])
+    assert parts.shape == (1, 2, 48) and parts.dtype == torch.float32  # the reference path: one partial
+    assert torch.allclose(parts[0].double(), ref, atol=1e-4)
+    bf = torch.ops.teal.sparse_gemv_partials(x.bfloat16(), w.bfloat16(), thr, [24, 24])
+    assert bf.dtype == torch.float32  # not rounded to bf16: whoever adds the partials rounds once
+    assert rel_err(bf[0], sparse_gemv_reference(x.bfloat16().double(), w.bfloat16().double(), thr.double(), [24, 24])) < 1e-6
+    f = torch.compile(lambda a, t: torch.ops.teal.sparse_gemv_partials(a, w, t, [24, 24]).sum(0), fullgraph=True)
+    assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
+    torch.library.opcheck(torch.ops.teal.sparse_gemv_partials.default, (x, w, thr, [24, 24]))
 
 
 def test_dense_path_compares_thresholds_in_float32():

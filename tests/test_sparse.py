@@ -124,3 +124,30 @@ def test_changing_sparsity_does_not_recompile():
             assert torch.allclose(outs[-1], sparse(x, pos), atol=1e-5)  # the compiled graph sees the new thresholds
     assert counters["stats"]["unique_graphs"] == compiled  # ... without recompiling
     assert not torch.allclose(outs[0], outs[2])
+
+
+def test_compiled_o_and_down_leave_their_partial_sums_to_the_next_norm():
+    # Under torch.compile the layers given a residual (o, down) return fp32 partial sums that the compiled graph adds
+    # up with the residual, ahead of the next RMSNorm; q/k/v and gate/up, the last down (its norm is fused into the
+    # LM head's matmul) and row-sharded tensor-parallel layers (their output goes to an all-reduce) keep the
+    # kernel's reduction. Counted in the graph dynamo traces, and the compiled logits match eager within fp32 error.
+    from collections import Counter
+    from tp import apply_tp
+    sparse = sparsify(tiny_model(4))
+    set_thresholds(sparse, thresholds_at(sparse, 0.5))
+    sparse.setup_caches(1, 32)
+    calls = Counter()
+
+    def count_ops(gm, example_inputs):
+        calls.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "teal" in str(n.target))
+        return gm
+
+    x, pos = torch.tensor([[7]], dtype=torch.int), torch.tensor([5])
+    with torch.no_grad():
+        got = torch.compile(sparse, backend=count_ops, fullgraph=True)(x, pos)
+        want = sparse(x, pos)
+    torch._dynamo.reset()
+    assert calls == Counter({"teal.sparse_gemv": 5, "teal.sparse_gemv_partials": 3, "teal.decode_attention.default": 2})
+    assert (got - want).abs().max() < 1e-5
+    apply_tp(sparse, rank=0, world=2)
+    assert not any(b.attention.wo.sum_partials_downstream or b.feed_forward.w2.sum_partials_downstream for b in sparse.layers)
