@@ -8,7 +8,8 @@ Grid: (column strips, SPLIT_K). Columns are split into up to three groups (q/k/v
 their own thresholds; a strip never straddles two groups, so each program applies one mask.
 Split-K programs write fp32 partials and the last one to finish a strip (an atomic counter, reset
 by that same program) sums them and writes the output. There is no bf16 atomic add anywhere, which
-is what kept the reference kernel fp16-only, and no second launch.
+is what kept the reference kernel fp16-only, and no second launch. With REDUCE off the partials are the
+output (teal::sparse_gemv_partials) and whoever reads them adds them up, so the kernel ends after one store.
 
 On Hopper and newer the kernel takes part in programmatic dependent launch (PDL): it is launched while the
 previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
