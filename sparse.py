@@ -53,6 +53,7 @@ class SparseLinear(nn.Module):
         w = linear.weight
         layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, device=w.device, dtype=w.dtype)
         layer.weight_t = w.detach().t().contiguous()
+        layer.sum_partials_downstream = getattr(linear, "sum_partials_downstream", True)  # False: sharded by tp.py
         if w.is_cuda:
             reserve_workspace(w.device, layer.in_features, layer.out_features)
         return layer

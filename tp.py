@@ -73,6 +73,8 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
         new = _split(w, 0, sizes, rank, world) if style == "colwise" else _split(w, 1, [w.shape[1]], rank, world)
         layer.weight = nn.Parameter(new, requires_grad=False)
         layer.out_features, layer.in_features = new.shape
+        if style == "rowwise":
+            layer.sum_partials_downstream = False  # kept by the SparseLinear that sparsify may swap in later
 
 
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL
