@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from sparse_gemv.kernels import reserve_workspace
+from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -66,7 +66,9 @@ class SparseLinear(nn.Module):
         """residual (as model.Linear takes it): added to the output, at decode in the kernel's epilogue or, compiled,
         to the partial sums where the next norm reads them."""
         if x.shape[-2] == 1 or self.mask_prefill:
-            if residual is not None and self.sum_partials_downstream and torch.compiler.is_compiling():
+            tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
+            if (residual is not None and self.sum_partials_downstream and tokens <= MAX_TOKENS
+                    and torch.compiler.is_compiling()):
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact)
                 y = residual.reshape(-1, self.out_features).float() + parts.sum(0)  # rounded once, like the kernel

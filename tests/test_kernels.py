@@ -138,8 +138,9 @@ def test_partial_sums_are_the_masked_products_of_each_k_slice(dtype, tokens, var
         assert rel_err(parts[s], ref) < TOL[dtype]
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
-    with pytest.raises(ValueError, match="partial sums are the output"):
-        sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False, residual=torch.zeros(tokens, 88, dtype=dtype))
+    for extra in ({"residual": torch.zeros(tokens, 88, dtype=dtype)}, {"out": torch.empty(tokens, 88, dtype=dtype)}):
+        with pytest.raises(ValueError, match="partial sums are the output"):
+            sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False, **extra)
 
 
 def test_partials_op_on_cpu_and_under_torch_compile():
