@@ -64,7 +64,6 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
             layer.out_features = sum(layer.split_sizes)
         else:
             layer.weight_t = _split(layer.weight_t, 0, [layer.in_features], rank, world)
-            layer.sum_partials_downstream = False  # its output goes to the all-reduce
             if layer.per_channel:
                 layer.thresholds = _split(layer.thresholds, 1, [layer.in_features], rank, world)
             layer.in_features //= world
@@ -73,8 +72,10 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
         new = _split(w, 0, sizes, rank, world) if style == "colwise" else _split(w, 1, [w.shape[1]], rank, world)
         layer.weight = nn.Parameter(new, requires_grad=False)
         layer.out_features, layer.in_features = new.shape
-        if style == "rowwise":
-            layer.sum_partials_downstream = False  # kept by the SparseLinear that sparsify may swap in later
+    if style == "rowwise":
+        # Its output goes to the all-reduce: no partial sums left to a norm (SparseLinear; a dense Linear keeps the
+        # mark for the SparseLinear that sparsify may swap in later).
+        layer.sum_partials_downstream = False
 
 
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmark.bench_gemv import check_result, graph_time_us, one_token_problem, shape_panels, shapes, threshold_for
-from sparse_gemv import sparse_gemv_reference
+from benchmark.bench_gemv import check_result, graph_time_us, one_token_problem, shape_panels, shapes, threshold_and_reference
 
 OTHER_CONFIGS = [(bn, bk, split) for bn, bk in ((32, 256), (64, 128)) for split in (1, 2, 4)]
 
@@ -49,8 +48,7 @@ def bench(name, k, groups, dtype, modules, sparsities, l2, sms) -> list[dict]:
     weights_t, x = one_token_problem(k, n, dtype, l2)
     rows = []
     for s in sparsities:
-        thr = threshold_for(x, s, groups)
-        ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
+        thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
         for label, module in modules.items():
             for cfg, picked in configs(module, k, groups, sms):
                 run = module.sparse_gemv_triton

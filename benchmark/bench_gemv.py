@@ -96,6 +96,12 @@ def threshold_for(x: torch.Tensor, sparsity: float, groups) -> torch.Tensor:
     return torch.full((len(groups),), t, dtype=torch.float32, device=x.device)
 
 
+def threshold_and_reference(x: torch.Tensor, weight_t: torch.Tensor, sparsity: float, groups):
+    """threshold_for's thresholds and the float64 masked product they give, which every timed result is checked against."""
+    thr = threshold_for(x, sparsity, groups)
+    return thr, sparse_gemv_reference(x.double(), weight_t.double(), thr.double(), groups)
+
+
 def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
     """Relative error against the float64 reference; a timing of a wrong result is an error, not a row."""
     rel = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -116,8 +122,7 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
     out_compiled = graph_time_us(lambda i: compiled(x, weights[i]), copies)
     rows = []
     for s in sparsities:
-        thr = threshold_for(x, s, groups)
-        ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
+        thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
         for compact in (False, True):
             rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact), ref,
                                f"{name} {dtype} s={s} compact={compact}")
@@ -164,8 +169,7 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
     weights_t, x = one_token_problem(k, n, dtype, l2_bytes)
     rows = []
     for s in sparsities:
-        thr = threshold_for(x, s, groups)
-        ref = sparse_gemv_reference(x.double(), weights_t[0].double(), thr.double(), groups)
+        thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
         for cfg in variant_configs(n, k, sms, **space):
             check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg), ref, f"{name} s={s} {cfg}")
             us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), len(weights_t),

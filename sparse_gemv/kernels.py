@@ -185,27 +185,25 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
-    part_stride = T * N
-    if not REDUCE:
-        # The fp32 partial sums are the output; whoever reads them adds them up (see sparse_gemv_partials).
-        tl.store(part_ptr + pid_k * part_stride + offs_t[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-    elif SPLIT_K == 1:
+    part_ptrs = part_ptr + offs_t[:, None] * N + offs_n[None, :]  # split 0's partial; split s's at + s * T * N
+    if REDUCE and SPLIT_K == 1:
         if RESIDUAL:
             acc += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(part_ptr + pid_k * part_stride + offs_t[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptr + s * part_stride + offs_t[:, None] * N + offs_n[None, :],
-                                 mask=out_mask, other=0.0, cache_modifier=".cg")
-            if RESIDUAL:
-                total += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
+        # Without REDUCE the fp32 partial sums are the output; whoever reads them adds them up (sparse_gemv_partials).
+        tl.store(part_ptrs + pid_k * T * N, acc, mask=out_mask)
+        if REDUCE:
+            tl.debug_barrier()  # every thread's partial is written before the counter says so
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(part_ptrs + s * T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if RESIDUAL:
+                    total += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
 
 
 @triton.jit
