@@ -160,21 +160,23 @@ def resolve_device(name: str) -> str:
 
 
 def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None,
-                      kernel: str = "auto"):
+                      kernel: str = "auto", int8: bool = False):
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
-    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity)."""
+    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity).
+    int8: the sparse layers keep int8 weights with per-output-channel scales (at sparsity 0 and no threshold file:
+    every input kept, the same kernel)."""
     from sparse import sparsify
     check_sparsity(sparsity)
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
-        return model, None
+        return (sparsify(model, int8=True) if int8 else model), None
     path = thresholds_path or REPO / "thresholds" / f"{model.config.name}.safetensors"
     if not Path(path).exists():
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
                          f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
     compact = kernel == "compact" or (kernel == "auto" and sparsity >= COMPACT_FROM)
-    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact)
+    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact, int8=int8)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 
@@ -200,6 +202,8 @@ def main(argv=None):
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", "predicated", "compact"],
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 (per-output-channel scales) for the seven projections: half the bytes")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
@@ -234,13 +238,14 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     torch.manual_seed(a.seed)
 
     t0 = time.perf_counter()
-    model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds, a.sparse_kernel)
+    model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds, a.sparse_kernel,
+                                 a.int8)
     if rank is not None:
         from tp import apply_tp
         apply_tp(model)
     tokenizer = load_tokenizer(checkpoint)
     log(f"loaded {model.config.name} ({dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
-        + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else ""))
+        + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else ""))
 
     decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile else decode_one_token
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill

@@ -6,6 +6,9 @@ as rows) and a float32 threshold buffer; decode steps go through the `teal::spar
 multiplies densely by the same storage. Thresholds are data: `set_thresholds` copies new values into
 the buffers, so a compiled model picks up a new sparsity without recompiling.
 
+With int8=True the layer stores its weight as int8 with one fp32 scale per output channel (weight-only quantization,
+as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped.
+
 The block's residual adds go into o and down (model.Linear takes the residual), whose kernel adds them in
 its epilogue: a decode step launches no separate add kernels. Under torch.compile these two layers return the
 kernel's fp32 partial sums instead (teal::sparse_gemv_partials), and the compiled graph adds them up with the
@@ -31,12 +34,15 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 compact: bool = False, device=None, dtype=None):
+                 compact: bool = False, int8: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.split_sizes = [int(s) for s in split_sizes]
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device,
+                                                     dtype=torch.int8 if int8 else dtype))
+        # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
+        self.register_buffer("scales", torch.ones(out_features, device=device, dtype=torch.float32) if int8 else None)
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
@@ -49,10 +55,15 @@ class SparseLinear(nn.Module):
         self.sum_partials_downstream = True
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
+                    int8: bool = False) -> "SparseLinear":
         w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, device=w.device, dtype=w.dtype)
-        layer.weight_t = w.detach().t().contiguous()
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, device=w.device, dtype=w.dtype)
+        if int8:
+            q, layer.scales = quantize_int8(w.detach())
+            layer.weight_t = q.t().contiguous()
+        else:
+            layer.weight_t = w.detach().t().contiguous()
         layer.sum_partials_downstream = getattr(linear, "sum_partials_downstream", True)  # False: sharded by tp.py
         if w.is_cuda:
             reserve_workspace(w.device, layer.in_features, layer.out_features)
@@ -62,6 +73,10 @@ class SparseLinear(nn.Module):
     def per_channel(self) -> bool:
         return self.thresholds.dim() == 2
 
+    @property
+    def int8(self) -> bool:
+        return self.scales is not None
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual (as model.Linear takes it): added to the output, at decode in the kernel's epilogue or, compiled,
         to the partial sums where the next norm reads them."""
@@ -70,19 +85,31 @@ class SparseLinear(nn.Module):
             if (residual is not None and self.sum_partials_downstream and tokens <= MAX_TOKENS
                     and torch.compiler.is_compiling()):
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
-                                                            self.thresholds, self.split_sizes, self.compact)
+                                                            self.thresholds, self.split_sizes, self.compact, self.scales)
                 y = residual.reshape(-1, self.out_features).float() + parts.sum(0)  # rounded once, like the kernel
                 return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
             res = None if residual is None else residual.reshape(-1, self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, res)
+                                           self.split_sizes, self.compact, res, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
-        y = x @ self.weight_t
+        if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
+            y = (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
+        else:
+            y = x @ self.weight_t
         return y if residual is None else residual + y
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}")
+                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight [N, K] ~= q * scales[:, None], q in [-127, 127], scales fp32 [N].
+    A channel's scale maps its largest |weight| to 127 (1 for an all-zero channel)."""
+    amax = weight.abs().amax(dim=1).float()
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(weight.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
 
 
 def sparse_layers(model: nn.Module):
@@ -95,9 +122,10 @@ def sparse_layers(model: nn.Module):
                 yield i, path, layer
 
 
-def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False, int8: bool = False) -> nn.Module:
     """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense).
-    compact selects the kernel variant for very high sparsity (see sparse_gemv/kernels.py)."""
+    compact selects the kernel variant for very high sparsity (see sparse_gemv/kernels.py); int8 stores the
+    weights as int8 with per-output-channel scales."""
     for block in model.layers:
         splits = {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
                   "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
@@ -106,10 +134,12 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False)
             parent = getattr(block, owner)
             layer = getattr(parent, attr)
             if isinstance(layer, SparseLinear):
-                if layer.per_channel != per_channel:
-                    raise ValueError("model is already sparse with another threshold kind; sparsify a fresh model")
+                if layer.per_channel != per_channel or layer.int8 != int8:
+                    raise ValueError("model is already sparse with another threshold kind or weight format; "
+                                     "sparsify a fresh model")
                 continue
-            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, compact))
+            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, compact,
+                                                           int8))
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).
     model.layers[-1].feed_forward.w2.sum_partials_downstream = False
@@ -136,7 +166,8 @@ def column_norms(layer: SparseLinear) -> list[torch.Tensor]:
     """||W_p[:, i]||_2 for each projection p of the layer: the weight-aware score of input channel i."""
     out, col = [], 0
     for n in layer.split_sizes:
-        out.append(layer.weight_t[:, col:col + n].float().norm(dim=1))
+        w = layer.weight_t[:, col:col + n].float()
+        out.append((w if layer.scales is None else w * layer.scales[col:col + n]).norm(dim=1))
         col += n
     return out
 

@@ -60,6 +60,8 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
     if isinstance(layer, SparseLinear):
         if style == "colwise":
             layer.weight_t = _split(layer.weight_t, 1, sizes, rank, world)
+            if layer.int8:  # one scale per output column: they go with their columns
+                layer.scales = _split(layer.scales, 0, sizes, rank, world)
             layer.split_sizes = [s // world for s in sizes]
             layer.out_features = sum(layer.split_sizes)
         else:

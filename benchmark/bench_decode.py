@@ -202,6 +202,8 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sparse_kernel", default="predicated", choices=["predicated", "compact"])
+    p.add_argument("--int8", action="store_true", help="the sparse model's seven projections in int8 (per-output-channel "
+                   "scales); the dense baseline stays in --dtype. Output decode-<model>-int8...")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
     p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
@@ -228,13 +230,13 @@ def main(argv=None):
         if a.checkpoint_path:
             from generate import load_sparse_model
             m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None,
-                                      a.sparse_kernel)
+                                      a.sparse_kernel, a.int8 and sparse)
             if rank is not None:
                 apply_tp(m)
             return m, tf
         shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
-        return (sparsify(m, compact=a.sparse_kernel == "compact") if sparse else m), None
+        return (sparsify(m, compact=a.sparse_kernel == "compact", int8=a.int8) if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -302,13 +304,13 @@ def main(argv=None):
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
-              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "pdl": a.pdl,
+              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8, "pdl": a.pdl,
               "coordinate_descent": a.coordinate_descent, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = (f"tp-{name}" if rank is not None else f"decode-{name}") + a.tag
+    stem = (f"tp-{name}" if rank is not None else f"decode-{name}") + ("-int8" if a.int8 else "") + a.tag
     path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))

@@ -13,6 +13,12 @@ Each sparsity is timed with both kernel variants at the configs pick_config choo
 runs o and down, the predicated kernel returning its split-K partial sums (partials_us, teal::sparse_gemv_partials,
 with partials_splits of them), whose adding up is left to the kernel that reads them.
 
+    python -m benchmark.bench_gemv --int8 --dtypes bfloat16     # int8 weights (per-output-channel scales)
+
+With --int8 the weights are int8 (weight-only quantization, one fp32 scale per output column) and the activations
+--dtypes; the baselines are cuBLAS on the unquantized weights and torch.compile of GPT-Fast's int8 linear
+(F.linear(x, W_int8.to(x.dtype)) * scales). Written to gemv-int8-<device>.json.
+
 --variants times explicit kernel configurations instead: predicated loads vs kept-row lists
 (COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
 the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config).
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from sparse import quantize_int8
 from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
@@ -83,11 +90,18 @@ def rotating_copies(weight_bytes: int, l2_bytes: int) -> int:
     return max(8, math.ceil(4 * l2_bytes / weight_bytes))
 
 
-def one_token_problem(k: int, n: int, dtype, l2_bytes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Rotating copies of a random [K, N] weight in the kernel's layout (rotating_copies of them) and one input row."""
-    copies = rotating_copies(n * k * dtype.itemsize, l2_bytes)
+def one_token_problem(k: int, n: int, dtype, l2_bytes: int, weight_itemsize: int | None = None):
+    """Rotating copies of a random [K, N] weight in the kernel's layout (rotating_copies of them, for weights stored
+    at weight_itemsize bytes each, by default dtype's) and one input row."""
+    copies = rotating_copies(n * k * (weight_itemsize or dtype.itemsize), l2_bytes)
     weights_t = [torch.randn(k, n, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
     return weights_t, torch.randn(1, k, dtype=dtype, device="cuda")
+
+
+def int8_copies(weights_t: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same weights quantized: int8 [K, N] copies and their per-column scales."""
+    quantized = [quantize_int8(w.t()) for w in weights_t]
+    return [q.t().contiguous() for q, _ in quantized], [sc for _, sc in quantized]
 
 
 def threshold_for(x: torch.Tensor, sparsity: float, groups) -> torch.Tensor:
@@ -96,10 +110,12 @@ def threshold_for(x: torch.Tensor, sparsity: float, groups) -> torch.Tensor:
     return torch.full((len(groups),), t, dtype=torch.float32, device=x.device)
 
 
-def threshold_and_reference(x: torch.Tensor, weight_t: torch.Tensor, sparsity: float, groups):
-    """threshold_for's thresholds and the float64 masked product they give, which every timed result is checked against."""
+def threshold_and_reference(x: torch.Tensor, weight_t: torch.Tensor, sparsity: float, groups, scales=None):
+    """threshold_for's thresholds and the float64 masked product they give, which every timed result is checked against
+    (scales: the per-column scales of int8 weights)."""
     thr = threshold_for(x, sparsity, groups)
-    return thr, sparse_gemv_reference(x.double(), weight_t.double(), thr.double(), groups)
+    return thr, sparse_gemv_reference(x.double(), weight_t.double(), thr.double(), groups,
+                                      scales=None if scales is None else scales.double())
 
 
 def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
@@ -110,35 +126,45 @@ def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
     return rel
 
 
-def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES):
+def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=False):
     n = sum(groups)
-    bytes_ = n * k * dtype.itemsize
+    bytes_ = n * k * (1 if int8 else dtype.itemsize)
     copies = rotating_copies(bytes_, l2_bytes)
     weights = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
-    weights_t = [w.t().contiguous() for w in weights]
     x = torch.randn(1, k, dtype=dtype, device="cuda")
-    compiled = torch.compile(lambda a, w: F.linear(a, w))
     out_cublas = graph_time_us(lambda i: F.linear(x, weights[i]), copies)
-    out_compiled = graph_time_us(lambda i: compiled(x, weights[i]), copies)
+    if int8:
+        quantized = [quantize_int8(w) for w in weights]
+        weights_t = [q.t().contiguous() for q, _ in quantized]
+        scales = [sc for _, sc in quantized]
+        compiled = torch.compile(lambda a, q, sc: F.linear(a, q.to(a.dtype)) * sc.to(a.dtype))  # GPT-Fast's int8 linear
+        out_compiled = graph_time_us(lambda i: compiled(x, *quantized[i]), copies)
+    else:
+        weights_t = [w.t().contiguous() for w in weights]
+        scales = [None] * copies
+        compiled = torch.compile(lambda a, w: F.linear(a, w))
+        out_compiled = graph_time_us(lambda i: compiled(x, weights[i]), copies)
+    del weights
     rows = []
     for s in sparsities:
-        thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
+        thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for compact in (False, True):
-            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact), ref,
+            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact, None, scales[0]), ref,
                                f"{name} {dtype} s={s} compact={compact}")
-        partials = sparse_gemv_partials(x, weights_t[0], thr, groups)
+        partials = sparse_gemv_partials(x, weights_t[0], thr, groups, False, scales[0])
         check_result(partials.sum(0), ref, f"{name} {dtype} s={s} partials")
-        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups), copies)
-        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True), copies)
-        partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups), copies)
+        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, False, None, scales[i]), copies)
+        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True, None, scales[i]), copies)
+        partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups, False, scales[i]), copies)
         kept = float((x.abs() > float(thr[0])).float().mean())
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
+                     "weights": "int8" if int8 else str(dtype).replace("torch.", ""),
                      "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us,
                      "partials_us": partials_us, "partials_splits": partials.shape[0], "cublas_us": out_cublas,
                      "compiled_us": out_compiled, "rel_err": rel,
                      "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9,
                      "compact_kept_GBps": kept * bytes_ / (compact_us * 1e-6) / 1e9, "weight_copies": copies})
-        print(f"{name:18s} {rows[-1]['dtype']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  "
+        print(f"{name:18s} {rows[-1]['dtype']:9s} {rows[-1]['weights']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  "
               f"partials {partials_us:7.2f}  cublas {out_cublas:7.2f}  "
               f"compiled {out_compiled:7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} GB/s", flush=True)
     return rows
@@ -164,21 +190,27 @@ def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compac
     return out
 
 
-def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), **space):
+def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), int8=False, **space):
     n = sum(groups)
-    weights_t, x = one_token_problem(k, n, dtype, l2_bytes)
+    weights_t, x = one_token_problem(k, n, dtype, l2_bytes, 1 if int8 else None)
+    scales = [None] * len(weights_t)
+    if int8:
+        weights_t, scales = int8_copies(weights_t)
     rows = []
     for s in sparsities:
-        thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
+        thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for cfg in variant_configs(n, k, sms, **space):
-            check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg), ref, f"{name} s={s} {cfg}")
-            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg), len(weights_t),
-                               replays=10)
-            rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "us": us, **cfg})
+            check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg, scales=scales[0]), ref,
+                         f"{name} s={s} {cfg}")
+            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg, scales=scales[i]),
+                               len(weights_t), replays=10)
+            rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "weights": "int8" if int8 else str(dtype).replace("torch.", ""),
+                         "us": us, **cfg})
         for compact in (False, True):
             b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
             print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "
-                  f"({(1 - s) * n * k * dtype.itemsize / (b['us'] * 1e-6) / 1e9:5.0f} GB/s kept) {b}", flush=True)
+                  f"({(1 - s) * n * k * (1 if int8 else dtype.itemsize) / (b['us'] * 1e-6) / 1e9:5.0f} GB/s kept) {b}",
+                  flush=True)
     return rows
 
 
@@ -212,9 +244,10 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["sparsity"] for r in rows], [r["partials_us"] for r in rows], "+--", label=f"partials {dt}")
         rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dtypes[0]]
         s = [r["sparsity"] for r in rows]
-        ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS")
-        ax.axhline(rows[0]["compiled_us"], color="black", ls=":", label="torch.compile")
-        ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * 2 / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
+        int8 = rows[0].get("weights") == "int8"
+        ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS" + (" (unquantized)" if int8 else ""))
+        ax.axhline(rows[0]["compiled_us"], color="black", ls=":", label="torch.compile" + (" int8" if int8 else ""))
+        ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * (1 if int8 else 2) / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
         ax.plot(s, ideal, color="green", ls="-.", label="(1-s) bytes / copy BW")
         ax.set_title(f"{name} (N={rows[0]['N']}, K={rows[0]['K']})", fontsize=9)
         ax.set_ylabel("us")
@@ -227,6 +260,7 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     p.add_argument("--shapes", nargs="*", help="subset of shape names")
     p.add_argument("--variants", action="store_true", help="time the kernel's design space at fixed configs")
+    p.add_argument("--int8", action="store_true", help="int8 weights with per-output-column scales")
     p.add_argument("--tiles", nargs="+", help="--variants: BLOCK_NxBLOCK_K tiles, e.g. 64x128")
     p.add_argument("--stages", nargs="+", type=int, help="--variants: pipeline depths of the predicated variant")
     p.add_argument("--compact_stages", nargs="+", type=int, help="--variants: pipeline depths of the compact variant")
@@ -250,16 +284,18 @@ def main(argv=None):
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
     device = props.name.replace(" ", "-")
-    path = a.out / (f"gemv-variants{a.tag}-{device}.json" if a.variants else f"gemv{a.tag}-{device}.json")
+    kind = ("-variants" if a.variants else "") + ("-int8" if a.int8 else "")
+    path = a.out / f"gemv{kind}{a.tag}-{device}.json"
     a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
         for name, k, groups in shapes():
             if a.shapes and name not in a.shapes or a.variants and not a.shapes and not name.startswith("8b"):
                 continue
             if a.variants:
-                rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, **space)
+                rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, int8=a.int8,
+                                       **space)
             else:
-                rows += bench_shape(name, k, groups, getattr(torch, dt), l2)
+                rows += bench_shape(name, k, groups, getattr(torch, dt), l2, int8=a.int8)
             # written after every shape, so a run cut short still leaves what it measured
             result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
                       "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),

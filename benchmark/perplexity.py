@@ -2,6 +2,7 @@
 
     python -m benchmark.perplexity                         # default SmolLM2, ../shared/data/wiki-evaluation.txt
     python -m benchmark.perplexity --data text.txt --methods dense uniform --targets 0.5
+    python -m benchmark.perplexity --int8 --methods dense greedy    # int8 weights (per-output-channel scales)
     python -m benchmark.perplexity --dataset wikitext:wikitext-2-raw-v1:test   # a Hugging Face dataset (network)
 
 Protocol: `--windows` non-overlapping windows of `--window` tokens spread evenly over the text (no BOS).
@@ -86,6 +87,8 @@ def main(argv=None):
     p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--int8", action="store_true", help="int8 weights (per-output-channel scales) in the seven projections, "
+                   "for every method ('dense' then runs them with thresholds 0)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/perplexity-<model>.json; a PNG beside it)")
     a = p.parse_args(argv)
     for t in a.targets:
@@ -97,6 +100,8 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype)
 
     dense = load_model(a.checkpoint_path, device=a.device, dtype=dtype)
+    if a.int8:
+        sparsify(dense, int8=True)
     name = dense.config.name
     tf_path = a.thresholds or REPO / "thresholds" / f"{name}.safetensors"
     tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
@@ -113,7 +118,8 @@ def main(argv=None):
             else:
                 per_channel = method == "weight-aware"
                 if per_channel not in models:
-                    models[per_channel] = sparsify(load_model(a.checkpoint_path, device=a.device, dtype=dtype), per_channel)
+                    models[per_channel] = sparsify(load_model(a.checkpoint_path, device=a.device, dtype=dtype), per_channel,
+                                                   int8=a.int8)
                 model = models[per_channel]
                 mode = "uniform" if method == "uniform-dense" else method
                 apply_thresholds(model, tf, target, mode, held=method != "uniform-dense")
@@ -123,7 +129,7 @@ def main(argv=None):
             print(f"{method:>13} {target:.2f}: ppl {r['ppl']:.3f}, realised sparsity {r['realized_sparsity']:.3f}", flush=True)
 
     result = {"model": name, "data": a.dataset or str(a.data), "window": a.window, "prompt_tokens": a.prompt,
-              "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype,
+              "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype, "int8": a.int8,
               "calibration_tokens": tf.provenance.get("tokens") if tf else None,
               "thresholds": str(tf_path) if tf else None, "date": datetime.date.today().isoformat(),
               "command": "python -m benchmark.perplexity " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}

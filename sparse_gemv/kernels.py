@@ -16,7 +16,8 @@ previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
 With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), so a decode step has no
-separate add kernels.
+separate add kernels. With SCALED the weights are int8 with one fp32 scale per output column (weight-only
+quantization, half the bytes of bf16): rows are skipped the same way, and the scale multiplies the fp32 sum once.
 
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
@@ -27,6 +28,8 @@ Two ways to skip rows, one kernel (COMPACT):
 Above about 50% sparsity the one-token loop is bound by instruction issue, not bytes, so two flags trim it where
 the shape allows: PAIRED reads bf16 weights as int32 pairs and widens each half to fp32 with one integer op (a
 shift or a mask) instead of a conversion; EVEN_N drops the column mask when every group is a whole number of strips.
+QUADS does the same for int8 weights: int32 words of four, each byte widened by a logic op and a subtraction, where
+the int8-to-float conversion issues at a quarter of the FMA rate.
 """
 import functools
 import os
@@ -43,13 +46,13 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr,
+def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr, scale_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
-                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                        PAIRED: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
+                        PAIRED: tl.constexpr, QUADS: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -86,6 +89,18 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             p_mask = offs_p < g_end // 2
         acc2 = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
         acc_hi = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
+    elif QUADS:
+        # int8 weights as int32 words of four columns (4j .. 4j+3); acc_b sums the byte-b column of each word.
+        w_quads = w_ptr.to(tl.pointer_type(tl.int32))
+        offs_q = (g_start + strip * BLOCK_N) // 4 + tl.arange(0, BLOCK_N // 4)
+        if EVEN_N:
+            q_mask = tl.full((BLOCK_N // 4,), 1, tl.int1)
+        else:
+            q_mask = offs_q < g_end // 4
+        acc_0 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
+        acc_1 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
+        acc_2 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
+        acc_3 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
     elif BLOCK_T == 1:
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
@@ -123,6 +138,14 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 w_lo, w_hi = _widen_bf16_pairs(w)
                 acc2 += xv * w_lo
                 acc_hi += xv * w_hi
+            elif QUADS:
+                w = tl.load(w_quads + rows[:, None] * (N // 4) + offs_q[None, :], mask=valid[:, None] & q_mask[None, :], other=0)
+                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+                w0, w1, w2, w3 = _widen_int8_quads(w)
+                acc_0 += xv * w0
+                acc_1 += xv * w1
+                acc_2 += xv * w2
+                acc_3 += xv * w3
             elif BLOCK_T == 1:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -137,7 +160,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 if DOT_FP32:
                     acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(xv.to(w.dtype), w, acc)
+                    acc = tl.dot(xv.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
     else:
         # Predicated: walk every row and let the mask drop the loads of rows under threshold (a masked
         # load issues no memory traffic). Best at low sparsity, where compaction would buy nothing.
@@ -155,6 +178,14 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     w_lo, w_hi = _widen_bf16_pairs(w)
                     acc2 += xs * w_lo
                     acc_hi += xs * w_hi
+                elif QUADS:
+                    w = tl.load(w_quads + offs_k[:, None] * (N // 4) + offs_q[None, :], mask=keep[:, None] & q_mask[None, :], other=0)
+                    xs = tl.where(keep, x, 0.0)[:, None]
+                    w0, w1, w2, w3 = _widen_int8_quads(w)
+                    acc_0 += xs * w0
+                    acc_1 += xs * w1
+                    acc_2 += xs * w2
+                    acc_3 += xs * w3
                 else:
                     w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                     acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -168,20 +199,28 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     x = tl.where(tl.abs(x) > thr, x, 0.0)
                 keep = tl.max(tl.abs(x), axis=0) > 0
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-                # Tensor-core product in the weights' own dtype (x was bf16/fp16 before masking, so the cast
-                # back is exact) with fp32 accumulation; fp32 inputs take the full-precision (ieee) path.
+                # Tensor-core product in the activations' dtype (x was bf16/fp16 before masking, so the cast back
+                # is exact, and so is an int8 weight's) with fp32 accumulation; fp32 inputs take the ieee path.
                 if DOT_FP32:
                     acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(x.to(w.dtype), w, acc)
+                    acc = tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
     if PAIRED:
         # Reduce over K once, at the end, and interleave the even and odd columns back into order.
         acc = tl.reshape(tl.join(tl.sum(acc2, axis=0), tl.sum(acc_hi, axis=0)), (BLOCK_N,))[None, :]
+    elif QUADS:
+        # [j, p, q] = column 4j + 2p + q: byte 2p + q of word j
+        acc = tl.join(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_2, axis=0)),
+                      tl.join(tl.sum(acc_1, axis=0), tl.sum(acc_3, axis=0)))
+        acc = tl.reshape(acc, (BLOCK_N,))[None, :]
     elif BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
+    if SCALED:
+        # int8 weights: one scale per output column, so it comes out of the sum over K and is applied once here.
+        acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
@@ -213,6 +252,19 @@ def _widen_bf16_pairs(w):
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _widen_int8_quads(w):
+    """int32 words holding four int8 values -> their bytes 0..3 as fp32. Each byte, made unsigned (b + 128), is written
+    into the low mantissa bits of 2^23 (one logic op: (w & 0xFF) ^ 0x4B000080), which reads as the float
+    2^23 + 128 + b exactly; one subtraction leaves b. Two cheap ops per element (and a shift), where the int8
+    conversion issues at a quarter of the FMA rate."""
+    magic = 0x4B000080
+    return (((w & 0xFF) ^ magic).to(tl.float32, bitcast=True) - 8388736.0,
+            (((w >> 8) & 0xFF) ^ magic).to(tl.float32, bitcast=True) - 8388736.0,
+            (((w >> 16) & 0xFF) ^ magic).to(tl.float32, bitcast=True) - 8388736.0,
+            (((w >> 24) & 0xFF) ^ magic).to(tl.float32, bitcast=True) - 8388736.0)
+
+
 def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True) -> dict:
     """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
     (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
@@ -226,7 +278,8 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = Tru
     partial sums are the output) the split has no such tail, and 4096x4096 split in two takes 14.4/9.1/6.8 us
     against 14.3/10.4/8.8 unsplit (gemv-partials-*.json). Autotuning was dropped
     because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
-    because the best config depends on the sparsity, which is data the tuning key cannot see."""
+    because the best config depends on the sparsity, which is data the tuning key cannot see. int8 weights take the
+    same tiles: with tiles of the same bytes (twice as wide, or twice as tall) they were slower on most 8B shapes."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
     if compact:
         bn, bk, target = 128, 64, 1.4 * sms
@@ -269,8 +322,10 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       residual: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
-    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N]; thresholds: fp32 [G] or [G, K]; out: optional [T, N].
+                       residual: torch.Tensor | None = None, reduce: bool = True,
+                       scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the kernel. x: [T<=8, K]; weight_t: [K, N] in x's dtype, or int8 with scales (fp32 [N], one per output
+    column: y = (masked x @ weight_t) * scales); thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
     residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once).
@@ -301,10 +356,13 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
         raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
     res = residual if residual is not None else y  # unread without RESIDUAL
-    args = (x, weight_t, thresholds, y, partials, counters, rows, res, t, k, n, n0, n1, x.stride(0), y.stride(0))
-    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "BLOCK_T": block_t,
+    args = (x, weight_t, thresholds, y, partials, counters, rows, res, thresholds if scales is None else scales,
+            t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None,
+             "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PAIRED": block_t == 1 and paired_bf16_loads(weight_t, split_sizes),
+             "QUADS": block_t == 1 and int8_quad_loads(weight_t, split_sizes),
              "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
@@ -322,6 +380,12 @@ def paired_bf16_loads(weight_t: torch.Tensor, split_sizes) -> bool:
     """Whether one-token launches read this weight as int32 pairs of bf16 (PAIRED): every group must start on an
     even column and the weight on a 4-byte boundary, so no pair straddles two groups or an alignment."""
     return weight_t.dtype == torch.bfloat16 and all(s % 2 == 0 for s in split_sizes) and weight_t.data_ptr() % 4 == 0
+
+
+def int8_quad_loads(weight_t: torch.Tensor, split_sizes) -> bool:
+    """Whether one-token launches read this int8 weight as int32 words of four columns (QUADS): every group must start
+    on a multiple of four columns and the weight on a 4-byte boundary, so no word straddles two groups."""
+    return weight_t.dtype == torch.int8 and all(s % 4 == 0 for s in split_sizes) and weight_t.data_ptr() % 4 == 0
 
 
 def fp32_products(dtype: torch.dtype) -> bool:

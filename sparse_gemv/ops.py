@@ -14,14 +14,21 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
-                 residual: torch.Tensor | None = None) -> None:
+                 residual: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> None:
     if x.dim() != 2:
         raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
     if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1]:
         raise ValueError(f"sparse_gemv: weight_t must be [K, N] with K={x.shape[1]} (input channels as rows), "
                          f"got {tuple(weight_t.shape)}; store W.t().contiguous()")
-    if x.dtype not in SUPPORTED_DTYPES or weight_t.dtype != x.dtype:
-        raise TypeError(f"sparse_gemv: x and weight_t must share one of {SUPPORTED_DTYPES}, got {x.dtype} and {weight_t.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"sparse_gemv: x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if scales is None and weight_t.dtype != x.dtype:
+        raise TypeError(f"sparse_gemv: weight_t must have x's dtype {x.dtype} (or be int8 with scales), got {weight_t.dtype}")
+    if scales is not None and (weight_t.dtype != torch.int8 or scales.dtype != torch.float32
+                               or tuple(scales.shape) != (weight_t.shape[1],) or scales.device != x.device):
+        raise TypeError(f"sparse_gemv: scales go with int8 weights: a float32 [{weight_t.shape[1]}] tensor on {x.device} "
+                        f"(one per output column), got {weight_t.dtype} weights and {scales.dtype} "
+                        f"{tuple(scales.shape)} scales on {scales.device}")
     if not weight_t.is_contiguous():
         raise ValueError("sparse_gemv: weight_t must be contiguous [K, N]; convert once at load with W.t().contiguous()")
     if thresholds.dtype != torch.float32:
@@ -41,52 +48,57 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
                          f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
 
 
-def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None):
-    """Mask, multiply densely (, add the residual): the definition the kernels are tested against."""
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, scales=None):
+    """Mask, multiply densely (, scale the columns of int8 weights, add the residual): the definition the kernels
+    are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
         # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
         xm = torch.where(x.abs().float() > thresholds[g].float(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        outs.append(xm @ weight_t[:, col:col + n])
+        outs.append(xm @ weight_t[:, col:col + n].to(x.dtype))
         col += n
     y = torch.cat(outs, dim=-1)
+    if scales is not None:
+        y = y * scales.to(y.dtype)
     return y if residual is None else residual + y
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                compact: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                compact: bool = False, residual: Optional[torch.Tensor] = None,
+                scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
-    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add)."""
-    check_inputs(x, weight_t, thresholds, split_sizes, residual)
+    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add).
+    scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column."""
+    check_inputs(x, weight_t, thresholds, split_sizes, residual, scales)
     x = x.contiguous()
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact,
-                                  residual=None if residual is None else residual.contiguous())
-    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual)
+                                  residual=None if residual is None else residual.contiguous(), scales=scales)
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual, scales)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None):
+def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None, scales=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
 @torch.library.custom_op("teal::sparse_gemv_partials", mutates_args=())
 def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                         compact: bool = False) -> torch.Tensor:
+                         compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same product as sparse_gemv, left as fp32 partial sums over slices of K: [S, T, N], summing to y in fp32.
     The kernel's own reduction of a K split is a serial tail (store, atomic counter, reload); returned as partials,
     the sums are added where they are read (under torch.compile, inside the residual add and RMSNorm that follow)."""
-    check_inputs(x, weight_t, thresholds, split_sizes)
+    check_inputs(x, weight_t, thresholds, split_sizes, scales=scales)
     x = x.contiguous()
     if _on_kernel(x):
-        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False)
-    return sparse_gemv_reference(x.float(), weight_t.float(), thresholds, split_sizes)[None]
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
+    return sparse_gemv_reference(x.float(), weight_t.float(), thresholds, split_sizes, scales=scales)[None]
 
 
 @sparse_gemv_partials.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False):
+def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
     splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False)["SPLIT_K"] if _on_kernel(x) else 1
     return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
 

@@ -185,7 +185,33 @@ def test_decode_attention_in_a_cuda_graph_follows_the_position():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336])])
+def test_int8_weights_match_the_dequantized_product(variant, dtype, tokens, k, groups):
+    # int8 weights with per-output-column scales, at the decode shapes: against the float64 masked product with the
+    # dequantized weight, as reduced output, with the residual, and as partial sums.
+    from sparse import quantize_int8
+    g = torch.Generator(device="cuda").manual_seed(tokens + k + len(groups))
+    x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g)
+    q, scales = quantize_int8(torch.randn(sum(groups), k, device="cuda", generator=g) / k ** 0.5)
+    w_t = q.t().contiguous()
+    thr = torch.rand(len(groups), device="cuda", generator=g) * 1.5
+    res = torch.randn(tokens, sum(groups), dtype=dtype, device="cuda", generator=g)
+    ref = sparse_gemv_reference(x.double(), (q.double() * scales.double()[:, None]).t(), thr.double(), groups)
+    config = VARIANTS[variant]
+    if config is None:
+        y = sparse_gemv(x, w_t, thr, groups, bool(tokens % 2), res, scales)
+        parts = torch.ops.teal.sparse_gemv_partials(x, w_t, thr, groups, False, scales)
+    else:
+        y = sparse_gemv_triton(x, w_t, thr, groups, config=config, residual=res, scales=scales)
+        parts = sparse_gemv_triton(x, w_t, thr, groups, config=config, reduce=False, scales=scales)
+    assert rel_err(y, ref + res.double()) < TOL[dtype]
+    assert rel_err(parts.sum(0), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("sparse", [False, True, "int8"])
 def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
     # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
@@ -200,7 +226,7 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
         torch.manual_seed(0)
         m = Transformer(args).cuda().float().eval()
         if sparse:
-            sparsify(m)
+            sparsify(m, int8=sparse == "int8")
             set_thresholds(m, torch.full((2, 7), 0.5))
         m.setup_caches(1, 64)
         models.append(m)

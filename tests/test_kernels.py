@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
-from sparse_gemv.kernels import paired_bf16_loads
+from sparse import quantize_int8
+from sparse_gemv.kernels import int8_quad_loads, paired_bf16_loads
 
 # Relative Frobenius error: fp32 accumulation; bf16 inputs round to 8 bits, fp16 to 11.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -169,8 +170,18 @@ def test_dense_path_compares_thresholds_in_float32():
 
 def test_bad_inputs_get_clear_errors():
     x, w, thr = torch.randn(1, 8), torch.randn(8, 6), torch.zeros(1)
-    with pytest.raises(TypeError, match="share one of"):
+    with pytest.raises(TypeError, match="x's dtype"):
         sparse_gemv(x.half(), w, thr, [6])
+    with pytest.raises(TypeError, match="x must be one of"):
+        sparse_gemv(x.double(), w.double(), thr, [6])
+    q, scales = quantize_int8(w.t())
+    with pytest.raises(TypeError, match="int8 with scales"):
+        sparse_gemv(x, q.t().contiguous(), thr, [6])
+    for bad in (scales.half(), scales[:5]):
+        with pytest.raises(TypeError, match="scales go with int8 weights"):
+            sparse_gemv(x, q.t().contiguous(), thr, [6], scales=bad)
+    with pytest.raises(TypeError, match="scales go with int8 weights"):
+        sparse_gemv(x, w, thr, [6], scales=scales)
     with pytest.raises(TypeError, match="float32"):
         sparse_gemv(x, w, thr.double(), [6])
     with pytest.raises(ValueError, match="weight_t must be"):
@@ -211,3 +222,80 @@ def test_pdl_switch_reaches_inductor_and_the_kernel():
         assert (inductor_config.triton.enable_pdl, kernels.PDL) == (True, True)
     finally:
         inductor_config.triton.enable_pdl, kernels.PDL = before
+
+
+def int8_problem(seed, tokens, k, groups, dtype):
+    """x [tokens, K] in dtype; int8 weights [K, N] with their fp32 scales [N]; and the float64 weight they stand for."""
+    x, w, g = random_problem(seed, tokens, k, groups, torch.float32)
+    q, scales = quantize_int8(w.t())
+    return x.to(dtype), q.t().contiguous(), scales, (q.double() * scales.double()[:, None]).t(), g
+
+
+def test_int8_quantization_rounds_each_weight_to_its_channels_grid():
+    w = torch.randn(6, 40) * torch.tensor([0.01, 1, 100, 3, 0.5, 0])[:, None]  # one all-zero channel
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and q.abs().max() <= 127
+    assert torch.equal(q.abs().amax(dim=1)[:5], torch.full((5,), 127, dtype=torch.int8))  # each channel's max -> 127
+    assert scales[5] == 1 and not q[5].any()
+    err = (q.float() * scales[:, None] - w).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-6)).all()  # round to nearest on the channel's grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_int8_weights_scaled_per_output_column(dtype, tokens, variant):
+    # Reference: the masked input times the dequantized weight (int8 value x its column's scale) in float64, plus the
+    # residual; the kernel multiplies int8 rows in fp32 and scales once at the end.
+    k, groups = 150, [40, 24, 24]
+    x, q, scales, w64, g = int8_problem(tokens + 7, tokens, k, groups, dtype)
+    thr = torch.tensor([0.4, 0.7, 1.0])
+    residual = torch.randn(tokens, sum(groups), generator=g).to(dtype)
+    keep = [x.double().abs() > t for t in thr.double()]
+    cols = torch.split(w64, groups, dim=1)
+    ref = torch.cat([torch.where(m, x.double(), 0) @ c for m, c in zip(keep, cols)], dim=1)
+    config = VARIANTS[variant]
+    out = torch.full((tokens, sum(groups)), float("nan"), dtype=dtype)
+    y = sparse_gemv_triton(x, q, thr, groups, out=out, config=config, scales=scales)
+    assert rel_err(y, ref) < TOL[dtype]
+    y = sparse_gemv_triton(x, q, thr, groups, config=config, residual=residual, scales=scales)
+    assert rel_err(y, ref + residual.double()) < TOL[dtype]
+    parts = sparse_gemv_triton(x, q, thr, groups, config=config, reduce=False, scales=scales)
+    assert parts.shape[0] == config["SPLIT_K"] and rel_err(parts.sum(0), ref) < TOL[dtype]
+    tc = sparse_gemv_triton(x, q, thr, groups, config={**config, "BLOCK_T": 16}, scales=scales)  # tensor-core path
+    assert rel_err(tc, ref) < TOL[dtype]
+    # the op's CPU path (the reference) agrees too
+    assert rel_err(sparse_gemv(x, q, thr, groups, scales=scales), ref) < TOL[dtype]
+
+
+def test_int8_op_under_torch_compile_on_cpu():
+    x, q, scales, w64, _ = int8_problem(1, 1, 64, [24, 24], torch.float32)
+    thr = torch.tensor([0.5, 1.0])
+    ref = torch.cat([torch.where(x.double().abs() > t, x.double(), 0) @ c
+                     for t, c in zip(thr.double(), torch.split(w64, [24, 24], dim=1))], dim=1)
+    f = torch.compile(lambda a, t: torch.ops.teal.sparse_gemv(a, q, t, [24, 24], False, None, scales), fullgraph=True)
+    assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, q, thr, [24, 24], False, None, scales))
+    torch.library.opcheck(torch.ops.teal.sparse_gemv_partials.default, (x, q, thr, [24, 24], False, scales))
+
+
+def test_int8_quads_widen_exactly_as_the_conversion():
+    # One token reads a 4-byte aligned int8 weight as int32 words of four, each byte widened through the float 2^23 + b;
+    # the same weight one byte off that alignment takes the plain conversion. Same products in the same order: equal.
+    k, groups = 200, [64, 32, 36]
+    x, q, scales, w64, _ = int8_problem(12, 1, k, groups, torch.bfloat16)
+    q[:4, :4] = torch.tensor([[-127, -128, 127, 0], [1, -1, 64, -64], [0, 0, 0, 0], [127, 127, -127, -127]],
+                             dtype=torch.int8)  # the ends of the range and both signs in every byte position
+    w64 = q.double() * scales.double()
+    misaligned = torch.empty(k * sum(groups) + 1, dtype=torch.int8)[1:].view(k, sum(groups))
+    misaligned.copy_(q)
+    assert int8_quad_loads(q, groups) and not int8_quad_loads(misaligned, groups)
+    assert not int8_quad_loads(q, [62, 34, 36]) and not paired_bf16_loads(q, groups)
+    thr = torch.tensor([0.3, 0.6, 0.9])
+    keep = [x.double().abs() > t for t in thr.double()]
+    ref = torch.cat([torch.where(m, x.double(), 0) @ c for m, c in zip(keep, torch.split(w64, groups, dim=1))], dim=1)
+    for config in VARIANTS:
+        out = torch.full((1, sum(groups)), float("nan"), dtype=torch.bfloat16)
+        y = sparse_gemv_triton(x, q, thr, groups, out=out, config=config, scales=scales)
+        assert torch.equal(y, sparse_gemv_triton(x, misaligned, thr, groups, config=config, scales=scales))
+        assert rel_err(y, ref) < TOL[torch.bfloat16]

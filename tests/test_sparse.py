@@ -1,6 +1,7 @@
 """Sparse decoding end to end on the CPU against an independent masked-dense reference."""
 import copy
 
+import pytest
 import torch
 
 from generate import generate
@@ -153,3 +154,38 @@ def test_compiled_o_and_down_leave_their_partial_sums_to_the_next_norm():
     for model in (apply_tp(sparse, rank=0, world=2), sparsify(apply_tp(tiny_model(4), rank=0, world=2))):
         assert not any(b.attention.wo.sum_partials_downstream or b.feed_forward.w2.sum_partials_downstream
                        for b in model.layers)
+
+
+def test_int8_sparse_decode_matches_the_masked_dequantized_model():
+    # int8 layers (per-output-channel scales) against the masked reference built from the dense model whose seven
+    # projections hold the dequantized weights q * scale: the same tokens, logits within fp32 rounding.
+    from sparse import SparseLinear, column_norms, quantize_int8
+    dense = tiny_model(6)
+    table = thresholds_at(dense, 0.5)
+    dequantized = copy.deepcopy(dense)
+    with torch.no_grad():
+        for block in dequantized.layers:
+            for lin in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2):
+                q, scales = quantize_int8(lin.weight)
+                lin.weight.copy_(q.float() * scales[:, None])
+    ref = masked_reference(dequantized, table)
+    sparse = sparsify(copy.deepcopy(dense), int8=True)
+    set_thresholds(sparse, table)
+    layer = sparse.layers[0].feed_forward.w13
+    assert isinstance(layer, SparseLinear) and layer.weight_t.dtype == torch.int8 and layer.scales.shape == (192,)
+    # weight-aware scores see the dequantized weight
+    plain = SparseLinear.from_linear(dequantized.layers[0].feed_forward.w13, [96, 96])
+    for got, want in zip(column_norms(layer), column_norms(plain)):
+        assert torch.allclose(got, want, rtol=1e-5)
+    prompt = torch.tensor([5, 17, 42, 7], dtype=torch.int)
+    a = generate(sparse, prompt, 32, temperature=0)
+    assert torch.equal(a, generate(ref, prompt, 32, temperature=0))
+    sparse.setup_caches(1, 64)
+    ref.setup_caches(1, 64)
+    with torch.no_grad():
+        assert (sparse(a[:, :4], torch.arange(4)) - ref(a[:, :4], torch.arange(4))).abs().max() < 1e-4  # prefill
+        for pos in range(4, 12):
+            tok = a[:, pos:pos + 1]
+            assert (sparse(tok, torch.tensor([pos])) - ref(tok, torch.tensor([pos]))).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="weight format"):
+        sparsify(sparse)  # already int8: not silently mixed with another format

@@ -11,9 +11,13 @@ from tests.test_sparse import tiny_model
 from tp import all_reduce, apply_tp, set_one_shot, shutdown_dist
 
 
-def make_sparse(m, per_channel: bool):
-    """Per-channel thresholds (made sparse before sharding: each rank slices its own) or per-tensor ones."""
-    if per_channel:
+def make_sparse(m, per_channel: bool, int8: bool = False):
+    """Per-channel thresholds (made sparse before sharding: each rank slices its own) or per-tensor ones; int8
+    weights (quantized before sharding: each rank slices the scales of its own output columns)."""
+    if int8:
+        sparsify(m, int8=True)
+        set_thresholds(m, torch.rand(2, 7, generator=torch.Generator().manual_seed(8)) * 0.3)
+    elif per_channel:
         sparsify(m, per_channel=True)
         set_thresholds(m, {(i, p): torch.rand(96 if p == "down" else 64, generator=torch.Generator().manual_seed(i))
                            * 0.3 for i in range(2) for p in ("q", "k", "v", "o", "gate", "up", "down")})
@@ -26,8 +30,8 @@ def worker(rank, world, port, sparse, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = tiny_model(5, n_head=8, n_local_heads=4)
-    if sparse == "before":
-        make_sparse(m, per_channel=True)
+    if sparse in ("before", "int8"):
+        make_sparse(m, per_channel=sparse == "before", int8=sparse == "int8")
     apply_tp(m)
     if sparse == "after":  # as the benchmark builds big random models: sharded first, then made sparse
         make_sparse(m, per_channel=False)
@@ -49,16 +53,16 @@ def failing_worker(rank, world, port):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("sparse", [None, "before", "after"])
+@pytest.mark.parametrize("sparse", [None, "before", "after", "int8"])
 def test_tp_logits_match_single_process(tmp_path, world, sparse):
     ref = tiny_model(5, n_head=8, n_local_heads=4)
     if sparse:
-        make_sparse(ref, per_channel=sparse == "before")
+        make_sparse(ref, per_channel=sparse == "before", int8=sparse == "int8")
     ref.setup_caches(1, 32)
     with torch.no_grad():
         expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
     path = tmp_path / "logits.pt"
-    port = 29500 + world + 10 * [None, "before", "after"].index(sparse)
+    port = 29500 + world + 10 * [None, "before", "after", "int8"].index(sparse)
     mp.spawn(worker, args=(world, port, sparse, str(path)), nprocs=world, join=True)
     got = torch.load(path, weights_only=True)
     assert (got - expected).abs().max() < 1e-4  # fp32; all-reduce changes only the summation order
