@@ -279,7 +279,9 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = Tru
     against 14.3/10.4/8.8 unsplit (gemv-partials-*.json). Autotuning was dropped
     because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
     because the best config depends on the sparsity, which is data the tuning key cannot see. int8 weights take the
-    same tiles: with tiles of the same bytes (twice as wide, or twice as tall) they were slower on most 8B shapes."""
+    same tiles: in their sweep (gemv-variants-int8-*.json) these are best or within 10% at 50% sparsity on the 8B
+    shapes but the down projection, which took 19.3 us with 64 x 256 tiles split in four against 25.2 (not adopted
+    from one standalone run)."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
     if compact:
         bn, bk, target = 128, 64, 1.4 * sms
@@ -344,6 +346,8 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:
         raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
+    if (weight_t.dtype == torch.int8) != (scales is not None):
+        raise ValueError("sparse_gemv: int8 weights need their per-column scales, and scales go only with int8 weights")
     use_pdl = pdl_launch(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)

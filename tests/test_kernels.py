@@ -182,6 +182,8 @@ def test_bad_inputs_get_clear_errors():
             sparse_gemv(x, q.t().contiguous(), thr, [6], scales=bad)
     with pytest.raises(TypeError, match="scales go with int8 weights"):
         sparse_gemv(x, w, thr, [6], scales=scales)
+    with pytest.raises(ValueError, match="per-column scales"):  # the launcher itself, called without the op's checks
+        sparse_gemv_triton(x, q.t().contiguous(), thr, [6])
     with pytest.raises(TypeError, match="float32"):
         sparse_gemv(x, w, thr.double(), [6])
     with pytest.raises(ValueError, match="weight_t must be"):
