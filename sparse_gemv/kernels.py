@@ -26,9 +26,9 @@ Two ways to skip rows, one kernel (COMPACT):
   full of useful bytes and the loop is (1 - s) as long, which wins at 80% and above on large matrices.
 
 Above about 50% sparsity the one-token loop is bound by instruction issue, not bytes, so two flags trim it where
-the shape allows: PAIRED reads bf16 weights as int32 pairs and widens each half to fp32 with one integer op (a
+the shape allows: PACK=2 reads bf16 weights as int32 pairs and widens each half to fp32 with one integer op (a
 shift or a mask) instead of a conversion; EVEN_N drops the column mask when every group is a whole number of strips.
-QUADS does the same for int8 weights: int32 words of four, each byte widened by a logic op and a subtraction, where
+PACK=4 does the same for int8 weights: int32 words of four, each byte widened by a logic op and a subtraction, where
 the int8-to-float conversion issues at a quarter of the FMA rate.
 """
 import functools
@@ -52,7 +52,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                        PAIRED: tl.constexpr, QUADS: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
+                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -79,24 +79,20 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         thr = tl.load(thr_ptr + g)  # thresholds are no kernel's output: read while the previous kernel drains
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete
-    if PAIRED:
-        # Column pairs (2j, 2j+1) as one int32: acc2 sums the even columns (low halves), acc_hi the odd ones.
-        w_pairs = w_ptr.to(tl.pointer_type(tl.int32))
-        offs_p = (g_start + strip * BLOCK_N) // 2 + tl.arange(0, BLOCK_N // 2)
+    if PACK > 1:
+        # PACK columns per int32 word: word j of a row holds columns PACK * j .. PACK * j + PACK - 1.
+        w_words = w_ptr.to(tl.pointer_type(tl.int32))
+        offs_w = (g_start + strip * BLOCK_N) // PACK + tl.arange(0, BLOCK_N // PACK)
         if EVEN_N:
-            p_mask = tl.full((BLOCK_N // 2,), 1, tl.int1)
+            w_mask = tl.full((BLOCK_N // PACK,), 1, tl.int1)
         else:
-            p_mask = offs_p < g_end // 2
+            w_mask = offs_w < g_end // PACK
+    if PACK == 2:
+        # bf16 pairs: acc2 sums the even columns (low halves), acc_hi the odd ones.
         acc2 = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
         acc_hi = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
-    elif QUADS:
-        # int8 weights as int32 words of four columns (4j .. 4j+3); acc_b sums the byte-b column of each word.
-        w_quads = w_ptr.to(tl.pointer_type(tl.int32))
-        offs_q = (g_start + strip * BLOCK_N) // 4 + tl.arange(0, BLOCK_N // 4)
-        if EVEN_N:
-            q_mask = tl.full((BLOCK_N // 4,), 1, tl.int1)
-        else:
-            q_mask = offs_q < g_end // 4
+    elif PACK == 4:
+        # int8 quads: acc_b sums the byte-b column of each word.
         acc_0 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
         acc_1 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
         acc_2 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
@@ -132,20 +128,19 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             offs_j = j + tl.arange(0, BLOCK_K)
             valid = offs_j < count
             rows = tl.load(slots + offs_j, mask=valid, other=0)
-            if PAIRED:
-                w = tl.load(w_pairs + rows[:, None] * (N // 2) + offs_p[None, :], mask=valid[:, None] & p_mask[None, :], other=0)
+            if PACK > 1:
+                w = tl.load(w_words + rows[:, None] * (N // PACK) + offs_w[None, :], mask=valid[:, None] & w_mask[None, :], other=0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-                w_lo, w_hi = _widen_bf16_pairs(w)
-                acc2 += xv * w_lo
-                acc_hi += xv * w_hi
-            elif QUADS:
-                w = tl.load(w_quads + rows[:, None] * (N // 4) + offs_q[None, :], mask=valid[:, None] & q_mask[None, :], other=0)
-                xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-                w0, w1, w2, w3 = _widen_int8_quads(w)
-                acc_0 += xv * w0
-                acc_1 += xv * w1
-                acc_2 += xv * w2
-                acc_3 += xv * w3
+                if PACK == 2:
+                    w_lo, w_hi = _widen_bf16_pairs(w)
+                    acc2 += xv * w_lo
+                    acc_hi += xv * w_hi
+                else:
+                    w0, w1, w2, w3 = _widen_int8_quads(w)
+                    acc_0 += xv * w0
+                    acc_1 += xv * w1
+                    acc_2 += xv * w2
+                    acc_3 += xv * w3
             elif BLOCK_T == 1:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -172,20 +167,19 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             if BLOCK_T == 1:
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 keep = tl.abs(x) > thr
-                if PAIRED:
-                    w = tl.load(w_pairs + offs_k[:, None] * (N // 2) + offs_p[None, :], mask=keep[:, None] & p_mask[None, :], other=0)
+                if PACK > 1:
+                    w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None] & w_mask[None, :], other=0)
                     xs = tl.where(keep, x, 0.0)[:, None]
-                    w_lo, w_hi = _widen_bf16_pairs(w)
-                    acc2 += xs * w_lo
-                    acc_hi += xs * w_hi
-                elif QUADS:
-                    w = tl.load(w_quads + offs_k[:, None] * (N // 4) + offs_q[None, :], mask=keep[:, None] & q_mask[None, :], other=0)
-                    xs = tl.where(keep, x, 0.0)[:, None]
-                    w0, w1, w2, w3 = _widen_int8_quads(w)
-                    acc_0 += xs * w0
-                    acc_1 += xs * w1
-                    acc_2 += xs * w2
-                    acc_3 += xs * w3
+                    if PACK == 2:
+                        w_lo, w_hi = _widen_bf16_pairs(w)
+                        acc2 += xs * w_lo
+                        acc_hi += xs * w_hi
+                    else:
+                        w0, w1, w2, w3 = _widen_int8_quads(w)
+                        acc_0 += xs * w0
+                        acc_1 += xs * w1
+                        acc_2 += xs * w2
+                        acc_3 += xs * w3
                 else:
                     w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                     acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -207,10 +201,10 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     acc = tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
-    if PAIRED:
+    if PACK == 2:
         # Reduce over K once, at the end, and interleave the even and odd columns back into order.
         acc = tl.reshape(tl.join(tl.sum(acc2, axis=0), tl.sum(acc_hi, axis=0)), (BLOCK_N,))[None, :]
-    elif QUADS:
+    elif PACK == 4:
         # [j, p, q] = column 4j + 2p + q: byte 2p + q of word j
         acc = tl.join(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_2, axis=0)),
                       tl.join(tl.sum(acc_1, axis=0), tl.sum(acc_3, axis=0)))
@@ -365,8 +359,8 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None,
              "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
-             "PAIRED": block_t == 1 and paired_bf16_loads(weight_t, split_sizes),
-             "QUADS": block_t == 1 and int8_quad_loads(weight_t, split_sizes),
+             "PACK": 1 if block_t > 1 else 2 if paired_bf16_loads(weight_t, split_sizes)
+             else 4 if int8_quad_loads(weight_t, split_sizes) else 1,
              "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
@@ -381,13 +375,13 @@ def default_config(device: torch.device, k: int, split_sizes, compact: bool, red
 
 
 def paired_bf16_loads(weight_t: torch.Tensor, split_sizes) -> bool:
-    """Whether one-token launches read this weight as int32 pairs of bf16 (PAIRED): every group must start on an
+    """Whether one-token launches read this weight as int32 pairs of bf16 (PACK=2): every group must start on an
     even column and the weight on a 4-byte boundary, so no pair straddles two groups or an alignment."""
     return weight_t.dtype == torch.bfloat16 and all(s % 2 == 0 for s in split_sizes) and weight_t.data_ptr() % 4 == 0
 
 
 def int8_quad_loads(weight_t: torch.Tensor, split_sizes) -> bool:
-    """Whether one-token launches read this int8 weight as int32 words of four columns (QUADS): every group must start
+    """Whether one-token launches read this int8 weight as int32 words of four columns (PACK=4): every group must start
     on a multiple of four columns and the weight on a 4-byte boundary, so no word straddles two groups."""
     return weight_t.dtype == torch.int8 and all(s % 4 == 0 for s in split_sizes) and weight_t.data_ptr() % 4 == 0
 
