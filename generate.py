@@ -17,6 +17,7 @@ import torch._inductor.config
 
 import sparse_gemv.kernels
 from model import Transformer, load_model
+from sparse import LAYER_GROUPS, SparsityMeter, set_mask_prefill, sparse_layers, sparsify
 from thresholds.file import MODES, ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
 
@@ -27,6 +28,18 @@ torch._dynamo.config.cache_size_limit = 64
 
 REPO = Path(__file__).resolve().parent
 COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one (gemv-variants-*.json)
+# int8 gate/up and down: the predicated loop widens every row of its tiles, kept or not, and is bound by instruction
+# issue there; listing the kept rows first wins in the decode step from 50% (decode-llama-3-8b-int8-*.json).
+INT8_MLP_COMPACT_FROM = 0.5
+SPARSE_KERNELS = {"predicated": (), "compact": tuple(LAYER_GROUPS), "mlp-compact": ("feed_forward.w13", "feed_forward.w2")}
+
+
+def compact_layers(kernel: str, sparsity: float, int8: bool) -> tuple[str, ...]:
+    """The layers that take the compact kernel variant for --sparse_kernel `kernel` (a SPARSE_KERNELS name or auto)."""
+    if kernel == "auto":
+        kernel = ("compact" if sparsity >= COMPACT_FROM else
+                  "mlp-compact" if int8 and sparsity >= INT8_MLP_COMPACT_FROM else "predicated")
+    return SPARSE_KERNELS[kernel]
 
 
 def set_pdl(on: bool) -> None:
@@ -119,7 +132,6 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batc
 
 def weight_bytes(model: Transformer) -> dict:
     """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read)."""
-    from sparse import sparse_layers
     sparse = {id(layer.weight_t) for _, _, layer in sparse_layers(model)}
     total = sum(t.numel() * t.element_size() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
                 if not name.startswith("tok_embeddings") and "cache" not in name and "thresholds" not in name
@@ -133,7 +145,6 @@ def weight_bytes(model: Transformer) -> dict:
 @torch.no_grad()
 def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len: int) -> dict:
     """Replay a generated sequence (prompt dense, generated tokens masked as decode masks them) and count."""
-    from sparse import LAYER_GROUPS, SparsityMeter, set_mask_prefill, sparse_layers
     meter = SparsityMeter(model)
     try:
         model(seq[:1, :prompt_len], torch.arange(prompt_len, device=seq.device))
@@ -162,10 +173,10 @@ def resolve_device(name: str) -> str:
 def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None,
                       kernel: str = "auto", int8: bool = False):
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
-    kernel: "predicated", "compact" (lists kept rows first) or "auto" (compact from 70% sparsity).
+    kernel: "predicated", "compact" (every layer lists kept rows first), "mlp-compact" (gate/up and down do) or
+    "auto" (compact_layers).
     int8: the sparse layers keep int8 weights with per-output-channel scales (at sparsity 0 and no threshold file:
     every input kept, the same kernel)."""
-    from sparse import sparsify
     check_sparsity(sparsity)
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
@@ -175,8 +186,7 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
                          f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
-    compact = kernel == "compact" or (kernel == "auto" and sparsity >= COMPACT_FROM)
-    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact, int8=int8)
+    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, int8), int8=int8)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 
@@ -200,8 +210,9 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
     p.add_argument("--sparsity_mode", default="uniform", choices=MODES)
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
-    p.add_argument("--sparse_kernel", default="auto", choices=["auto", "predicated", "compact"],
-                   help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}")
+    p.add_argument("--sparse_kernel", default="auto", choices=["auto", *SPARSE_KERNELS],
+                   help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}, and with --int8 "
+                        f"mlp-compact (gate/up and down) from {INT8_MLP_COMPACT_FROM}")
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 (per-output-channel scales) for the seven projections: half the bytes")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,

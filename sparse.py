@@ -86,7 +86,12 @@ class SparseLinear(nn.Module):
                     and torch.compiler.is_compiling()):
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
-                y = residual.reshape(-1, self.out_features).float() + parts.sum(0)  # rounded once, like the kernel
+                # Unrolled adds, which inductor fuses into the norm for any number of partials (it makes parts.sum(0)
+                # over 8 or more a reduction kernel of its own); rounded once, like the kernel.
+                total = parts[0]
+                for part in parts[1:]:
+                    total = total + part
+                y = residual.reshape(-1, self.out_features).float() + total
                 return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
             res = None if residual is None else residual.reshape(-1, self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
@@ -122,10 +127,13 @@ def sparse_layers(model: nn.Module):
                 yield i, path, layer
 
 
-def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False, int8: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool = False) -> nn.Module:
     """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense).
-    compact selects the kernel variant for very high sparsity (see sparse_gemv/kernels.py); int8 stores the
-    weights as int8 with per-output-channel scales."""
+    compact: the layers (LAYER_GROUPS paths, e.g. "feed_forward.w2") that take the kernel variant for high sparsity
+    (see sparse_gemv/kernels.py); int8 stores the weights as int8 with per-output-channel scales."""
+    unknown = set(compact) - set(LAYER_GROUPS)
+    if unknown:
+        raise ValueError(f"compact names layers {sorted(unknown)}; the sparse layers are {list(LAYER_GROUPS)}")
     for block in model.layers:
         splits = {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
                   "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
@@ -138,8 +146,8 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact: bool = False,
                     raise ValueError("model is already sparse with another threshold kind or weight format; "
                                      "sparsify a fresh model")
                 continue
-            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, compact,
-                                                           int8))
+            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel,
+                                                           path in compact, int8))
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).
     model.layers[-1].feed_forward.w2.sum_partials_downstream = False

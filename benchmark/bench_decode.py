@@ -25,7 +25,7 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
-from generate import decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
+from generate import SPARSE_KERNELS, decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
@@ -201,7 +201,8 @@ def main(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--sparse_kernel", default="predicated", choices=["predicated", "compact"])
+    p.add_argument("--sparse_kernel", default="predicated", choices=list(SPARSE_KERNELS),
+                   help="kernel variant: every layer predicated or compact, or compact for gate/up and down only")
     p.add_argument("--int8", action="store_true", help="the sparse model's seven projections in int8 (per-output-channel "
                    "scales); the dense baseline stays in --dtype. Output decode-<model>-int8...")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
@@ -236,7 +237,7 @@ def main(argv=None):
             return m, tf
         shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
-        return (sparsify(m, compact=a.sparse_kernel == "compact", int8=a.int8) if sparse else m), None
+        return (sparsify(m, compact=SPARSE_KERNELS[a.sparse_kernel], int8=a.int8) if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []

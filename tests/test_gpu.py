@@ -211,7 +211,7 @@ def test_int8_weights_match_the_dequantized_product(variant, dtype, tokens, k, g
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("sparse", [False, True, "int8"])
+@pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact"])
 def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
     # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
@@ -226,7 +226,8 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
         torch.manual_seed(0)
         m = Transformer(args).cuda().float().eval()
         if sparse:
-            sparsify(m, int8=sparse == "int8")
+            compact = generate.SPARSE_KERNELS["mlp-compact"] if sparse == "int8 mlp-compact" else ()
+            sparsify(m, int8=str(sparse).startswith("int8"), compact=compact)
             set_thresholds(m, torch.full((2, 7), 0.5))
         m.setup_caches(1, 64)
         models.append(m)

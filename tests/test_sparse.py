@@ -189,3 +189,21 @@ def test_int8_sparse_decode_matches_the_masked_dequantized_model():
             assert (sparse(tok, torch.tensor([pos])) - ref(tok, torch.tensor([pos]))).abs().max() < 1e-4
     with pytest.raises(ValueError, match="weight format"):
         sparsify(sparse)  # already int8: not silently mixed with another format
+
+
+def test_kernel_variant_is_chosen_per_layer():
+    # --sparse_kernel auto: bf16 stays predicated below COMPACT_FROM; int8 gate/up and down list kept rows from 0.5
+    from generate import COMPACT_FROM, INT8_MLP_COMPACT_FROM, compact_layers
+    mlp = ("feed_forward.w13", "feed_forward.w2")
+    assert compact_layers("auto", 0.5, int8=False) == ()
+    assert compact_layers("auto", INT8_MLP_COMPACT_FROM, int8=True) == mlp
+    assert compact_layers("auto", 0.45, int8=True) == ()
+    assert compact_layers("auto", COMPACT_FROM, int8=False) == tuple(LAYER_GROUPS)
+    assert compact_layers("predicated", 0.9, int8=True) == ()
+    assert compact_layers("compact", 0.1, int8=False) == tuple(LAYER_GROUPS)
+    model = sparsify(tiny_model(), compact=compact_layers("mlp-compact", 0.0, int8=False))
+    for block in model.layers:
+        assert (block.attention.wqkv.compact, block.attention.wo.compact) == (False, False)
+        assert (block.feed_forward.w13.compact, block.feed_forward.w2.compact) == (True, True)
+    with pytest.raises(ValueError, match="feed_forward.w4"):
+        sparsify(tiny_model(), compact=("feed_forward.w4",))
