@@ -202,7 +202,7 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sparse_kernel", default="predicated", choices=list(SPARSE_KERNELS),
-                   help="kernel variant: every layer predicated or compact, or compact for gate/up and down only")
+                   help="kernel variant: every layer predicated or compact, or compact for gate/up (and down) only")
     p.add_argument("--int8", action="store_true", help="the sparse model's seven projections in int8 (per-output-channel "
                    "scales); the dense baseline stays in --dtype. Output decode-<model>-int8...")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,

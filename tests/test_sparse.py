@@ -192,11 +192,10 @@ def test_int8_sparse_decode_matches_the_masked_dequantized_model():
 
 
 def test_kernel_variant_is_chosen_per_layer():
-    # --sparse_kernel auto: bf16 stays predicated below COMPACT_FROM; int8 gate/up and down list kept rows from 0.5
-    from generate import COMPACT_FROM, INT8_MLP_COMPACT_FROM, compact_layers
-    mlp = ("feed_forward.w13", "feed_forward.w2")
+    # --sparse_kernel auto: bf16 stays predicated below COMPACT_FROM; int8 gate/up lists kept rows from 0.5
+    from generate import COMPACT_FROM, INT8_GATE_UP_COMPACT_FROM, compact_layers
     assert compact_layers("auto", 0.5, int8=False) == ()
-    assert compact_layers("auto", INT8_MLP_COMPACT_FROM, int8=True) == mlp
+    assert compact_layers("auto", INT8_GATE_UP_COMPACT_FROM, int8=True) == ("feed_forward.w13",)
     assert compact_layers("auto", 0.45, int8=True) == ()
     assert compact_layers("auto", COMPACT_FROM, int8=False) == tuple(LAYER_GROUPS)
     assert compact_layers("predicated", 0.9, int8=True) == ()
