@@ -130,7 +130,10 @@ def sparse_layers(model: nn.Module):
 def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool = False) -> nn.Module:
     """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense).
     compact: the layers (LAYER_GROUPS paths, e.g. "feed_forward.w2") that take the kernel variant for high sparsity
-    (see sparse_gemv/kernels.py); int8 stores the weights as int8 with per-output-channel scales."""
+    (see sparse_gemv/kernels.py), or True / False for all or none; int8 stores the weights as int8 with
+    per-output-channel scales."""
+    if isinstance(compact, (bool, str)):
+        compact = tuple(LAYER_GROUPS) if compact is True else () if compact is False else (compact,)
     unknown = set(compact) - set(LAYER_GROUPS)
     if unknown:
         raise ValueError(f"compact names layers {sorted(unknown)}; the sparse layers are {list(LAYER_GROUPS)}")

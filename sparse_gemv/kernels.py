@@ -259,7 +259,7 @@ def _widen_int8_quads(w):
             (((w >> 24) & 0xFF) ^ magic).to(tl.float32, bitcast=True) - 8388736.0)
 
 
-def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True) -> dict:
+def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True, int8: bool = False) -> dict:
     """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
     (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
     (deeper pipelines and tensor-core products did not help); kept-row lists want 128 x 64 tiles at about
@@ -273,14 +273,18 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = Tru
     against 14.3/10.4/8.8 unsplit (gemv-partials-*.json). Autotuning was dropped
     because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
     because the best config depends on the sparsity, which is data the tuning key cannot see. int8 weights take the
-    same tiles: in their sweep (gemv-variants-int8-*.json) these are best or within 10% at 50% sparsity on the 8B
-    shapes but the down projection, which took 19.3 us with 64 x 256 tiles split in four against 25.2 (not adopted
-    from one standalone run)."""
+    same tiles (in their sweep, gemv-variants-int8-*.json, best or within 10% at 50% sparsity on the 8B shapes) but on
+    long K that is not wide (the down projection): its 32-column strips are 32-byte rows of int8, and 64 x 256 tiles
+    split to about 1.4 programs per SM took 19.3 against 25.2 us alone at 50% and, in the decode step, 0.568 / 0.579
+    against 0.598 ms of down GEMVs per step (decode-llama-3-8b-int8-int8tiles{,-run2,-base}-*.json, one H100). The
+    70B TP2 down shape (N 8192) falls under the same rule without its own measurement."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
     if compact:
         bn, bk, target = 128, 64, 1.4 * sms
     elif wide:
         bn, bk, target = 64, 128, 2.5 * sms
+    elif int8 and k >= 8192:  # int8 down projections
+        bn, bk, target = 64, 256, 1.4 * sms
     else:
         bn, bk, target = 32, 256, 1.4 * sms
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)
@@ -333,7 +337,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    meta = dict(config or default_config(x.device, k, split_sizes, compact, reduce))
+    meta = dict(config or default_config(x.device, k, split_sizes, compact, reduce, weight_t.dtype == torch.int8))
     warps = meta.pop("num_warps", 4)
     # BLOCK_T 1: one token, elementwise products summed over K at the end; 16: a tensor-core product with
     # the tokens padded to 16 rows (any T <= 8; for one token it trades registers for idle MMA rows).
@@ -367,11 +371,12 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     return y if reduce else partials
 
 
-def default_config(device: torch.device, k: int, split_sizes, compact: bool, reduce: bool = True) -> dict:
+def default_config(device: torch.device, k: int, split_sizes, compact: bool, reduce: bool = True,
+                   int8: bool = False) -> dict:
     """The launch's meta-parameters unless the caller gives them (its SPLIT_K is how many partials reduce=False returns)."""
     if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
         return {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2 if k >= 4 * 32 else 1, "COMPACT": compact, "STAGES": 1}
-    return pick_config(k, split_sizes, compact, _sm_count(device), reduce)
+    return pick_config(k, split_sizes, compact, _sm_count(device), reduce, int8)
 
 
 def paired_bf16_loads(weight_t: torch.Tensor, split_sizes) -> bool:

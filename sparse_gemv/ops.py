@@ -99,7 +99,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
 
 @sparse_gemv_partials.register_fake
 def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
-    splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False)["SPLIT_K"] if _on_kernel(x) else 1
+    int8 = weight_t.dtype == torch.int8
+    splits = default_config(x.device, x.shape[1], split_sizes, compact, False, int8)["SPLIT_K"] if _on_kernel(x) else 1
     return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
 
 

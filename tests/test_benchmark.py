@@ -63,3 +63,15 @@ def test_k_split_rule_from_the_ab_measurements():
     assert split(14336, [4096]) == 2
     assert split(8192, [2048, 256, 256]) == 4
     assert split(4096, [14336]) == 2 and pick_config(4096, [14336], False, 132)["BLOCK_N"] == 64
+
+
+def test_int8_down_projection_tiles():
+    # decode-llama-3-8b-int8-int8tiles*-*.json: int8 8b down (K 14336, N 4096) takes 64 x 256 tiles in four splits;
+    # the other int8 8B shapes keep the bf16 picks, and bf16 down keeps 32 x 256 in two.
+    tile = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"])
+    assert tile(pick_config(14336, [4096], False, 132, reduce=False, int8=True)) == (64, 256, 4)
+    assert tile(pick_config(14336, [4096], False, 132, reduce=False)) == (32, 256, 2)
+    for k, groups in ((4096, [4096]), (4096, [4096, 1024, 1024]), (4096, [14336, 14336])):
+        for compact in (False, True):
+            assert pick_config(k, groups, compact, 132, int8=True) == pick_config(k, groups, compact, 132)
+    assert pick_config(14336, [4096], True, 132, int8=True) == pick_config(14336, [4096], True, 132)

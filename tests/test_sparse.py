@@ -6,7 +6,7 @@ import torch
 
 from generate import generate
 from model import ModelArgs, Transformer
-from sparse import LAYER_GROUPS, PROJECTIONS, SparsityMeter, set_thresholds, sparsify
+from sparse import LAYER_GROUPS, PROJECTIONS, SparsityMeter, set_thresholds, sparse_layers, sparsify
 
 
 def tiny_model(seed=0, n_head=4, n_local_heads=2):
@@ -204,5 +204,8 @@ def test_kernel_variant_is_chosen_per_layer():
     for block in model.layers:
         assert (block.attention.wqkv.compact, block.attention.wo.compact) == (False, False)
         assert (block.feed_forward.w13.compact, block.feed_forward.w2.compact) == (True, True)
+    assert all(layer.compact for _, _, layer in sparse_layers(sparsify(tiny_model(), compact=True)))
+    assert [path for _, path, layer in sparse_layers(sparsify(tiny_model(), compact="attention.wo"))
+            if layer.compact] == ["attention.wo", "attention.wo"]
     with pytest.raises(ValueError, match="feed_forward.w4"):
         sparsify(tiny_model(), compact=("feed_forward.w4",))
