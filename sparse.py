@@ -132,8 +132,10 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
     compact: the layers (LAYER_GROUPS paths, e.g. "feed_forward.w2") that take the kernel variant for high sparsity
     (see sparse_gemv/kernels.py), or True / False for all or none; int8 stores the weights as int8 with
     per-output-channel scales."""
-    if isinstance(compact, (bool, str)):
-        compact = tuple(LAYER_GROUPS) if compact is True else () if compact is False else (compact,)
+    if isinstance(compact, bool):  # every layer or none
+        compact = tuple(LAYER_GROUPS) if compact else ()
+    elif isinstance(compact, str):
+        compact = (compact,)
     unknown = set(compact) - set(LAYER_GROUPS)
     if unknown:
         raise ValueError(f"compact names layers {sorted(unknown)}; the sparse layers are {list(LAYER_GROUPS)}")

@@ -99,8 +99,11 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
 
 @sparse_gemv_partials.register_fake
 def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
-    int8 = weight_t.dtype == torch.int8
-    splits = default_config(x.device, x.shape[1], split_sizes, compact, False, int8)["SPLIT_K"] if _on_kernel(x) else 1
+    if _on_kernel(x):  # as many partials as the launch's K split
+        int8 = weight_t.dtype == torch.int8
+        splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False, int8=int8)["SPLIT_K"]
+    else:
+        splits = 1
     return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
 
 
