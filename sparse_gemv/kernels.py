@@ -87,16 +87,13 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             w_mask = tl.full((BLOCK_N // PACK,), 1, tl.int1)
         else:
             w_mask = offs_w < g_end // PACK
-    if PACK == 2:
-        # bf16 pairs: acc2 sums the even columns (low halves), acc_hi the odd ones.
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
-        acc_hi = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
-    elif PACK == 4:
-        # int8 quads: acc_b sums the byte-b column of each word.
-        acc_0 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
-        acc_1 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
-        acc_2 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
-        acc_3 = tl.zeros((BLOCK_K, BLOCK_N // 4), dtype=tl.float32)
+    if PACK > 1:
+        # acc_b sums column b of each word (bf16 pairs: the low half is b = 0; int8 quads: byte b). With PACK == 2
+        # acc_2 and acc_3 stay zero and unused, and the compiler drops them.
+        acc_0 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_1 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_2 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_3 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
     elif BLOCK_T == 1:
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
@@ -131,16 +128,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             if PACK > 1:
                 w = tl.load(w_words + rows[:, None] * (N // PACK) + offs_w[None, :], mask=valid[:, None] & w_mask[None, :], other=0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-                if PACK == 2:
-                    w_lo, w_hi = _widen_bf16_pairs(w)
-                    acc2 += xv * w_lo
-                    acc_hi += xv * w_hi
-                else:
-                    w0, w1, w2, w3 = _widen_int8_quads(w)
-                    acc_0 += xv * w0
-                    acc_1 += xv * w1
-                    acc_2 += xv * w2
-                    acc_3 += xv * w3
+                acc_0, acc_1, acc_2, acc_3 = _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK)
             elif BLOCK_T == 1:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -170,16 +158,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 if PACK > 1:
                     w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None] & w_mask[None, :], other=0)
                     xs = tl.where(keep, x, 0.0)[:, None]
-                    if PACK == 2:
-                        w_lo, w_hi = _widen_bf16_pairs(w)
-                        acc2 += xs * w_lo
-                        acc_hi += xs * w_hi
-                    else:
-                        w0, w1, w2, w3 = _widen_int8_quads(w)
-                        acc_0 += xs * w0
-                        acc_1 += xs * w1
-                        acc_2 += xs * w2
-                        acc_3 += xs * w3
+                    acc_0, acc_1, acc_2, acc_3 = _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
                 else:
                     w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                     acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -203,7 +182,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
     if PACK == 2:
         # Reduce over K once, at the end, and interleave the even and odd columns back into order.
-        acc = tl.reshape(tl.join(tl.sum(acc2, axis=0), tl.sum(acc_hi, axis=0)), (BLOCK_N,))[None, :]
+        acc = tl.reshape(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_1, axis=0)), (BLOCK_N,))[None, :]
     elif PACK == 4:
         # [j, p, q] = column 4j + 2p + q: byte 2p + q of word j
         acc = tl.join(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_2, axis=0)),
@@ -237,6 +216,22 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     total += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
                 tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
+
+
+@triton.jit
+def _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
+    """acc_b += xv * column b of the int32 words w: PACK 2 reads bf16 pairs (acc_2, acc_3 untouched), 4 int8 quads."""
+    if PACK == 2:
+        w_lo, w_hi = _widen_bf16_pairs(w)
+        acc_0 += xv * w_lo
+        acc_1 += xv * w_hi
+    else:
+        w0, w1, w2, w3 = _widen_int8_quads(w)
+        acc_0 += xv * w0
+        acc_1 += xv * w1
+        acc_2 += xv * w2
+        acc_3 += xv * w3
+    return acc_0, acc_1, acc_2, acc_3
 
 
 @triton.jit
