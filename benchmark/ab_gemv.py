@@ -32,10 +32,12 @@ def load_kernels(name: str, path: Path):
     return module
 
 
-def configs(module, k: int, groups, sms: int) -> list[tuple[dict, bool]]:
+def configs(module, k: int, groups, sms: int, picked_only: bool = False) -> list[tuple[dict, bool]]:
     """(config, picked): the revision's own picks, then the common alternatives (predicated, at most 4 waves)."""
     picked = [module.pick_config(k, groups, compact, sms) for compact in (False, True)]
     out = [(c, True) for c in picked]
+    if picked_only:
+        return out
     for bn, bk, split in OTHER_CONFIGS:
         c = {**picked[0], "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
         if c not in picked and k // split >= bk and sum(triton.cdiv(s, bn) for s in groups) * split <= 4 * sms:
@@ -43,14 +45,14 @@ def configs(module, k: int, groups, sms: int) -> list[tuple[dict, bool]]:
     return out
 
 
-def bench(name, k, groups, dtype, modules, sparsities, l2, sms) -> list[dict]:
+def bench(name, k, groups, dtype, modules, sparsities, l2, sms, picked_only=False) -> list[dict]:
     n = sum(groups)
     weights_t, x = one_token_problem(k, n, dtype, l2)
     rows = []
     for s in sparsities:
         thr, ref = threshold_and_reference(x, weights_t[0], s, groups)
         for label, module in modules.items():
-            for cfg, picked in configs(module, k, groups, sms):
+            for cfg, picked in configs(module, k, groups, sms, picked_only):
                 run = module.sparse_gemv_triton
                 rel = check_result(run(x, weights_t[0], thr, groups, config=cfg), ref, f"{label} {name} s={s} {cfg}")
                 us = graph_time_us(lambda i: run(x, weights_t[i], thr, groups, config=cfg), len(weights_t))
@@ -84,6 +86,7 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     p.add_argument("--shapes", nargs="*", help="subset of bench_gemv's shape names")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.65, 0.8])
+    p.add_argument("--picked_only", action="store_true", help="time each revision's pick_config choices only")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
@@ -105,7 +108,7 @@ def main(argv=None):
             if a.shapes and name not in a.shapes:
                 continue
             result["rows"] += bench(name, k, groups, getattr(torch, dt), modules, a.sparsities,
-                                    getattr(props, "L2_cache_size", 50 << 20), props.multi_processor_count)
+                                    getattr(props, "L2_cache_size", 50 << 20), props.multi_processor_count, a.picked_only)
             path.write_text(json.dumps(result, indent=1))  # after every shape, so a cut-short run keeps its rows
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path}")

@@ -49,6 +49,7 @@ def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
     alternatives = [c for c, picked in cfgs[2:]]
     assert alternatives and not any(picked for _, picked in cfgs[2:]) and not any(c["COMPACT"] for c in alternatives)
     assert all(k // c["SPLIT_K"] >= c["BLOCK_K"] and 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * sms for c in alternatives)
+    assert ab_gemv.configs(module, k, groups, sms, picked_only=True) == cfgs[:2]
     with pytest.raises(SystemExit, match="two or more"):
         ab_gemv.main(["a=sparse_gemv/kernels.py"])
     with pytest.raises(SystemExit, match="two or more"):
