@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import triton
+import triton.language as tl
 from torch.distributed import _functional_collectives as funcol
 
 from model import Transformer
@@ -84,8 +86,14 @@ ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larg
 # Off: every all-reduce through NCCL. On TP2 H200 runs one-shot made 50% sparse decode 75.2 against 67.1 tok/s but
 # dense 44.1 against 47.8 (tp-llama-3-70b-{diag-oneshot,nccl}-*.json: inductor's dense kernels that feed the
 # all-reduce run slower ahead of the one-shot op), so generate.py and bench_decode.py turn it off for dense decoding.
+# With teal::one_shot_all_reduce below the same holds: dense 40.8 tok/s (tp-llama-3-70b-oneshot-dense-*.json).
 ONE_SHOT = True
-_one_shot_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+ONE_SHOT_PROGRAMS = 8  # programs per all-reduce; program i of every rank exchanges flags with program i of the others
+ONE_SHOT_BLOCK = 1024
+MAX_WORLD = 8
+CALL_COUNT_AT = ONE_SHOT_PROGRAMS * MAX_WORLD  # flag words: [program][peer] arrival counts, then [program] call counts
+FLAG_BYTES = 4 * (CALL_COUNT_AT + ONE_SHOT_PROGRAMS)
+_one_shot_buffers: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def set_one_shot(on: bool) -> None:
@@ -94,28 +102,104 @@ def set_one_shot(on: bool) -> None:
     ONE_SHOT = on
 
 
+@triton.jit
+def _one_shot_all_reduce_kernel(x_ptr, out_ptr, bases_ptr, numel, slot_numel, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                BLOCK: tl.constexpr, MAX_W: tl.constexpr, CALL_COUNT_AT: tl.constexpr):
+    """Every rank's symmetric buffer holds two input slots and a flag area after them. Program i copies its share of x
+    into this call's slot, adds one to its arrival count at every peer (release), waits for one arrival from every peer
+    and takes it (acquire), then sums its share of every rank's slot in rank order (in fp32, so every rank gets the same
+    bits). Calls alternate slots by a per-program call count, so a rank rewrites a slot only two calls later, after
+    the barrier of the call between has shown that every peer finished reading it: one barrier per call, where
+    torch's one_shot_all_reduce_copy waits on a second one at its end before the buffer may be reused."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    dtype = x_ptr.dtype.element_ty
+    base = tl.multiple_of(tl.load(bases_ptr + RANK).to(tl.pointer_type(dtype)), 16)  # allocations start aligned
+    flags = (base + 2 * slot_numel).to(tl.pointer_type(tl.int32))
+    calls = tl.load(flags + CALL_COUNT_AT + pid)
+    slot = tl.multiple_of((calls % 2) * slot_numel, 16)
+    for start in range(pid * BLOCK, numel, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
+        tl.store(base + slot + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    tl.debug_barrier()  # the program's copy is complete before any peer is told so
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            peer_flags = (tl.load(bases_ptr + p).to(tl.pointer_type(dtype)) + 2 * slot_numel).to(tl.pointer_type(tl.int32))
+            tl.atomic_add(peer_flags + pid * MAX_W + RANK, 1, sem="release", scope="sys")
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            while tl.atomic_add(flags + pid * MAX_W + p, 0, sem="acquire", scope="sys") == 0:
+                pass
+            tl.atomic_add(flags + pid * MAX_W + p, -1, sem="relaxed", scope="sys")
+    tl.debug_barrier()  # every peer's slot is complete before any thread reads it
+    for start in range(pid * BLOCK, numel, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in tl.static_range(WORLD):
+            peer = tl.multiple_of(tl.load(bases_ptr + p).to(tl.pointer_type(dtype)), 16)
+            acc += tl.load(peer + slot + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(dtype), mask=mask)
+    tl.store(flags + CALL_COUNT_AT + pid, calls + 1)
+
+
+@torch.library.custom_op("teal::one_shot_all_reduce", mutates_args=("buffer",))
+def one_shot_all_reduce(x: torch.Tensor, buffer: torch.Tensor, bases: torch.Tensor, rank: int) -> torch.Tensor:
+    """Sum of x over the ranks whose symmetric buffers start at `bases` (int64, one address per rank); `buffer` is this
+    rank's (two slots of ONE_SHOT_MAX_BYTES, then the flags), named so the compiler orders calls that share it."""
+    slot_numel = (buffer.numel() - FLAG_BYTES // buffer.element_size()) // 2
+    if x.numel() > slot_numel or x.dtype != buffer.dtype:
+        raise ValueError(f"one_shot_all_reduce: {x.numel()} {x.dtype} values do not fit a slot of {slot_numel} "
+                         f"{buffer.dtype}; larger inputs go through funcol.all_reduce")
+    if not x.is_cuda:
+        raise NotImplementedError("teal::one_shot_all_reduce reads peers' GPU memory over NVLink; CPU groups use gloo")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    programs = min(ONE_SHOT_PROGRAMS, triton.cdiv(x.numel(), ONE_SHOT_BLOCK))
+    _one_shot_all_reduce_kernel[(programs,)](x, out, bases, x.numel(), slot_numel, RANK=rank, WORLD=bases.numel(),
+                                             BLOCK=ONE_SHOT_BLOCK, MAX_W=MAX_WORLD, CALL_COUNT_AT=CALL_COUNT_AT, num_warps=4)
+    return out
+
+
+@one_shot_all_reduce.register_fake
+def _(x, buffer, bases, rank):
+    return torch.empty_like(x)
+
+
+def _one_shot_buffer(x: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's symmetric buffer for x's device and dtype, zeroed, and every rank's buffer address (collective)."""
+    key = (x.device, x.dtype)
+    if key not in _one_shot_buffers:
+        from torch.distributed import _symmetric_memory as symm_mem
+        if dist.get_world_size() > MAX_WORLD:
+            raise ValueError(f"the one-shot all-reduce supports up to {MAX_WORLD} ranks: pass --no-one_shot_allreduce "
+                             "(tp.set_one_shot(False)) to use NCCL")
+        buf = symm_mem.empty((2 * ONE_SHOT_MAX_BYTES + FLAG_BYTES) // x.element_size(), dtype=x.dtype, device=x.device)
+        buf.zero_()
+        handle = symm_mem.rendezvous(buf, group)
+        bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=x.device)
+        torch.cuda.synchronize(x.device)
+        dist.barrier()  # every rank's flags are zero before any rank signals
+        _one_shot_buffers[key] = buf, bases
+    return _one_shot_buffers[key]
+
+
 def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """Sum of x over the ranks. On an NCCL group with ONE_SHOT on, inputs up to ONE_SHOT_MAX_BYTES take a one-shot
-    all-reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's buffer read directly
-    over NVLink (no multicast), in place of NCCL's kernel. The buffer is made on first use outside torch.compile (the
-    eager prefill; a collective call, which every rank reaches in the same order) and registered on `owner`, so CUDA
-    graphs see a module buffer at a fixed address (any other tensor input they copy into their own memory, which is
-    not symmetric)."""
-    group = dist.group.WORLD.group_name
+    all-reduce (teal::one_shot_all_reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's
+    buffer read directly over NVLink, no multicast) in place of NCCL's kernel. The buffer is made on first use outside
+    torch.compile (the eager prefill; a collective call, which every rank reaches in the same order) and registered on
+    `owner`, so CUDA graphs see module buffers at fixed addresses (any other tensor input they copy into their own
+    memory, which is not symmetric)."""
     if ONE_SHOT and not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
             and dist.get_backend() == "nccl":
-        key = (x.device, x.dtype)
-        if key not in _one_shot_buffers:
-            from torch.distributed import _symmetric_memory as symm_mem
-            symm_mem.enable_symm_mem_for_group(group)
-            buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // x.element_size(), dtype=x.dtype, device=x.device)
-            symm_mem.rendezvous(buf, group)
-            _one_shot_buffers[key] = buf
-        owner.register_buffer("one_shot_buffer", _one_shot_buffers[key], persistent=False)
+        buf, bases = _one_shot_buffer(x, dist.group.WORLD.group_name)
+        owner.register_buffer("one_shot_buffer", buf, persistent=False)
+        owner.register_buffer("one_shot_bases", bases, persistent=False)
     buf = getattr(owner, "one_shot_buffer", None) if ONE_SHOT else None
-    if buf is not None and buf.dtype == x.dtype and x.numel() <= buf.numel():
-        x = x.contiguous()
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[:x.numel()].view_as(x), x, "sum", group)
+    if buf is not None and buf.dtype == x.dtype and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES:
+        return one_shot_all_reduce(x, buf, owner.one_shot_bases, dist.get_rank())
     return funcol.all_reduce(x, "sum", list(range(dist.get_world_size())))
 
 

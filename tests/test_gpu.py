@@ -247,3 +247,57 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     torch.testing.assert_close(compiled.layers[1].attention.kv_cache.k_cache, eager.layers[1].attention.kv_cache.k_cache,
                                rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+def one_shot_worker(rank, world, port, result_dir):
+    """Many consecutive all-reduces of distinct inputs (both buffer slots, several sizes, 1-8 tokens), eager and
+    replayed from a CUDA graph, each against the float64 sum of every rank's input."""
+    import os
+
+    import torch.distributed as dist
+
+    from tp import all_reduce
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    owners = [torch.nn.Module(), torch.nn.Module()]  # two call sites share one buffer, as attention and MLP do
+    shapes = [(1, 1, 8192), (1, 5, 4096), (1, 1, 1000), (8, 1, 8192)]  # 1000: not a whole number of 16-byte vectors
+    g = torch.Generator(device="cuda").manual_seed(0)  # the same stream on every rank: rank r takes input r
+    inputs = [[torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(world)]
+              for s in shapes for _ in range(3)]
+    mine = [xs[rank].clone() for xs in inputs]
+
+    def check(results, scale):
+        for y, xs in zip(results, inputs):
+            parts = torch.stack([(x * scale).double() for x in xs])  # the bf16 inputs as the ranks hold them
+            # summed in fp32 and rounded once to bf16: within half a bf16 ulp (2^-8 relative) of the exact sum
+            torch.testing.assert_close(y.double(), parts.sum(0), rtol=2 ** -8, atol=1e-30)
+
+    def calls():
+        return [all_reduce(x, owners[i % 2]) for i, x in enumerate(mine)]
+
+    check(calls(), 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = calls()
+    for replay in range(5):
+        for x, xs in zip(mine, inputs):  # new inputs each replay: a stale slot would show
+            x.copy_(xs[rank] * (replay + 2))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(captured, replay + 2)
+    torch.save(len(inputs) * 6, f"{result_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs of one host (nvidia-h200-x2)")
+def test_one_shot_all_reduce_matches_float64_sum(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    world = min(torch.cuda.device_count(), 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(one_shot_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)] == [72] * world

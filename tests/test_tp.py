@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from sparse import set_thresholds, sparsify
 from tests.test_sparse import tiny_model
-from tp import all_reduce, apply_tp, set_one_shot, shutdown_dist
+from tp import FLAG_BYTES, ONE_SHOT_MAX_BYTES, all_reduce, apply_tp, one_shot_all_reduce, set_one_shot, shutdown_dist
 
 
 def make_sparse(m, per_channel: bool, int8: bool = False):
@@ -80,17 +80,30 @@ def test_tp_size_must_divide_heads():
 
 def test_nccl_switch_bypasses_a_registered_one_shot_buffer(tmp_path):
     # With the switch off, all_reduce takes funcol even on a module that already holds a one-shot buffer; here a plain
-    # CPU tensor stands in for that buffer, so the one-shot path (switch on) fails in the symm_mem op instead.
+    # CPU tensor stands in for that buffer, so the one-shot path (switch on) fails in teal::one_shot_all_reduce instead.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         owner = torch.nn.Module()
-        owner.register_buffer("one_shot_buffer", torch.zeros(64), persistent=False)
+        buffer = torch.zeros((2 * ONE_SHOT_MAX_BYTES + FLAG_BYTES) // 4)
+        owner.register_buffer("one_shot_buffer", buffer, persistent=False)
+        owner.register_buffer("one_shot_bases", torch.zeros(1, dtype=torch.int64), persistent=False)
         x = torch.randn(1, 1, 8)
         set_one_shot(False)
         assert torch.equal(all_reduce(x, owner), x)  # one rank: the sum is x itself
         set_one_shot(True)
-        with pytest.raises(NotImplementedError, match="one_shot_all_reduce_copy"):  # no CPU kernel for that op
+        with pytest.raises(NotImplementedError, match="teal::one_shot_all_reduce"):  # GPU memory only
             all_reduce(x, owner)
     finally:
         set_one_shot(True)
         dist.destroy_process_group()
+
+
+def test_one_shot_all_reduce_rejects_inputs_its_buffer_cannot_hold():
+    buffer = torch.zeros((2 * ONE_SHOT_MAX_BYTES + FLAG_BYTES) // 2, dtype=torch.bfloat16)
+    bases = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="do not fit a slot"):
+        one_shot_all_reduce(torch.zeros(ONE_SHOT_MAX_BYTES // 2 + 1, dtype=torch.bfloat16), buffer, bases, 0)
+    with pytest.raises(ValueError, match="do not fit a slot"):
+        one_shot_all_reduce(torch.zeros(8, dtype=torch.float32), buffer, bases, 0)
+    with pytest.raises(NotImplementedError, match="GPU memory"):
+        one_shot_all_reduce(torch.zeros(8, dtype=torch.bfloat16), buffer, bases, 0)
