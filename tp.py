@@ -110,7 +110,9 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, bases_ptr, numel, slot_numel, RA
     and takes it (acquire), then sums its share of every rank's slot in rank order (in fp32, so every rank gets the same
     bits). Calls alternate slots by a per-program call count, so a rank rewrites a slot only two calls later, after
     the barrier of the call between has shown that every peer finished reading it: one barrier per call, where
-    torch's one_shot_all_reduce_copy waits on a second one at its end before the buffer may be reused."""
+    torch's one_shot_all_reduce_copy waits on a second one at its end before the buffer may be reused. This holds for
+    calls of any size because element e always belongs to program (e // BLOCK) % ONE_SHOT_PROGRAMS (fewer programs
+    run only when x fits in that many blocks), so only program i of any rank ever writes or reads it."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     dtype = x_ptr.dtype.element_ty
@@ -125,7 +127,8 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, bases_ptr, numel, slot_numel, RA
     tl.debug_barrier()  # the program's copy is complete before any peer is told so
     for p in tl.static_range(WORLD):
         if p != RANK:
-            peer_flags = (tl.load(bases_ptr + p).to(tl.pointer_type(dtype)) + 2 * slot_numel).to(tl.pointer_type(tl.int32))
+            peer_base = tl.load(bases_ptr + p).to(tl.pointer_type(dtype))
+            peer_flags = (peer_base + 2 * slot_numel).to(tl.pointer_type(tl.int32))
             tl.atomic_add(peer_flags + pid * MAX_W + RANK, 1, sem="release", scope="sys")
     for p in tl.static_range(WORLD):
         if p != RANK:
@@ -158,7 +161,8 @@ def one_shot_all_reduce(x: torch.Tensor, buffer: torch.Tensor, bases: torch.Tens
     out = torch.empty_like(x)
     programs = min(ONE_SHOT_PROGRAMS, triton.cdiv(x.numel(), ONE_SHOT_BLOCK))
     _one_shot_all_reduce_kernel[(programs,)](x, out, bases, x.numel(), slot_numel, RANK=rank, WORLD=bases.numel(),
-                                             BLOCK=ONE_SHOT_BLOCK, MAX_W=MAX_WORLD, CALL_COUNT_AT=CALL_COUNT_AT, num_warps=4)
+                                             BLOCK=ONE_SHOT_BLOCK, MAX_W=MAX_WORLD, CALL_COUNT_AT=CALL_COUNT_AT,
+                                             num_warps=4)
     return out
 
 
