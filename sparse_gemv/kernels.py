@@ -87,7 +87,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             w_mask = tl.full((BLOCK_N // PACK,), 1, tl.int1)
         else:
             w_mask = offs_w < g_end // PACK
-    if PACK > 1:
         # acc_b sums column b of each word (bf16 pairs: the low half is b = 0; int8 quads: byte b). With PACK == 2
         # acc_2 and acc_3 stay zero and unused, and the compiler drops them.
         acc_0 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
