@@ -153,10 +153,10 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before forward")
         mask = self.causal_mask[None, None, input_pos]
         freqs_cis = self.freqs_cis[input_pos]
-        x = self.tok_embeddings(idx)
+        x, residual = self.tok_embeddings(idx), None
         for layer in self.layers:
-            x = layer(x, input_pos, freqs_cis, mask)
-        return self.output(self.norm(x))
+            x, residual = layer(x, residual, input_pos, freqs_cis, mask)
+        return self.output(self.norm(x, residual)[0])
 
 
 class TransformerBlock(nn.Module):
@@ -167,10 +167,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, input_pos, freqs_cis, mask):
-        # The residual goes into the output projections (wo, w2), so a sparse layer can add it in its kernel.
-        h = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, residual=x)
-        return self.feed_forward(self.ffn_norm(h), residual=h)
+    def forward(self, x, residual, input_pos, freqs_cis, mask):
+        """x: the previous block's MLP output (the embeddings for the first block, with residual None), not yet added
+        to the residual stream: each norm adds its input to the stream and normalises the sum, so under tensor
+        parallelism one kernel all-reduces, adds and normalises (tp.py). Returns (MLP output, residual stream)."""
+        x, residual = self.attention_norm(x, residual)
+        x, residual = self.ffn_norm(self.attention(x, freqs_cis, mask, input_pos), residual)
+        return self.feed_forward(x), residual
 
 
 class Attention(nn.Module):
@@ -182,10 +185,10 @@ class Attention(nn.Module):
         self.qkv_sizes = (config.n_head * config.head_dim, config.n_local_heads * config.head_dim,
                           config.n_local_heads * config.head_dim)
         self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=False)
-        self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, freqs_cis, mask, input_pos, residual=None):
+    def forward(self, x, freqs_cis, mask, input_pos):
         # RoPE, the cache write and attention over the cache: one kernel for a decode step, PyTorch for prefill
         qkv = self.wqkv(x)
         k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
@@ -193,7 +196,7 @@ class Attention(nn.Module):
             y = decode_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
         else:
             y = cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask)
-        return self.wo(y, residual)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
@@ -202,19 +205,11 @@ class FeedForward(nn.Module):
         # gate (w1) and up (w3) fused as in w13: both read the same input.
         self.intermediate_size = config.intermediate_size
         self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
-    def forward(self, x, residual=None):
+    def forward(self, x):
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up, residual)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose forward also adds a residual: the sparse layer swapped in for it adds it in its kernel."""
-
-    def forward(self, x, residual=None):
-        y = F.linear(x, self.weight, self.bias)
-        return y if residual is None else residual + y
+        return self.w2(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):
@@ -223,10 +218,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+    def forward(self, x, residual=None):
+        """Adds x to the residual stream (x starts it when there is none) and returns (the sum normalised, the sum).
+        x may be the fp32 sum of a sparse layer's partial products (sparse.py): the add then runs in fp32, and either
+        way the sum is rounded to the stream's dtype once."""
+        h = x if residual is None else (residual + x).to(residual.dtype)
+        hf = h.float()
+        out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(h) * self.weight, h
 
 
 def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:

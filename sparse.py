@@ -9,10 +9,10 @@ the buffers, so a compiled model picks up a new sparsity without recompiling.
 With int8=True the layer stores its weight as int8 with one fp32 scale per output channel (weight-only quantization,
 as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped.
 
-The block's residual adds go into o and down (model.Linear takes the residual), whose kernel adds them in
-its epilogue: a decode step launches no separate add kernels. Under torch.compile these two layers return the
-kernel's fp32 partial sums instead (teal::sparse_gemv_partials), and the compiled graph adds them up with the
-residual inside the RMSNorm kernel that reads them.
+The o and down projections feed a norm that adds their output to the residual stream (model.RMSNorm). Under
+torch.compile these two layers return the fp32 sum of the kernel's partial products over slices of K
+(teal::sparse_gemv_partials) as a graph expression, which inductor computes inside that norm's kernel: the sparse
+kernel ends without its split-K reduction, and a decode step launches no separate add kernels.
 """
 import torch
 import torch.nn as nn
@@ -47,12 +47,11 @@ class SparseLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
         self.mask_prefill = False
-        # Layers given a residual (o, down): under torch.compile the product leaves the kernel as fp32 partial sums
-        # over slices of K, added up by inductor inside the residual add and the RMSNorm that read them, so the
-        # kernel ends without its split-K reduction tail. Eagerly the sum and the add would be kernels of their
-        # own, so eager decode keeps the epilogue. tp.py turns it off for row-sharded layers, whose output goes to
-        # an all-reduce that nothing is fused into.
-        self.sum_partials_downstream = True
+        # Set by sparsify for o and down: under torch.compile the product leaves the kernel as fp32 partial sums
+        # over slices of K, added up by inductor inside the norm that reads them, so the kernel ends without its
+        # split-K reduction tail (eagerly the sum would be kernels of its own). Off for row-sharded layers (tp.py),
+        # whose output goes to an all-reduce kernel that nothing is fused into.
+        self.sum_partials_downstream = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
@@ -64,7 +63,6 @@ class SparseLinear(nn.Module):
             layer.weight_t = q.t().contiguous()
         else:
             layer.weight_t = w.detach().t().contiguous()
-        layer.sum_partials_downstream = getattr(linear, "sum_partials_downstream", True)  # False: sharded by tp.py
         if w.is_cuda:
             reserve_workspace(w.device, layer.in_features, layer.out_features)
         return layer
@@ -77,31 +75,26 @@ class SparseLinear(nn.Module):
     def int8(self) -> bool:
         return self.scales is not None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """residual (as model.Linear takes it): added to the output, at decode in the kernel's epilogue or, compiled,
-        to the partial sums where the next norm reads them."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In x's dtype, except a compiled decode step of a layer that sums its partials downstream: there the fp32
+        sum, which the norm reading it adds to the residual stream and rounds once."""
         if x.shape[-2] == 1 or self.mask_prefill:
             tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
-            if (residual is not None and self.sum_partials_downstream and tokens <= MAX_TOKENS
-                    and torch.compiler.is_compiling()):
+            if self.sum_partials_downstream and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
                 # Unrolled adds, which inductor fuses into the norm for any number of partials (it makes parts.sum(0)
-                # over 8 or more a reduction kernel of its own); rounded once, like the kernel.
+                # over 8 or more a reduction kernel of its own).
                 total = parts[0]
                 for part in parts[1:]:
                     total = total + part
-                y = residual.reshape(-1, self.out_features).float() + total
-                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-            res = None if residual is None else residual.reshape(-1, self.out_features)
+                return total.view(*x.shape[:-1], self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, res, self.scales)
+                                           self.split_sizes, self.compact, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
-            y = (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
-        else:
-            y = x @ self.weight_t
-        return y if residual is None else residual + y
+            return (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
+        return x @ self.weight_t
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
@@ -151,8 +144,10 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
                     raise ValueError("model is already sparse with another threshold kind or weight format; "
                                      "sparsify a fresh model")
                 continue
-            setattr(parent, attr, SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel,
-                                                           path in compact, int8))
+            sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8)
+            # o and down feed a norm; tp.py marks row-sharded ones, whose output goes to an all-reduce, False
+            sparse.sum_partials_downstream = split is None and getattr(layer, "sum_partials_downstream", True)
+            setattr(parent, attr, sparse)
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).
     model.layers[-1].feed_forward.w2.sum_partials_downstream = False

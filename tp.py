@@ -1,11 +1,12 @@
 """Tensor parallelism for `torchrun --nproc_per_node=N generate.py ...` (and the TP benchmark).
 
 q/k/v and gate/up are split by output channels (each projection's rows split on its own, so every rank
-keeps whole heads); o and down are split by input channels, followed by one all-reduce each (the block's
-residual, which those projections add, is added on rank 0 only). Sparse layers shard like dense ones:
+keeps whole heads); o and down are split by input channels, and the norm that reads each one's output all-reduces
+it first (AllReduceRMSNorm, swapped in for the model's norms). Sparse layers shard like dense ones:
 column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
 input slice with the matching slice of per-channel thresholds. On NCCL groups the decode step's all-reduces are
-one-shot all-reduces over symmetric memory (all_reduce below) unless set_one_shot(False) sends them through NCCL.
+one-shot all-reduces over symmetric memory fused with the residual add and the norm, unless set_one_shot(False)
+sends them through NCCL.
 """
 import datetime
 import gc
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.distributed import _functional_collectives as funcol
 
-from model import Transformer
+from model import RMSNorm, Transformer
 from sparse import SparseLinear
 
 
@@ -86,10 +87,9 @@ ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larg
 # Off: every all-reduce through NCCL. On TP2 H200 runs one-shot made 50% sparse decode 75.2 against 67.1 tok/s but
 # dense 44.1 against 47.8 (tp-llama-3-70b-{diag-oneshot,nccl}-*.json: inductor's dense kernels that feed the
 # all-reduce run slower ahead of the one-shot op), so generate.py and bench_decode.py turn it off for dense decoding.
-# With teal::one_shot_all_reduce below the same holds: dense 40.8 tok/s (tp-llama-3-70b-oneshot-dense-*.json).
+# With our own one-shot kernel the same held: dense 40.8 tok/s (tp-llama-3-70b-oneshot-dense-*.json).
 ONE_SHOT = True
-ONE_SHOT_PROGRAMS = 8  # programs per all-reduce; program i of every rank exchanges flags with program i of the others
-ONE_SHOT_BLOCK = 1024
+ONE_SHOT_PROGRAMS = 8  # most programs per call; program i of every rank exchanges flags with program i of the others
 MAX_WORLD = 8
 CALL_COUNT_AT = ONE_SHOT_PROGRAMS * MAX_WORLD  # flag words: [program][peer] arrival counts, then [program] call counts
 FLAG_BYTES = 4 * (CALL_COUNT_AT + ONE_SHOT_PROGRAMS)
@@ -103,27 +103,30 @@ def set_one_shot(on: bool) -> None:
 
 
 @triton.jit
-def _one_shot_all_reduce_kernel(x_ptr, out_ptr, bases_ptr, numel, slot_numel, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                BLOCK: tl.constexpr, MAX_W: tl.constexpr, CALL_COUNT_AT: tl.constexpr):
-    """Every rank's symmetric buffer holds two input slots and a flag area after them. Program i copies its share of x
-    into this call's slot, adds one to its arrival count at every peer (release), waits for one arrival from every peer
-    and takes it (acquire), then sums its share of every rank's slot in rank order (in fp32, so every rank gets the same
-    bits). Calls alternate slots by a per-program call count, so a rank rewrites a slot only two calls later, after
-    the barrier of the call between has shown that every peer finished reading it: one barrier per call, where
-    torch's one_shot_all_reduce_copy waits on a second one at its end before the buffer may be reused. This holds for
-    calls of any size because element e always belongs to program (e // BLOCK) % ONE_SHOT_PROGRAMS (fewer programs
-    run only when x fits in that many blocks), so only program i of any rank ever writes or reads it."""
+def _one_shot_all_reduce_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, normed_ptr, h_ptr, bases_ptr, rows, dim,
+                                        slot_numel, eps, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                        MAX_W: tl.constexpr, CALL_COUNT_AT: tl.constexpr):
+    """h = residual + the sum of every rank's x, normed = RMSNorm(h) * weight, one program per row (token), so the
+    norm's sum of squares stays in the program. Every rank's symmetric buffer holds two input slots and a flag area
+    after them. Program i copies its rows of x into this call's slot, adds one to its arrival count at every peer
+    (release), waits for one arrival from every peer and takes it (acquire), then sums its rows of every rank's slot
+    in rank order in fp32, adds the residual and rounds once, so every rank gets the same bits. Calls alternate slots
+    by a per-program call count, so a rank rewrites a slot only two calls later, after the barrier of the call between
+    has shown that every peer finished reading it: one barrier per call, where torch's one_shot_all_reduce_copy waits
+    on a second one at its end before the buffer may be reused. Calls of any row count are safe because row r always
+    belongs to program r % ONE_SHOT_PROGRAMS (fewer programs run only when there are fewer rows), so only program i of
+    any rank ever writes or reads its slot entries."""
     pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
     dtype = x_ptr.dtype.element_ty
     base = tl.multiple_of(tl.load(bases_ptr + RANK).to(tl.pointer_type(dtype)), 16)  # allocations start aligned
     flags = (base + 2 * slot_numel).to(tl.pointer_type(tl.int32))
     calls = tl.load(flags + CALL_COUNT_AT + pid)
     slot = tl.multiple_of((calls % 2) * slot_numel, 16)
-    for start in range(pid * BLOCK, numel, step):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
-        tl.store(base + slot + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < dim
+    for row in range(pid, rows, tl.num_programs(0)):
+        offs = row * dim + cols
+        tl.store(base + slot + offs, tl.load(x_ptr + offs, mask=col_mask), mask=col_mask)
     tl.debug_barrier()  # the program's copy is complete before any peer is told so
     for p in tl.static_range(WORLD):
         if p != RANK:
@@ -136,39 +139,53 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, bases_ptr, numel, slot_numel, RA
                 pass
             tl.atomic_add(flags + pid * MAX_W + p, -1, sem="relaxed", scope="sys")
     tl.debug_barrier()  # every peer's slot is complete before any thread reads it
-    for start in range(pid * BLOCK, numel, step):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    for row in range(pid, rows, tl.num_programs(0)):
+        offs = row * dim + cols
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):
             peer = tl.multiple_of(tl.load(bases_ptr + p).to(tl.pointer_type(dtype)), 16)
-            acc += tl.load(peer + slot + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(dtype), mask=mask)
+            acc += tl.load(peer + slot + offs, mask=col_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        h = (acc + tl.load(residual_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(h_ptr + offs, h, mask=col_mask)
+        hf = h.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / dim + eps)
+        # rounded as model.RMSNorm rounds: the normalised value to the model dtype, then its product with the weight
+        normed = ((hf * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype)
+        tl.store(normed_ptr + offs, normed, mask=col_mask)
     tl.store(flags + CALL_COUNT_AT + pid, calls + 1)
 
 
-@torch.library.custom_op("teal::one_shot_all_reduce", mutates_args=("buffer",))
-def one_shot_all_reduce(x: torch.Tensor, buffer: torch.Tensor, bases: torch.Tensor, rank: int) -> torch.Tensor:
-    """Sum of x over the ranks whose symmetric buffers start at `bases` (int64, one address per rank); `buffer` is this
-    rank's (two slots of ONE_SHOT_MAX_BYTES, then the flags), named so the compiler orders calls that share it."""
+@torch.library.custom_op("teal::one_shot_all_reduce_rmsnorm", mutates_args=("buffer",))
+def one_shot_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                buffer: torch.Tensor, bases: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * weight, h) for h = residual + the sum of x over the ranks whose symmetric buffers start at `bases`
+    (int64, one address per rank); `buffer` is this rank's (two slots of ONE_SHOT_MAX_BYTES, then the flags), named
+    so the compiler orders calls that share it. x, residual: [..., dim]; weight: [dim]."""
     slot_numel = (buffer.numel() - FLAG_BYTES // buffer.element_size()) // 2
+    dim = x.shape[-1]
     if x.numel() > slot_numel or x.dtype != buffer.dtype:
-        raise ValueError(f"one_shot_all_reduce: {x.numel()} {x.dtype} values do not fit a slot of {slot_numel} "
+        raise ValueError(f"one_shot_all_reduce_rmsnorm: {x.numel()} {x.dtype} values do not fit a slot of {slot_numel} "
                          f"{buffer.dtype}; larger inputs go through funcol.all_reduce")
+    if residual.shape != x.shape or residual.dtype != x.dtype or tuple(weight.shape) != (dim,):
+        raise ValueError(f"one_shot_all_reduce_rmsnorm: residual must be like x ({tuple(x.shape)} {x.dtype}) and weight "
+                         f"[{dim}], got {tuple(residual.shape)} {residual.dtype} and {tuple(weight.shape)}")
     if not x.is_cuda:
-        raise NotImplementedError("teal::one_shot_all_reduce reads peers' GPU memory over NVLink; CPU groups use gloo")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    programs = min(ONE_SHOT_PROGRAMS, triton.cdiv(x.numel(), ONE_SHOT_BLOCK))
-    _one_shot_all_reduce_kernel[(programs,)](x, out, bases, x.numel(), slot_numel, RANK=rank, WORLD=bases.numel(),
-                                             BLOCK=ONE_SHOT_BLOCK, MAX_W=MAX_WORLD, CALL_COUNT_AT=CALL_COUNT_AT,
-                                             num_warps=4)
-    return out
+        raise NotImplementedError("teal::one_shot_all_reduce_rmsnorm reads peers' GPU memory over NVLink; CPU groups "
+                                  "use gloo")
+    x, residual = x.contiguous(), residual.contiguous()
+    normed, h = torch.empty_like(x), torch.empty_like(x)
+    rows = x.numel() // dim
+    block = triton.next_power_of_2(dim)
+    _one_shot_all_reduce_rmsnorm_kernel[(min(ONE_SHOT_PROGRAMS, rows),)](
+        x, residual, weight, normed, h, bases, rows, dim, slot_numel, eps, RANK=rank, WORLD=bases.numel(), BLOCK=block,
+        MAX_W=MAX_WORLD, CALL_COUNT_AT=CALL_COUNT_AT, num_warps=min(16, max(4, block // 1024)))
+    return normed, h
 
 
-@one_shot_all_reduce.register_fake
-def _(x, buffer, bases, rank):
-    return torch.empty_like(x)
+@one_shot_all_reduce_rmsnorm.register_fake
+def _(x, residual, weight, eps, buffer, bases, rank):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 def _one_shot_buffer(x: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,32 +206,39 @@ def _one_shot_buffer(x: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.T
     return _one_shot_buffers[key]
 
 
-def all_reduce(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """Sum of x over the ranks. On an NCCL group with ONE_SHOT on, inputs up to ONE_SHOT_MAX_BYTES take a one-shot
-    all-reduce (teal::one_shot_all_reduce: one kernel that copies x into a symmetric-memory buffer and sums every rank's
-    buffer read directly over NVLink, no multicast) in place of NCCL's kernel. The buffer is made on first use outside
-    torch.compile (the eager prefill; a collective call, which every rank reaches in the same order) and registered on
-    `owner`, so CUDA graphs see module buffers at fixed addresses (any other tensor input they copy into their own
-    memory, which is not symmetric)."""
-    if ONE_SHOT and not hasattr(owner, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
-            and dist.get_backend() == "nccl":
-        buf, bases = _one_shot_buffer(x, dist.group.WORLD.group_name)
-        owner.register_buffer("one_shot_buffer", buf, persistent=False)
-        owner.register_buffer("one_shot_bases", bases, persistent=False)
-    buf = getattr(owner, "one_shot_buffer", None) if ONE_SHOT else None
-    if buf is not None and buf.dtype == x.dtype and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES:
-        return one_shot_all_reduce(x, buf, owner.one_shot_bases, dist.get_rank())
-    return funcol.all_reduce(x, "sum", list(range(dist.get_world_size())))
+class AllReduceRMSNorm(RMSNorm):
+    """The norm after a row-sharded projection (o, down): it all-reduces the projection's partial output before adding
+    it to the residual stream and normalising. On an NCCL group with ONE_SHOT on, inputs up to ONE_SHOT_MAX_BYTES take
+    one kernel for all of it (teal::one_shot_all_reduce_rmsnorm: every rank's input is read directly over NVLink from
+    a symmetric-memory buffer, no multicast) in place of NCCL's kernel and the norm's. The buffer is made on first use
+    outside torch.compile (the eager prefill; a collective call, which every rank reaches in the same order) and
+    registered here, so CUDA graphs see module buffers at fixed addresses (any other tensor input they copy into their
+    own memory, which is not symmetric)."""
+
+    def forward(self, x, residual=None):
+        if ONE_SHOT and not hasattr(self, "one_shot_buffer") and not torch.compiler.is_compiling() and x.is_cuda \
+                and dist.get_backend() == "nccl":
+            buf, bases = _one_shot_buffer(x, dist.group.WORLD.group_name)
+            self.register_buffer("one_shot_buffer", buf, persistent=False)
+            self.register_buffer("one_shot_bases", bases, persistent=False)
+        buf = getattr(self, "one_shot_buffer", None) if ONE_SHOT else None
+        if (buf is not None and residual is not None and buf.dtype == x.dtype == residual.dtype
+                and x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES):
+            return one_shot_all_reduce_rmsnorm(x, residual, self.weight, self.eps, buf, self.one_shot_bases,
+                                               dist.get_rank())
+        # Through NCCL rank 0 adds the residual ahead of the all-reduce, where inductor fuses the add into the kernel
+        # that makes x, as it did before the norms took the add: with the add after the all-reduce the dense model's
+        # SwiGLU-and-down kernel took 106 against 63 us (TP2 dense 40.9 against 47.6 tok/s on one host,
+        # tp-llama-3-70b-resnorm{,-base}-*.json); with it here, 63 us again (tp-llama-3-70b-resnorm3-*.json).
+        if residual is not None and dist.get_rank() == 0:
+            x = residual + x
+        return super().forward(funcol.all_reduce(x, "sum", list(range(dist.get_world_size()))))
 
 
-def _all_reduce_output(module, inputs, output):
-    return all_reduce(output, module)
-
-
-def _drop_residual(module, args, kwargs):
-    # The block passes its residual into the output projection; the all-reduce sums every rank's output,
-    # so only rank 0 adds it.
-    return args, {**kwargs, "residual": None}
+def _parallel_norm(norm: RMSNorm) -> AllReduceRMSNorm:
+    new = AllReduceRMSNorm(norm.weight.shape[0], norm.eps)
+    new.weight = norm.weight
+    return new
 
 
 def apply_tp(model: Transformer, rank: int | None = None, world: int | None = None) -> Transformer:
@@ -233,9 +257,10 @@ def apply_tp(model: Transformer, rank: int | None = None, world: int | None = No
         attn.n_local_heads //= world
         attn.qkv_sizes = tuple(s // world for s in attn.qkv_sizes)
         ffn.intermediate_size //= world
-        attn.register_forward_hook(_all_reduce_output)
-        ffn.register_forward_hook(_all_reduce_output)
-        if rank != 0:
-            attn.register_forward_pre_hook(_drop_residual, with_kwargs=True)
-            ffn.register_forward_pre_hook(_drop_residual, with_kwargs=True)
+    # every norm but the first block's reads a row-sharded projection's output (the previous block's down)
+    for i, block in enumerate(model.layers):
+        if i > 0:
+            block.attention_norm = _parallel_norm(block.attention_norm)
+        block.ffn_norm = _parallel_norm(block.ffn_norm)
+    model.norm = _parallel_norm(model.norm)
     return model

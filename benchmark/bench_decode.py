@@ -26,10 +26,11 @@ import torch.distributed as dist
 import triton
 
 from generate import SPARSE_KERNELS, decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
-from model import random_model
+import tp
+from model import RMSNorm, random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
-from tp import all_reduce, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
+from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 
@@ -155,22 +156,32 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
 
 
 def allreduce_us(dim: int, dtype, n: int = 64) -> float:
-    """One decode all-reduce ([1, 1, dim]) as the model runs it (tp.all_reduce: one-shot over symmetric memory on
-    NCCL groups unless switched off), captured in a CUDA graph: median per call."""
-    x = torch.randn(1, 1, dim, dtype=dtype, device="cuda")
+    """One decode all-reduce ([1, 1, dim]) as the model runs it, captured in a CUDA graph: median per call. One-shot
+    (tp.ONE_SHOT on): the norm that runs it, AllReduceRMSNorm, whose one kernel also adds the residual and normalises;
+    NCCL: funcol.all_reduce alone."""
     from torch.distributed import _functional_collectives as funcol
-    # its sum against NCCL's: the same inputs added in another order, each of the world - 1 adds rounding to dtype, so
-    # they may differ by a few roundings of the largest sum (a missing or doubled rank's input is off by about |x|)
+    x = torch.randn(1, 1, dim, dtype=dtype, device="cuda")
+    # the residual stream is the same on every rank (NCCL's path adds it on rank 0 only)
+    residual = torch.randn(1, 1, dim, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     world = dist.get_world_size()
     nccl = funcol.all_reduce(x, "sum", list(range(world))).wait()
-    owner = torch.nn.Module()  # holds the symmetric buffer, as the model's attention and MLP modules do
-    tol = world * torch.finfo(dtype).eps * float(nccl.abs().max())
-    torch.testing.assert_close(all_reduce(x, owner), nccl, rtol=0, atol=tol)
+    norm = AllReduceRMSNorm(dim).to("cuda", dtype)
+    # the one-shot norm against NCCL's sum and model.RMSNorm: the same inputs added in another order, each of the
+    # world adds rounding to dtype, so the sums may differ by a few roundings of the largest (a missing or doubled
+    # rank's input is off by about |x|); the normalised values by as many of theirs
+    ref_normed, ref_h = RMSNorm(dim).to("cuda", dtype)(nccl, residual)
+    normed, h = norm(x, residual)
+    torch.testing.assert_close(h, ref_h, rtol=0, atol=world * torch.finfo(dtype).eps * float(ref_h.abs().max()))
+    torch.testing.assert_close(normed, ref_normed, rtol=0,
+                               atol=world * torch.finfo(dtype).eps * float(ref_normed.abs().max()))
 
     def calls(count):
         for _ in range(count):
-            y = all_reduce(x, owner)
-        if isinstance(y, funcol.AsyncCollectiveTensor):  # NCCL's result: wait on the last, so the capture ends with it
+            if tp.ONE_SHOT:
+                norm(x, residual)
+            else:
+                y = funcol.all_reduce(x, "sum", list(range(world)))
+        if not tp.ONE_SHOT:  # NCCL's result: wait on the last, so the capture ends with it
             funcol.wait_tensor(y)
 
     calls(3)

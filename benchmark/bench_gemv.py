@@ -149,12 +149,12 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=Fa
     for s in sparsities:
         thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for compact in (False, True):
-            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact, None, scales[0]), ref,
+            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact, scales[0]), ref,
                                f"{name} {dtype} s={s} compact={compact}")
         partials = sparse_gemv_partials(x, weights_t[0], thr, groups, False, scales[0])
         check_result(partials.sum(0), ref, f"{name} {dtype} s={s} partials")
-        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, False, None, scales[i]), copies)
-        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True, None, scales[i]), copies)
+        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, False, scales[i]), copies)
+        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True, scales[i]), copies)
         partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups, False, scales[i]), copies)
         kept = float((x.abs() > float(thr[0])).float().mean())
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),

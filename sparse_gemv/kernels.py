@@ -15,8 +15,7 @@ On Hopper and newer the kernel takes part in programmatic dependent launch (PDL)
 previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
-With RESIDUAL, the block's residual add runs in the epilogue (o and down projections), so a decode step has no
-separate add kernels. With SCALED the weights are int8 with one fp32 scale per output column (weight-only
+With SCALED the weights are int8 with one fp32 scale per output column (weight-only
 quantization, half the bytes of bf16): rows are skipped the same way, and the scale multiplies the fp32 sum once.
 
 Two ways to skip rows, one kernel (COMPACT):
@@ -46,9 +45,9 @@ COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept 
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, res_ptr, scale_ptr,
+def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, scale_ptr,
                         T, K, N, N0, N1, stride_xt, stride_yt,
-                        RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, BLOCK_T: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
@@ -198,8 +197,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     out_mask = t_mask[:, None] & n_mask[None, :]
     part_ptrs = part_ptr + offs_t[:, None] * N + offs_n[None, :]  # split 0's partial; split s's at + s * T * N
     if REDUCE and SPLIT_K == 1:
-        if RESIDUAL:
-            acc += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Without REDUCE the fp32 partial sums are the output; whoever reads them adds them up (sparse_gemv_partials).
@@ -211,8 +208,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
                 for s in range(SPLIT_K):
                     total += tl.load(part_ptrs + s * T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if RESIDUAL:
-                    total += tl.load(res_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
                 tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
 
@@ -317,13 +312,11 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       residual: torch.Tensor | None = None, reduce: bool = True,
-                       scales: torch.Tensor | None = None) -> torch.Tensor:
+                       reduce: bool = True, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N] in x's dtype, or int8 with scales (fp32 [N], one per output
     column: y = (masked x @ weight_t) * scales); thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    residual: [T, N] like the output, added to it in the kernel's epilogue (in fp32, rounded once).
     reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused)."""
     t, k = x.shape
     n = weight_t.shape[1]
@@ -344,18 +337,15 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     use_pdl = pdl_launch(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
-    if not reduce and (residual is not None or out is not None):
-        raise ValueError("sparse_gemv: with reduce=False the partial sums are the output; whoever adds them up adds the residual")
+    if not reduce and out is not None:
+        raise ValueError("sparse_gemv: with reduce=False the partial sums are the output, there is no out to write")
     if reduce:
         y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
     else:
         y = partials[0]  # not written: the kernel stores partial sums only
-    if residual is not None and (residual.shape != y.shape or residual.stride() != y.stride()):
-        raise ValueError(f"sparse_gemv: residual must be laid out like the output {tuple(y.shape)}")
-    res = residual if residual is not None else y  # unread without RESIDUAL
-    args = (x, weight_t, thresholds, y, partials, counters, rows, res, thresholds if scales is None else scales,
+    args = (x, weight_t, thresholds, y, partials, counters, rows, thresholds if scales is None else scales,
             t, k, n, n0, n1, x.stride(0), y.stride(0))
-    flags = {"RESIDUAL": residual is not None, "PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None,
+    flags = {"PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None,
              "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PACK": 1 if block_t > 1 else 2 if paired_bf16_loads(weight_t, split_sizes)

@@ -14,7 +14,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
-                 residual: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> None:
+                 scales: torch.Tensor | None = None) -> None:
     if x.dim() != 2:
         raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
     if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1]:
@@ -42,15 +42,10 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     if tuple(thresholds.shape) not in ((g,), (g, x.shape[1])):
         raise ValueError(f"sparse_gemv: thresholds must be [{g}] (per tensor) or [{g}, {x.shape[1]}] (per channel), "
                          f"got {tuple(thresholds.shape)}")
-    out_shape = (x.shape[0], weight_t.shape[1])
-    if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype or residual.device != x.device):
-        raise ValueError(f"sparse_gemv: residual must be a {list(out_shape)} {x.dtype} tensor on {x.device} like the output, "
-                         f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
 
 
-def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, scales=None):
-    """Mask, multiply densely (, scale the columns of int8 weights, add the residual): the definition the kernels
-    are tested against."""
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales=None):
+    """Mask, multiply densely (and scale the columns of int8 weights): the definition the kernels are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
         # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
@@ -58,29 +53,24 @@ def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual=None, s
         outs.append(xm @ weight_t[:, col:col + n].to(x.dtype))
         col += n
     y = torch.cat(outs, dim=-1)
-    if scales is not None:
-        y = y * scales.to(y.dtype)
-    return y if residual is None else residual + y
+    return y if scales is None else y * scales.to(y.dtype)
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                compact: bool = False, residual: Optional[torch.Tensor] = None,
-                scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+                compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
-    residual: [T, N], added to the output (fused into the kernel's epilogue: the block's residual add).
     scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column."""
-    check_inputs(x, weight_t, thresholds, split_sizes, residual, scales)
+    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     x = x.contiguous()
     if _on_kernel(x):
-        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact,
-                                  residual=None if residual is None else residual.contiguous(), scales=scales)
-    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, residual, scales)
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False, residual=None, scales=None):
+def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
@@ -89,8 +79,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
                          compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same product as sparse_gemv, left as fp32 partial sums over slices of K: [S, T, N], summing to y in fp32.
     The kernel's own reduction of a K split is a serial tail (store, atomic counter, reload); returned as partials,
-    the sums are added where they are read (under torch.compile, inside the residual add and RMSNorm that follow)."""
-    check_inputs(x, weight_t, thresholds, split_sizes, scales=scales)
+    the sums are added where they are read (under torch.compile, inside the RMSNorm that follows)."""
+    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     x = x.contiguous()
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)

@@ -41,25 +41,6 @@ def test_kernel_matches_reference(variant, dtype, per_channel, tokens, k, groups
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("k,groups", [(14336, [4096]), (4096, [4096])])
-def test_residual_epilogue_matches_reference(variant, dtype, tokens, k, groups):
-    # Reference: the masked product plus the residual in float64 (the o and down projections' shapes).
-    g = torch.Generator(device="cuda").manual_seed(tokens + k)
-    x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g) * 4
-    w = torch.randn(k, sum(groups), dtype=dtype, device="cuda", generator=g) / k ** 0.5
-    thr = torch.rand(len(groups), device="cuda", generator=g) * 1.5
-    res = torch.randn(tokens, sum(groups), dtype=dtype, device="cuda", generator=g)
-    if VARIANTS[variant] is None:
-        y = sparse_gemv(x, w, thr, groups, compact=bool(tokens % 2), residual=res)
-    else:
-        y = sparse_gemv_triton(x, w, thr, groups, config=VARIANTS[variant], residual=res)
-    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups, residual=res.double())
-    assert rel_err(y, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("k,groups", [(14336, [4096]), (4096, [4096]), (1000, [333, 77])])
 def test_partial_sums_add_up_to_the_product(variant, dtype, tokens, k, groups):
     # sparse_gemv_partials (the o and down projections under torch.compile): fp32 [SPLIT_K, T, N] whose sum over
@@ -191,23 +172,22 @@ def test_decode_attention_in_a_cuda_graph_follows_the_position():
 @pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336])])
 def test_int8_weights_match_the_dequantized_product(variant, dtype, tokens, k, groups):
     # int8 weights with per-output-column scales, at the decode shapes: against the float64 masked product with the
-    # dequantized weight, as reduced output, with the residual, and as partial sums.
+    # dequantized weight, as reduced output and as partial sums.
     from sparse import quantize_int8
     g = torch.Generator(device="cuda").manual_seed(tokens + k + len(groups))
     x = torch.randn(tokens, k, dtype=dtype, device="cuda", generator=g)
     q, scales = quantize_int8(torch.randn(sum(groups), k, device="cuda", generator=g) / k ** 0.5)
     w_t = q.t().contiguous()
     thr = torch.rand(len(groups), device="cuda", generator=g) * 1.5
-    res = torch.randn(tokens, sum(groups), dtype=dtype, device="cuda", generator=g)
     ref = sparse_gemv_reference(x.double(), (q.double() * scales.double()[:, None]).t(), thr.double(), groups)
     config = VARIANTS[variant]
     if config is None:
-        y = sparse_gemv(x, w_t, thr, groups, bool(tokens % 2), res, scales)
+        y = sparse_gemv(x, w_t, thr, groups, bool(tokens % 2), scales)
         parts = torch.ops.teal.sparse_gemv_partials(x, w_t, thr, groups, False, scales)
     else:
-        y = sparse_gemv_triton(x, w_t, thr, groups, config=config, residual=res, scales=scales)
+        y = sparse_gemv_triton(x, w_t, thr, groups, config=config, scales=scales)
         parts = sparse_gemv_triton(x, w_t, thr, groups, config=config, reduce=False, scales=scales)
-    assert rel_err(y, ref + res.double()) < TOL[dtype]
+    assert rel_err(y, ref) < TOL[dtype]
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
 
 
@@ -250,38 +230,50 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
 
 
 def one_shot_worker(rank, world, port, result_dir):
-    """Many consecutive all-reduces of distinct inputs (both buffer slots, several sizes, 1-8 tokens), eager and
-    replayed from a CUDA graph, each against the float64 sum of every rank's input."""
+    """Many consecutive fused all-reduce + residual add + RMSNorm calls on distinct inputs (both buffer slots, several
+    sizes, 1-8 tokens), eager and replayed from a CUDA graph: the sum against the float64 sum of every rank's input
+    and the residual, the norm against float64 math on the returned sum."""
     import os
 
     import torch.distributed as dist
 
-    from tp import all_reduce
+    from tp import AllReduceRMSNorm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    owners = [torch.nn.Module(), torch.nn.Module()]  # two call sites share one buffer, as attention and MLP do
     shapes = [(1, 1, 8192), (1, 5, 4096), (1, 1, 1000), (8, 1, 8192)]  # 1000: not a whole number of 16-byte vectors
     g = torch.Generator(device="cuda").manual_seed(0)  # the same stream on every rank: rank r takes input r
-    inputs = [[torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(world)]
-              for s in shapes for _ in range(3)]
-    mine = [xs[rank].clone() for xs in inputs]
+    norms = {}  # two norms per size share one buffer, as a block's two norms do
+    for dim in sorted({s[-1] for s in shapes}):
+        for site in range(2):
+            norms[dim, site] = AllReduceRMSNorm(dim, eps=1e-5).to("cuda", torch.bfloat16)
+            norms[dim, site].weight.data = torch.rand(dim, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    inputs = [([torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(world)],
+               torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) * 4) for s in shapes for _ in range(3)]
+    mine = [xs[rank].clone() for xs, _ in inputs]
+    residuals = [r.clone() for _, r in inputs]
 
     def check(results, scale):
-        for y, xs in zip(results, inputs):
-            parts = torch.stack([(x * scale).double() for x in xs])  # the bf16 inputs as the ranks hold them
+        for (normed, h), (xs, residual), i in zip(results, inputs, range(len(inputs))):
+            exact = torch.stack([(x * scale).double() for x in xs]).sum(0) + residual.double()
             # summed in fp32 and rounded once to bf16: within half a bf16 ulp (2^-8 relative) of the exact sum
-            torch.testing.assert_close(y.double(), parts.sum(0), rtol=2 ** -8, atol=1e-30)
+            torch.testing.assert_close(h.double(), exact, rtol=2 ** -8, atol=1e-30)
+            hd = h.double()
+            unit = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16).double()
+            want = unit * norms[h.shape[-1], i % 2].weight.double()
+            # h / rms rounded to bf16, where fp32 arithmetic may round to the neighbour of the float64 value (one ulp,
+            # 2^-7 relative), times the weight and rounded again (half an ulp)
+            torch.testing.assert_close(normed.double(), want, rtol=3 * 2 ** -8, atol=1e-30)
 
     def calls():
-        return [all_reduce(x, owners[i % 2]) for i, x in enumerate(mine)]
+        return [norms[x.shape[-1], i % 2](x, r) for i, (x, r) in enumerate(zip(mine, residuals))]
 
     check(calls(), 1)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = calls()
     for replay in range(5):
-        for x, xs in zip(mine, inputs):  # new inputs each replay: a stale slot would show
+        for x, (xs, _) in zip(mine, inputs):  # new inputs each replay: a stale slot would show
             x.copy_(xs[rank] * (replay + 2))
         graph.replay()
         torch.cuda.synchronize()
@@ -291,7 +283,7 @@ def one_shot_worker(rank, world, port, result_dir):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs of one host (nvidia-h200-x2)")
-def test_one_shot_all_reduce_matches_float64_sum(tmp_path):
+def test_one_shot_all_reduce_rmsnorm_matches_float64_math(tmp_path):
     import socket
 
     import torch.multiprocessing as mp

@@ -30,10 +30,10 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
 
-def poisoned_run(x, w, thr, groups, config=None, residual=None):
+def poisoned_run(x, w, thr, groups, config=None):
     # Output filled with NaN first: any element the kernel fails to write fails the comparison.
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
-    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config, residual=residual)
+    return sparse_gemv_triton(x, w, thr, groups, out=out, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -106,22 +106,6 @@ def test_one_token_through_the_tensor_core_path(dtype, compact):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
-def test_residual_added_in_the_epilogue(dtype, tokens, variant):
-    # Reference: the masked product plus the residual in float64 (with and without the split-K reduction).
-    k, groups = 300, [40, 24, 24]
-    x, w, g = random_problem(tokens, tokens, k, groups, dtype)
-    residual = (torch.randn(tokens, sum(groups), generator=g) * 10).to(dtype)
-    thr = torch.tensor([0.4, 0.7, 1.0])
-    y = poisoned_run(x, w, thr, groups, VARIANTS[variant], residual=residual)
-    ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups, residual=residual.double())
-    assert rel_err(y, ref) < TOL[dtype]
-    # the op's reference path: the product, then the add
-    assert torch.equal(sparse_gemv(x, w, thr, groups, residual=residual), sparse_gemv(x, w, thr, groups) + residual)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_partial_sums_are_the_masked_products_of_each_k_slice(dtype, tokens, variant):
     # reduce=False returns fp32 [SPLIT_K, T, N]: slice s must be the masked product over the K rows that split s
     # covers (ceil(K / SPLIT_K) rounded up to whole BLOCK_K tiles), checked slice by slice against float64.
@@ -139,9 +123,8 @@ def test_partial_sums_are_the_masked_products_of_each_k_slice(dtype, tokens, var
         assert rel_err(parts[s], ref) < TOL[dtype]
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), groups)
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
-    for extra in ({"residual": torch.zeros(tokens, 88, dtype=dtype)}, {"out": torch.empty(tokens, 88, dtype=dtype)}):
-        with pytest.raises(ValueError, match="partial sums are the output"):
-            sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False, **extra)
+    with pytest.raises(ValueError, match="partial sums are the output"):
+        sparse_gemv_triton(x, w, thr, groups, config=config, reduce=False, out=torch.empty(tokens, 88, dtype=dtype))
 
 
 def test_partials_op_on_cpu_and_under_torch_compile():
@@ -196,8 +179,6 @@ def test_bad_inputs_get_clear_errors():
         sparse_gemv(x, w, torch.zeros(2), [6])
     with pytest.raises(ValueError, match="tokens, K"):
         sparse_gemv(x[0], w, thr, [6])
-    with pytest.raises(ValueError, match="residual must be"):
-        sparse_gemv(x, w, thr, [6], residual=torch.ones(1, 8))
 
 
 def test_custom_op_under_torch_compile_on_cpu():
@@ -207,7 +188,6 @@ def test_custom_op_under_torch_compile_on_cpu():
     ref = sparse_gemv_reference(x.double(), w.double(), thr.double(), [24, 24])
     assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
     torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24]))
-    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, w, thr, [24, 24], False, torch.randn(1, 48)))
 
 
 def test_pdl_switch_reaches_inductor_and_the_kernel():
@@ -247,12 +227,11 @@ def test_int8_quantization_rounds_each_weight_to_its_channels_grid():
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_int8_weights_scaled_per_output_column(dtype, tokens, variant):
-    # Reference: the masked input times the dequantized weight (int8 value x its column's scale) in float64, plus the
-    # residual; the kernel multiplies int8 rows in fp32 and scales once at the end.
+    # Reference: the masked input times the dequantized weight (int8 value x its column's scale) in float64; the
+    # kernel multiplies int8 rows in fp32 and scales once at the end.
     k, groups = 150, [40, 24, 24]
-    x, q, scales, w64, g = int8_problem(tokens + 7, tokens, k, groups, dtype)
+    x, q, scales, w64, _ = int8_problem(tokens + 7, tokens, k, groups, dtype)
     thr = torch.tensor([0.4, 0.7, 1.0])
-    residual = torch.randn(tokens, sum(groups), generator=g).to(dtype)
     keep = [x.double().abs() > t for t in thr.double()]
     cols = torch.split(w64, groups, dim=1)
     ref = torch.cat([torch.where(m, x.double(), 0) @ c for m, c in zip(keep, cols)], dim=1)
@@ -260,8 +239,6 @@ def test_int8_weights_scaled_per_output_column(dtype, tokens, variant):
     out = torch.full((tokens, sum(groups)), float("nan"), dtype=dtype)
     y = sparse_gemv_triton(x, q, thr, groups, out=out, config=config, scales=scales)
     assert rel_err(y, ref) < TOL[dtype]
-    y = sparse_gemv_triton(x, q, thr, groups, config=config, residual=residual, scales=scales)
-    assert rel_err(y, ref + residual.double()) < TOL[dtype]
     parts = sparse_gemv_triton(x, q, thr, groups, config=config, reduce=False, scales=scales)
     assert parts.shape[0] == config["SPLIT_K"] and rel_err(parts.sum(0), ref) < TOL[dtype]
     tc = sparse_gemv_triton(x, q, thr, groups, config={**config, "BLOCK_T": 16}, scales=scales)  # tensor-core path
@@ -275,9 +252,9 @@ def test_int8_op_under_torch_compile_on_cpu():
     thr = torch.tensor([0.5, 1.0])
     ref = torch.cat([torch.where(x.double().abs() > t, x.double(), 0) @ c
                      for t, c in zip(thr.double(), torch.split(w64, [24, 24], dim=1))], dim=1)
-    f = torch.compile(lambda a, t: torch.ops.teal.sparse_gemv(a, q, t, [24, 24], False, None, scales), fullgraph=True)
+    f = torch.compile(lambda a, t: torch.ops.teal.sparse_gemv(a, q, t, [24, 24], False, scales), fullgraph=True)
     assert torch.allclose(f(x, thr).double(), ref, atol=1e-4)
-    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, q, thr, [24, 24], False, None, scales))
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, q, thr, [24, 24], False, scales))
     torch.library.opcheck(torch.ops.teal.sparse_gemv_partials.default, (x, q, thr, [24, 24], False, scales))
 
 

@@ -5,7 +5,7 @@ import torch
 from model import config_hash
 from sparse import sparsify
 from tests.test_sparse import tiny_model
-from thresholds.calibrate import LEVELS, greedy_block, projection_params, quantile_table
+from thresholds.calibrate import LEVELS, block_stream, greedy_block, projection_params, quantile_table
 from thresholds.file import ThresholdFile, import_reference_histograms, threshold_table
 
 
@@ -50,7 +50,7 @@ def test_greedy_reaches_target_and_beats_uniform_block_error():
     hooks = [l.register_forward_pre_hook(lambda mod, a, k=k: acts.__setitem__(k, a[0])) for k, l in
              enumerate([m.layers[0].attention.wqkv, m.layers[0].attention.wo, m.layers[0].feed_forward.w13, m.layers[0].feed_forward.w2])]
     with torch.no_grad():
-        dense_out = m.layers[0](h, torch.arange(64), m.freqs_cis[:64], m.causal_mask[None, None, :64])
+        dense_out = block_stream(m.layers[0], h, torch.arange(64), m.freqs_cis[:64], m.causal_mask[None, None, :64])
     for hk in hooks:
         hk.remove()
     for k, x in acts.items():
@@ -70,7 +70,7 @@ def test_greedy_reaches_target_and_beats_uniform_block_error():
                                             [(0, 1, 2), (3,), (4, 5), (6,)]):
                 for g, p in enumerate(idxs):
                     layer.thresholds[g] = _table_at(site_q[0, site[p]], float(s[p])) if s[p] > 0 else 0.0
-            out = m.layers[0](h, torch.arange(64), m.freqs_cis[:64], m.causal_mask[None, None, :64])
+            out = block_stream(m.layers[0], h, torch.arange(64), m.freqs_cis[:64], m.causal_mask[None, None, :64])
         return float((out - dense_out).pow(2).mean())
     assert block_error(path[-1][1]) <= block_error(uniform) + 1e-12
 

@@ -86,6 +86,12 @@ def quantile_at(values: torch.Tensor, level: float, generator=None, max_samples:
     return a + (b - a) * (pos - lo)
 
 
+def block_stream(block, h: torch.Tensor, input_pos, freqs, mask) -> torch.Tensor:
+    """The residual stream after `block`, given the stream h entering it (the block's first norm starts from h)."""
+    y, residual = block(h, None, input_pos, freqs, mask)
+    return residual + y
+
+
 @torch.no_grad()
 def run_blocks(model, idx: torch.Tensor, layers=None) -> torch.Tensor:
     """Hidden states after the blocks (no output head: calibration never needs logits)."""
@@ -93,7 +99,7 @@ def run_blocks(model, idx: torch.Tensor, layers=None) -> torch.Tensor:
     mask, freqs = model.causal_mask[None, None, input_pos], model.freqs_cis[input_pos]
     x = model.tok_embeddings(idx)
     for block in (model.layers if layers is None else layers):
-        x = block(x, input_pos, freqs, mask)
+        x = block_stream(block, x, input_pos, freqs, mask)
     return x
 
 
@@ -167,7 +173,7 @@ def greedy_block(model, i: int, h: torch.Tensor, site_q: torch.Tensor, params: t
                 p = PROJECTIONS.index(proj)
                 level = float(s[p])
                 layer.thresholds[g] = 0.0 if level == 0 else _table_at(site_q[i, site[p]], level)
-        return block(h, input_pos, freqs, mask)
+        return block_stream(block, h, input_pos, freqs, mask)
 
     s = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
     dense = forward(s)
@@ -224,8 +230,8 @@ def block_kl(model, ids: torch.Tensor, tf: ThresholdFile, levels: torch.Tensor =
     inputs, x = [], model.tok_embeddings(ids)
     for block in model.layers:
         inputs.append(x)
-        x = block(x, pos, freqs, mask)
-    dense = torch.log_softmax(model.output(model.norm(x)).float(), dim=-1)
+        x = block_stream(block, x, pos, freqs, mask)
+    dense = torch.log_softmax(model.output(model.norm(x)[0]).float(), dim=-1)
     kl = torch.zeros(n_layer, len(levels))
     set_mask_prefill(model, True)  # every position masked as a decode step masks it
     try:
@@ -239,8 +245,8 @@ def block_kl(model, ids: torch.Tensor, tf: ThresholdFile, levels: torch.Tensor =
                     set_thresholds(model, table)
                     x = inputs[b]
                     for block in model.layers[b:]:
-                        x = block(x, pos, freqs, mask)
-                    logp = torch.log_softmax(model.output(model.norm(x)).float(), dim=-1)
+                        x = block_stream(block, x, pos, freqs, mask)
+                    logp = torch.log_softmax(model.output(model.norm(x)[0]).float(), dim=-1)
                     kl[b, a] = float((dense.exp() * (dense - logp)).sum(-1).mean())
                     bar.update()
     finally:
