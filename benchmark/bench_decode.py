@@ -26,7 +26,7 @@ import torch.distributed as dist
 import triton
 
 from generate import SPARSE_KERNELS, decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
-import tp
+import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import RMSNorm, random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES

@@ -15,8 +15,8 @@ On Hopper and newer the kernel takes part in programmatic dependent launch (PDL)
 previous kernel drains, waits on-chip (gdc_wait) before its first read, and lets the next kernel launch once its
 weights are all read (gdc_launch_dependents), so launch latency leaves the decode step's critical path.
 
-With SCALED the weights are int8 with one fp32 scale per output column (weight-only
-quantization, half the bytes of bf16): rows are skipped the same way, and the scale multiplies the fp32 sum once.
+With SCALED the weights are int8 with one fp32 scale per output column (weight-only quantization, half the bytes
+of bf16): rows are skipped the same way, and the scale multiplies the fp32 sum once.
 
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
