@@ -192,7 +192,8 @@ def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compac
 
 def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), int8=False, **space):
     n = sum(groups)
-    weights_t, x = one_token_problem(k, n, dtype, l2_bytes, 1 if int8 else None)
+    itemsize = 1 if int8 else dtype.itemsize  # bytes per stored weight
+    weights_t, x = one_token_problem(k, n, dtype, l2_bytes, itemsize)
     scales = [None] * len(weights_t)
     if int8:
         weights_t, scales = int8_copies(weights_t)
@@ -209,7 +210,7 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
         for compact in (False, True):
             b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
             print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "
-                  f"({(1 - s) * n * k * (1 if int8 else dtype.itemsize) / (b['us'] * 1e-6) / 1e9:5.0f} GB/s kept) {b}",
+                  f"({(1 - s) * n * k * itemsize / (b['us'] * 1e-6) / 1e9:5.0f} GB/s kept) {b}",
                   flush=True)
     return rows
 

@@ -345,8 +345,7 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         y = partials[0]  # not written: the kernel stores partial sums only
     args = (x, weight_t, thresholds, y, partials, counters, rows, thresholds if scales is None else scales,
             t, k, n, n0, n1, x.stride(0), y.stride(0))
-    flags = {"PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None,
-             "BLOCK_T": block_t,
+    flags = {"PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None, "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PACK": 1 if block_t > 1 else 2 if paired_bf16_loads(weight_t, split_sizes)
              else 4 if int8_quad_loads(weight_t, split_sizes) else 1,

@@ -254,7 +254,7 @@ def one_shot_worker(rank, world, port, result_dir):
     residuals = [r.clone() for _, r in inputs]
 
     def check(results, scale):
-        for (normed, h), (xs, residual), i in zip(results, inputs, range(len(inputs))):
+        for i, ((normed, h), (xs, residual)) in enumerate(zip(results, inputs)):
             exact = torch.stack([(x * scale).double() for x in xs]).sum(0) + residual.double()
             # summed in fp32 and rounded once to bf16: within half a bf16 ulp (2^-8 relative) of the exact sum
             torch.testing.assert_close(h.double(), exact, rtol=2 ** -8, atol=1e-30)
