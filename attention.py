@@ -1,7 +1,8 @@
 """A decode step's attention in one kernel: the Triton kernel behind the `teal::decode_attention` op.
 
-It takes the token's q, k and v as the qkv projection wrote them, applies RoPE to q and k, writes k and v into the
-static KV cache at the token's position, and attends over the positions written so far. Done by the compiler
+It takes the token's q, k and v as the qkv projection wrote them (or as the fp32 partial sums a sparse projection
+leaves, which it adds as it loads them), applies RoPE to q and k, writes k and v into the static KV cache at the
+token's position, and attends over the positions written so far. Done by the compiler
 instead, the rotations and the cache writes are three small kernels per layer ahead of the attention, each a
 dependent launch in the step's chain (about 4 us per layer on an H100, benchmark/results/decode-*.json).
 
@@ -26,18 +27,31 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _rope(ptrs, mask, cos, sin, dtype: tl.constexpr):
+def _load_qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
+    """Elements of the token's qkv row, in fp32 holding dtype values. With PARTS > 0 the row arrives as that many fp32
+    partial sums over slices of K (a sparse projection's, teal::sparse_gemv_partials, part_stride apart): added in
+    order and rounded to dtype once, as the projection's own reduction rounds its output."""
+    if PARTS == 0:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    total = tl.load(ptrs, mask=mask, other=0.0)
+    for part in tl.static_range(1, PARTS):
+        total += tl.load(ptrs + part * part_stride, mask=mask, other=0.0)
+    return total.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
     """Load interleaved (even, odd) pairs at ptrs (even elements) and rotate them by the position's angles in fp32,
     rounded to dtype, as apply_rotary_emb does; returned as [..., pairs, 2] (reshaped by the caller)."""
-    even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    even = _load_qkv(ptrs, mask, part_stride, PARTS, dtype)
+    odd = _load_qkv(ptrs + 1, mask, part_stride, PARTS, dtype)
     return tl.join((even * cos - odd * sin).to(dtype), (odd * cos + even * sin).to(dtype))
 
 
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-                             HKV, sm_scale, stride_qkv, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
-                             REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             HKV, sm_scale, stride_qkv, stride_part, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
+                             PARTS: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr,
                              DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -61,14 +75,15 @@ def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, p
     length = pos + 1  # causal: the token at position p sees positions 0..p
     dtype = o_ptr.dtype.element_ty
     row = qkv_ptr + b * stride_qkv  # [q heads | k heads | v heads] x D
-    q = _rope(row + heads[:, None] * D + 2 * offs_p[None, :],
-              h_mask[:, None] & p_mask[None, :], cos[None, :], sin[None, :], dtype).reshape(BLOCK_H, BLOCK_D)
+    q = _rope(row + heads[:, None] * D + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :], cos[None, :],
+              sin[None, :], stride_part, PARTS, dtype).reshape(BLOCK_H, BLOCK_D)
     if split == pos // SPLIT_LEN:
         # The one program whose positions include the new token writes its k and v into the cache, then reads
         # them back with the rest (the barrier makes the row visible to all of this program's threads).
-        k_new = _rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, dtype).reshape(BLOCK_D)
+        k_new = _rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, stride_part, PARTS,
+                      dtype).reshape(BLOCK_D)
         tl.store(k_base + pos * stride_ks + offs_d, k_new, mask=d_mask)
-        v_new = tl.load(row + (HKV * REP + HKV + kvh) * D + offs_d, mask=d_mask)
+        v_new = _load_qkv(row + (HKV * REP + HKV + kvh) * D + offs_d, d_mask, stride_part, PARTS, dtype).to(dtype)
         tl.store(v_base + pos * stride_ks + offs_d, v_new, mask=d_mask)
         tl.debug_barrier()
     start = split * SPLIT_LEN
@@ -147,21 +162,33 @@ def check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos) -> None:
         raise ValueError(f"decode_attention: k_cache and v_cache must be one [B, H_kv, S, D] shape, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     hkv, d = k_cache.shape[1], k_cache.shape[3]
-    if qkv.dim() != 3 or qkv.shape[1] != 1:
-        raise ValueError(f"decode_attention: qkv must be [B, 1, (H + 2 H_kv) D] (one token), got {tuple(qkv.shape)}")
-    h = qkv.shape[2] // d - 2 * hkv
-    if qkv.shape[2] % d or h <= 0 or h % hkv or qkv.shape[0] > k_cache.shape[0]:
+    if qkv.dim() == 4 and qkv.dtype != torch.float32:
+        raise TypeError(f"decode_attention: a 4-d qkv holds fp32 partial sums [P, B, 1, W], got {qkv.dtype}")
+    row = qkv[0] if qkv.dim() == 4 and qkv.shape[0] else qkv
+    if row.dim() != 3 or row.shape[1] != 1:
+        raise ValueError(f"decode_attention: qkv must be [B, 1, (H + 2 H_kv) D] (one token), or fp32 partial sums "
+                         f"[P, B, 1, (H + 2 H_kv) D], got {tuple(qkv.shape)}")
+    h = row.shape[2] // d - 2 * hkv
+    if row.shape[2] % d or h <= 0 or h % hkv or row.shape[0] > k_cache.shape[0]:
         raise ValueError(f"decode_attention: qkv {tuple(qkv.shape)} does not match the cache {tuple(k_cache.shape)} "
                          f"(width (H + 2 x {hkv}) x {d} with H a multiple of {hkv}, batch within the cache's)")
     if d % 2 or tuple(freqs_cis.shape) != (1, d // 2, 2) or freqs_cis.dtype != torch.float32:
         raise ValueError(f"decode_attention: freqs_cis must be the position's float32 [1, {d // 2}, 2] RoPE table row "
                          f"(even head size), got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
-    if not (qkv.dtype == k_cache.dtype == v_cache.dtype):
+    if k_cache.dtype != v_cache.dtype or (qkv.dim() == 3 and qkv.dtype != k_cache.dtype):
         raise TypeError(f"decode_attention: qkv and the caches must share a dtype, got {qkv.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if input_pos.numel() != 1 or input_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"decode_attention: input_pos must hold one integer position, got {tuple(input_pos.shape)} {input_pos.dtype}")
     if len({t.device for t in (qkv, freqs_cis, k_cache, v_cache, input_pos)}) != 1:
         raise ValueError("decode_attention: qkv, freqs_cis, the caches and input_pos must be on one device")
+
+
+def add_partials(qkv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 partial sums [P, ...] added in order and rounded to dtype once, as the kernel adds them."""
+    total = qkv[0]
+    for part in qkv[1:]:
+        total = total + part
+    return total.to(dtype)
 
 
 def cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask):
@@ -184,23 +211,28 @@ def cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask):
 
 def decode_attention_reference(qkv, freqs_cis, k_cache, v_cache, input_pos):
     """The model's prefill path for one token: causal attention over the positions up to input_pos."""
+    if qkv.dim() == 4:
+        qkv = add_partials(qkv, k_cache.dtype)
     mask = torch.arange(k_cache.shape[2], device=qkv.device) <= input_pos.reshape(())
     return cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask[None, None, None, :])
 
 
 def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: int = CHUNK,
                             block_s: int = 64) -> torch.Tensor:
-    """Launch the kernel(s). qkv: [B, 1, (H + 2 H_kv) D] with the last dim contiguous; freqs_cis: [1, D / 2, 2];
-    k_cache, v_cache: [B', H_kv, S, D] (B' >= B) with the last dim contiguous. Returns [B, 1, H D]."""
+    """Launch the kernel(s). qkv: [B, 1, (H + 2 H_kv) D] in the caches' dtype, or fp32 partial sums [P, B, 1, ...] of
+    it, with the last dim contiguous; freqs_cis: [1, D / 2, 2]; k_cache, v_cache: [B', H_kv, S, D] (B' >= B) with
+    the last dim contiguous. Returns [B, 1, H D] in the caches' dtype."""
+    parts = qkv.shape[0] if qkv.dim() == 4 else 0
+    row = qkv[0] if parts else qkv
     hkv, s, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    b, h = qkv.shape[0], qkv.shape[2] // d - 2 * hkv
-    if qkv.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or not freqs_cis.is_contiguous():
+    b, h = row.shape[0], row.shape[2] // d - 2 * hkv
+    if row.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or not freqs_cis.is_contiguous():
         raise ValueError("decode_attention: qkv and the caches need a contiguous last dimension, the caches equal "
                          "strides, freqs_cis contiguous")
     rep = h // hkv
     splits = min(triton.next_power_of_2(triton.cdiv(s, chunk)), MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
-    out = torch.empty((b, 1, h * d), dtype=qkv.dtype, device=qkv.device)
+    out = torch.empty((b, 1, h * d), dtype=k_cache.dtype, device=qkv.device)
     use_pdl = pdl_launch(qkv.device)
     if splits > 1:
         part_o = torch.empty((b * h, splits, d), dtype=torch.float32, device=qkv.device)
@@ -210,9 +242,9 @@ def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: 
     block_d = triton.next_power_of_2(d)
     _decode_attention_kernel[(b * hkv, splits)](
         qkv, freqs_cis, k_cache, v_cache, input_pos, out, part_o, part_lse, hkv, d ** -0.5,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d,
-        REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(qkv.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        row.stride(0), qkv.stride(0) if parts else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), d, PARTS=parts, REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d, BLOCK_S=block_s,
+        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(k_cache.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     if splits > 1:
         _attention_combine_kernel[(b * h,)](part_o, part_lse, out, h, out.stride(0), d, D=d, BLOCK_D=block_d,
                                          SPLITS=splits, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
@@ -224,7 +256,9 @@ def decode_attention(qkv: torch.Tensor, freqs_cis: torch.Tensor, k_cache: torch.
                      input_pos: torch.Tensor) -> torch.Tensor:
     """One token's attention from its qkv projection [B, 1, (H + 2 H_kv) D] (q, k, v heads in that order): RoPE on q
     and k (freqs_cis: the position's [1, D / 2, 2] table row), k and v written into the caches [B', H_kv, S, D] at
-    input_pos, then softmax(q k^T / sqrt(D)) v over cache positions 0..input_pos. Returns [B, 1, H D]."""
+    input_pos, then softmax(q k^T / sqrt(D)) v over cache positions 0..input_pos. Returns [B, 1, H D].
+    qkv may also come as the fp32 partial sums [P, B, 1, (H + 2 H_kv) D] of a sparse projection that left its split-K
+    reduction to this op (sparse.py): they are added in order and rounded to the caches' dtype as they load."""
     check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos)
     if qkv.is_cuda:
         return decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos)
@@ -233,4 +267,4 @@ def decode_attention(qkv: torch.Tensor, freqs_cis: torch.Tensor, k_cache: torch.
 
 @decode_attention.register_fake
 def _(qkv, freqs_cis, k_cache, v_cache, input_pos):
-    return qkv.new_empty((qkv.shape[0], 1, qkv.shape[2] - 2 * k_cache.shape[1] * k_cache.shape[3]))
+    return k_cache.new_empty((qkv.shape[-3], 1, qkv.shape[-1] - 2 * k_cache.shape[1] * k_cache.shape[3]))

@@ -9,10 +9,11 @@ the buffers, so a compiled model picks up a new sparsity without recompiling.
 With int8=True the layer stores its weight as int8 with one fp32 scale per output channel (weight-only quantization,
 as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped.
 
-The o and down projections feed a norm that adds their output to the residual stream (model.RMSNorm). Under
-torch.compile these two layers return the fp32 sum of the kernel's partial products over slices of K
-(teal::sparse_gemv_partials) as a graph expression, which inductor computes inside that norm's kernel: the sparse
-kernel ends without its split-K reduction, and a decode step launches no separate add kernels.
+Under torch.compile, layers whose reader can add up the kernel's fp32 partial products over slices of K
+(teal::sparse_gemv_partials) leave that split-K reduction to it, so the sparse kernel ends after one store:
+o and down feed a norm that adds their output to the residual stream (model.RMSNorm), and return the sum of the
+partials as a graph expression, which inductor computes inside that norm's kernel; q/k/v hand the partials to
+teal::decode_attention, which adds them as it loads the token's q, k and v.
 """
 import torch
 import torch.nn as nn
@@ -47,11 +48,14 @@ class SparseLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
         self.mask_prefill = False
-        # Set by sparsify for o and down: under torch.compile the product leaves the kernel as fp32 partial sums
-        # over slices of K, added up by inductor inside the norm that reads them, so the kernel ends without its
-        # split-K reduction tail (eagerly the sum would be kernels of its own). Off for row-sharded layers (tp.py),
-        # whose output goes to an all-reduce kernel that nothing is fused into.
-        self.sum_partials_downstream = False
+        # How a compiled single-token step returns the product, set by sparsify (eager steps always take "reduce",
+        # since there the sum would be kernels of its own):
+        #   "reduce": the kernel adds its split-K partial sums and writes y in x's dtype;
+        #   "sum": the fp32 sum of the partials as a graph expression, which inductor computes inside the norm that
+        #          reads it (o and down; not row-sharded layers, tp.py, whose output goes to an all-reduce);
+        #   "keep": the partials themselves, [SPLIT_K, ..., out_features] fp32, which teal::decode_attention adds
+        #           (q/k/v).
+        self.decode_partials = "reduce"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
@@ -76,13 +80,17 @@ class SparseLinear(nn.Module):
         return self.scales is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """In x's dtype, except a compiled decode step of a layer that sums its partials downstream: there the fp32
-        sum, which the norm reading it adds to the residual stream and rounds once."""
+        """In x's dtype, except in a compiled decode step of a layer that leaves its partial sums to the reader
+        (decode_partials): there their fp32 sum ("sum"), or the partials themselves ("keep")."""
         if x.shape[-2] == 1 or self.mask_prefill:
             tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
-            if self.sum_partials_downstream and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
+            # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
+            leave = self.decode_partials == "sum" or self.decode_partials == "keep" and x.shape[-2] == 1
+            if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
+                if self.decode_partials == "keep":
+                    return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
                 # Unrolled adds, which inductor fuses into the norm for any number of partials (it makes parts.sum(0)
                 # over 8 or more a reduction kernel of its own).
                 total = parts[0]
@@ -145,12 +153,14 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
                                      "sparsify a fresh model")
                 continue
             sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8)
-            # o and down feed a norm; tp.py marks row-sharded ones, whose output goes to an all-reduce, False
-            sparse.sum_partials_downstream = split is None and getattr(layer, "sum_partials_downstream", True)
+            # o and down feed a norm (tp.py marks row-sharded ones, whose output goes to an all-reduce, "reduce");
+            # q/k/v feed the attention op; gate/up keep the kernel's reduction (it does not split their K on an H100)
+            partials = {"attention.wqkv": "keep", "attention.wo": "sum", "feed_forward.w2": "sum"}.get(path, "reduce")
+            sparse.decode_partials = getattr(layer, "decode_partials", partials)
             setattr(parent, attr, sparse)
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).
-    model.layers[-1].feed_forward.w2.sum_partials_downstream = False
+    model.layers[-1].feed_forward.w2.decode_partials = "reduce"
     return model
 
 

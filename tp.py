@@ -80,7 +80,7 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
     if style == "rowwise":
         # Its output goes to the all-reduce: no partial sums left to a norm (SparseLinear; a dense Linear keeps the
         # mark for the SparseLinear that sparsify may swap in later).
-        layer.sum_partials_downstream = False
+        layer.decode_partials = "reduce"
 
 
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL

@@ -21,7 +21,9 @@ With --int8 the weights are int8 (weight-only quantization, one fp32 scale per o
 
 --variants times explicit kernel configurations instead: predicated loads vs kept-row lists
 (COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
-the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config).
+the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config). With --partials the
+launches return their split-K partial sums instead of reducing them (as the compiled decode step's q/k/v, o and down
+do), written to gemv-variants-partials-<device>.json; --sparsities and --shapes narrow either sweep.
 """
 import argparse
 import datetime
@@ -190,7 +192,8 @@ def variant_configs(n: int, k: int, sms: int, tiles=TILES, stages=(1, 3), compac
     return out
 
 
-def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), int8=False, **space):
+def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8), int8=False, partials=False,
+                   **space):
     n = sum(groups)
     itemsize = 1 if int8 else dtype.itemsize  # bytes per stored weight
     weights_t, x = one_token_problem(k, n, dtype, l2_bytes, itemsize)
@@ -201,12 +204,13 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
     for s in sparsities:
         thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for cfg in variant_configs(n, k, sms, **space):
-            check_result(sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg, scales=scales[0]), ref,
-                         f"{name} s={s} {cfg}")
-            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg, scales=scales[i]),
-                               len(weights_t), replays=10)
+            # partials: the split-K partial sums are the output (reduce=False), as the compiled o and down return them
+            y = sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg, scales=scales[0], reduce=not partials)
+            check_result(y.sum(0) if partials else y, ref, f"{name} s={s} {cfg}")
+            us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg, scales=scales[i],
+                                                            reduce=not partials), len(weights_t), replays=10)
             rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "weights": "int8" if int8 else str(dtype).replace("torch.", ""),
-                         "us": us, **cfg})
+                         "partials": partials, "us": us, **cfg})
         for compact in (False, True):
             b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
             print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "
@@ -268,6 +272,8 @@ def main(argv=None):
     p.add_argument("--warps", nargs="+", type=int, help="--variants: warps per program")
     p.add_argument("--max_waves", type=int, help="--variants: largest grid, in programs per SM")
     p.add_argument("--block_t", nargs="+", type=int, help="--variants: 1 (elementwise products) and/or 16 (tensor cores)")
+    p.add_argument("--partials", action="store_true", help="--variants: return the split-K partial sums (no reduction)")
+    p.add_argument("--sparsities", nargs="+", type=float, help="subset of sparsities (--variants: default 0, 0.5, 0.8)")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new sweep keeps the old file")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch of the sparse kernel (Hopper+), as the decode step uses it")
@@ -275,6 +281,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     kernels.PDL = a.pdl
     space = {key: getattr(a, key) for key in ("stages", "compact_stages", "warps", "max_waves", "block_t") if getattr(a, key)}
+    sweep = {"sparsities": tuple(a.sparsities)} if a.sparsities else {}
     if a.tiles:
         space["tiles"] = [tuple(int(v) for v in t.split("x")) for t in a.tiles]
     if not torch.cuda.is_available():
@@ -285,7 +292,7 @@ def main(argv=None):
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
     device = props.name.replace(" ", "-")
-    kind = ("-variants" if a.variants else "") + ("-int8" if a.int8 else "")
+    kind = ("-variants" if a.variants else "") + ("-partials" if a.partials else "") + ("-int8" if a.int8 else "")
     path = a.out / f"gemv{kind}{a.tag}-{device}.json"
     a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
@@ -294,9 +301,9 @@ def main(argv=None):
                 continue
             if a.variants:
                 rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, int8=a.int8,
-                                       **space)
+                                       partials=a.partials, **space, **sweep)
             else:
-                rows += bench_shape(name, k, groups, getattr(torch, dt), l2, int8=a.int8)
+                rows += bench_shape(name, k, groups, getattr(torch, dt), l2, int8=a.int8, **sweep)
             # written after every shape, so a run cut short still leaves what it measured
             result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
                       "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),

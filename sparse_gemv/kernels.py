@@ -41,7 +41,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PDL = True  # programmatic dependent launch where the GPU has it (Hopper+); a flag so benchmarks can turn it off
 MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 MAX_SPLIT_K = 32
-COMPACT_CHUNK = tl.constexpr(1024)  # rows examined at a time when listing kept rows
+# Most rows examined at a time when listing kept rows. Each chunk is a dependent load, scan and store ahead of the
+# weight loads, so a launch examines its whole K range at once up to this many rows, and no more than the range
+# (gemv-ab-chunk-*.json: 8b gate/up compact, K range 4096, 23.1 / 15.0 us at 80 / 90% in one chunk against 25.0 / 16.1
+# in chunks of 1024; ranges of 1024 rows took up to 1 us longer in chunks of 2048).
+MAX_LIST_CHUNK = 4096
 
 
 @triton.jit
@@ -51,7 +55,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr):
+                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -104,14 +108,14 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
         # (1 - sparsity) times as long, so high sparsity is not paid for in per-iteration memory latency.
         slots = rows_ptr + g * K + k_begin
         count = k_begin * 0  # an int32 scalar tensor, so the loop carries one type
-        for c0 in range(k_begin, k_stop, COMPACT_CHUNK):
-            offs_c = c0 + tl.arange(0, COMPACT_CHUNK)
+        for c0 in range(k_begin, k_stop, LIST_CHUNK):
+            offs_c = c0 + tl.arange(0, LIST_CHUNK)
             in_range = offs_c < k_stop
             if PER_CHANNEL:
                 thr_c = tl.load(thr_row + offs_c, mask=in_range, other=float("inf"))
             else:
                 thr_c = thr
-            keep = tl.zeros((COMPACT_CHUNK,), dtype=tl.int32)
+            keep = tl.zeros((LIST_CHUNK,), dtype=tl.int32)
             for t in range(T):
                 xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
                 keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
@@ -282,6 +286,11 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = Tru
     split = 1
     while not one_short_wave and strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
         split *= 2
+    # Without the reduction a grid that gives a few SMs two programs and the rest one is worth splitting once more:
+    # 8b q/k/v (192 strips) returns its partials in 11.8 / 8.6 us at 50 / 80% split in two, against 12.8 / 10.3
+    # (gemv-variants-partials-run2-*.json).
+    if not reduce and not compact and sms < strips * split <= 1.5 * sms and k // (2 * split) >= bk:
+        split *= 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
 
@@ -349,10 +358,18 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PACK": 1 if block_t > 1 else 2 if paired_bf16_loads(weight_t, split_sizes)
              else 4 if int8_quad_loads(weight_t, split_sizes) else 1,
-             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce}
+             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce,
+             # rows listed at a time by the compact variant (the predicated one takes 1, so it compiles once)
+             "LIST_CHUNK": min(MAX_LIST_CHUNK, triton.next_power_of_2(k_range(k, meta["SPLIT_K"], meta["BLOCK_K"])))
+             if meta["COMPACT"] else 1}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y if reduce else partials
+
+
+def k_range(k: int, split: int, block_k: int) -> int:
+    """Input channels per K split, as the kernel divides them: a whole number of BLOCK_K tiles."""
+    return triton.cdiv(triton.cdiv(k, split), block_k) * block_k
 
 
 def default_config(device: torch.device, k: int, split_sizes, compact: bool, reduce: bool = True,

@@ -3,7 +3,7 @@ float64 math."""
 import pytest
 import torch
 
-from attention import decode_attention, decode_attention_reference, decode_attention_triton
+from attention import add_partials, decode_attention, decode_attention_reference, decode_attention_triton
 
 # Relative to the output's scale: fp32 products are exact up to summation order; bf16/fp16 round p and the
 # products' operands to 8/11 mantissa bits.
@@ -55,8 +55,9 @@ def make(b, h, hkv, s, d, pos, dtype, seed=0, cache_batch=None):
     return qkv, freqs_row(d, pos), k_cache, v_cache, torch.tensor([pos], dtype=torch.int32)
 
 
-def check(out, before, after, args, pos, dtype):
-    """The output against float64 math; the caches: row pos holds the rotated k and v, every other row is untouched."""
+def check(out, before, after, args, pos, dtype, exact_v=True):
+    """The output against float64 math; the caches: row pos holds the rotated k and v (exact_v: v bit for bit, else
+    within one rounding), every other row is untouched."""
     qkv = args[0]
     k_before, v_before = before
     k_after, v_after = after
@@ -68,7 +69,10 @@ def check(out, before, after, args, pos, dtype):
     assert torch.isfinite(out).all() and err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]}"
     # The cache row is the rotation rounded once to the dtype (fp32 math, as the model's RoPE): within one rounding.
     torch.testing.assert_close(k_after[:b, :, pos:pos + 1].double(), rope64(k, pos), rtol=TOL[dtype], atol=TOL[dtype])
-    assert torch.equal(v_after[:b, :, pos:pos + 1], v)
+    if exact_v:
+        assert torch.equal(v_after[:b, :, pos:pos + 1], v)
+    else:
+        torch.testing.assert_close(v_after[:b, :, pos:pos + 1].double(), v.double(), rtol=TOL[dtype], atol=TOL[dtype])
     untouched = torch.ones(k_before.shape[2], dtype=torch.bool, device=k_before.device)
     untouched[pos] = False
     for before_, after_ in ((k_before, k_after), (v_before, v_after)):
@@ -111,6 +115,39 @@ def test_op_on_cpu_is_the_reference_and_matches_math():
     check(out, before, after, args, 20, torch.float32)
 
 
+def partial_sums(qkv, parts, seed=0):
+    """fp32 partial sums [parts, ...] of a qkv row (random splits of it, as a K-split projection leaves them)."""
+    g = torch.Generator().manual_seed(seed)
+    shares = torch.randn(parts - 1, *qkv.shape, generator=g)
+    return torch.cat([shares, (qkv.float() - shares.sum(0))[None]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("parts,chunk", [(1, 128), (3, 128), (2, 16)])
+def test_partial_sums_are_added_as_the_row_they_round_to(dtype, parts, chunk):
+    # q/k/v arriving as fp32 partial sums (a compiled sparse projection's, sparse.py) give what the row they add up
+    # to, rounded to the caches' dtype, gives (output and cache rows): exactly in fp32, and in bf16 within float64
+    # math's tolerance, since the interpreter rounds fp32 to bf16 toward zero where the GPU and torch round to
+    # nearest (test_gpu.py checks bf16 bit for bit).
+    args = make(2, 8, 2, 100, 64, 41, dtype, seed=parts)
+    qkv_parts = partial_sums(args[0], parts, seed=parts)
+    row = add_partials(qkv_parts, dtype)
+    out, before, after = run(decode_attention_triton, (qkv_parts, *args[1:]), chunk=chunk, block_s=16)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        want, _, want_after = run(decode_attention_triton, (row, *(a.clone() for a in args[1:])), chunk=chunk, block_s=16)
+        assert torch.equal(out, want)
+        for got_cache, want_cache in zip(after, want_after):  # rows past the position hold NaN in both
+            assert torch.equal(got_cache.nan_to_num(7.0), want_cache.nan_to_num(7.0))
+    check(out, before, after, (row, *args[1:]), 41, dtype, exact_v=dtype == torch.float32)
+    # the op's CPU path (the reference) adds them the same way
+    ref_args = make(2, 8, 2, 100, 64, 41, dtype, seed=parts)
+    for a in ref_args[2:4]:
+        a.nan_to_num_(0.0)
+    ref = decode_attention(qkv_parts, *(a.clone() for a in ref_args[1:]))
+    torch.testing.assert_close(ref, decode_attention_reference(row, *ref_args[1:]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_op_compiles_without_graph_breaks_and_writes_the_cache(backend):
     # The caches are mutated in place by the op: compiled, they must end up as eager leaves them.
@@ -134,6 +171,9 @@ def test_op_compiles_without_graph_breaks_and_writes_the_cache(backend):
     (lambda qkv, f, kc, vc, p: (qkv.half(), f, kc, vc, p), "share a dtype"),
     (lambda qkv, f, kc, vc, p: (qkv, f, kc, vc, torch.tensor([1, 2])), "one integer position"),
     (lambda qkv, f, kc, vc, p: (qkv, f, kc, vc, p.float()), "one integer position"),
+    (lambda qkv, f, kc, vc, p: (qkv[None].half(), f, kc, vc, p), "fp32 partial sums"),
+    (lambda qkv, f, kc, vc, p: (qkv[None][:0], f, kc, vc, p), "one token"),
+    (lambda qkv, f, kc, vc, p: (qkv[None].expand(2, 1, 2, 512), f, kc, vc, p), "one token"),
 ])
 def test_bad_inputs_are_refused(bad, match):
     args = make(1, 4, 2, 16, 64, 3, torch.float32)

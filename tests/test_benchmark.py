@@ -66,6 +66,18 @@ def test_k_split_rule_from_the_ab_measurements():
     assert split(4096, [14336]) == 2 and pick_config(4096, [14336], False, 132)["BLOCK_N"] == 64
 
 
+def test_partial_sums_split_a_grid_of_one_and_a_half_programs_per_sm():
+    # gemv-variants-partials-run2-*.json: returning partials, 8b q/k/v (192 strips of 32 on 132 SMs) is faster split
+    # in two; the other decode shapes that return partials keep the split they take with the reduction.
+    split = lambda k, groups, reduce: pick_config(k, groups, False, 132, reduce=reduce)["SPLIT_K"]
+    assert (split(4096, [4096, 1024, 1024], True), split(4096, [4096, 1024, 1024], False)) == (1, 2)
+    for k, groups in ((14336, [4096]), (8192, [4096, 512, 512]), (8192, [2048, 256, 256]), (4096, [14336, 14336])):
+        assert split(k, groups, False) == split(k, groups, True)
+    assert split(4096, [4096], False) == 2  # unsplit with the reduction (one short wave), in two without
+    compact = [pick_config(4096, [4096, 1024, 1024], True, 132, reduce=r) for r in (True, False)]
+    assert compact[0] == compact[1]  # kept-row lists split as before
+
+
 def test_int8_down_projection_tiles():
     # decode-llama-3-8b-int8-int8tiles*-*.json: int8 8b down (K 14336, N 4096) takes 64 x 256 tiles in four splits;
     # the other int8 8B shapes keep the bf16 picks, and bf16 down keeps 32 x 256 in two.
@@ -76,3 +88,18 @@ def test_int8_down_projection_tiles():
         for compact in (False, True):
             assert pick_config(k, groups, compact, 132, int8=True) == pick_config(k, groups, compact, 132)
     assert pick_config(14336, [4096], True, 132, int8=True) == pick_config(14336, [4096], True, 132)
+
+
+def test_gemv_timeline_instruments_the_current_kernel():
+    # The timeline's stamps are added to a copy of kernels.py after named lines: they must all still be there (the
+    # module loads, its kernel takes the stamp buffer), and a kernel without one of them is refused, not mis-stamped.
+    import inspect
+
+    from benchmark import gemv_timeline
+    stamped = gemv_timeline.load_instrumented()
+    assert "stamp_ptr" in inspect.signature(stamped._sparse_gemv_kernel.fn).parameters
+    source = gemv_timeline.KERNELS.read_text()
+    for stamp in ("t_start", "t_wait", "t_list", "t_loop", "t_exit"):
+        assert gemv_timeline.instrumented_source(source).count(f"{stamp} = tl.extra.cuda.globaltimer()") == 1
+    with pytest.raises(RuntimeError, match="no longer has the line"):
+        gemv_timeline.instrumented_source(source.replace("count += tl.sum(keep, 0)", "count = count + tl.sum(keep, 0)"))

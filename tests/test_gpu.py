@@ -14,9 +14,11 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-# Both kernel variants at explicit configs, and None: the op with pick_config's choice (both variants).
+# Both kernel variants at explicit configs, and None: the op with pick_config's choice (both variants). The unsplit
+# compact config lists kept rows in several chunks (MAX_LIST_CHUNK) on the long-K shapes (the count carried across them).
 VARIANTS = [None, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "COMPACT": False, "STAGES": 3, "num_warps": 4},
-            {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 8, "COMPACT": True, "STAGES": 3, "num_warps": 4}]
+            {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 8, "COMPACT": True, "STAGES": 3, "num_warps": 4},
+            {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "COMPACT": True, "STAGES": 3, "num_warps": 4}]
 
 
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
@@ -129,6 +131,20 @@ def test_decode_attention_on_gpu_matches_math(cache_len, rep):
         args = tuple(t.cuda() for t in make(1, 8 * rep, 8, cache_len, 128, pos, torch.bfloat16, seed=pos))
         before = (args[2].clone(), args[3].clone())
         check(decode_attention(*args), before, (args[2], args[3]), args, pos, torch.bfloat16)
+
+
+def test_decode_attention_adds_partial_sums_as_the_row_they_round_to():
+    # bf16 q/k/v arriving as fp32 partial sums (the compiled sparse q/k/v projection's) give, bit for bit, what the
+    # row they add up to, rounded to bf16 by torch, gives: the output and the new cache rows.
+    from attention import add_partials, decode_attention
+    from test_attention import make, partial_sums
+    for parts, cache_len in ((2, 205), (3, 1000)):
+        args = tuple(t.cuda() for t in make(1, 32, 8, cache_len, 128, cache_len // 2, torch.bfloat16, seed=parts))
+        qkv_parts = partial_sums(args[0].cpu(), parts, seed=parts).cuda()
+        plain = (add_partials(qkv_parts, torch.bfloat16), *(a.clone() for a in args[1:]))
+        assert torch.equal(decode_attention(qkv_parts, *args[1:]), decode_attention(*plain))
+        for got, want in ((args[2], plain[2]), (args[3], plain[3])):
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
 
 
 def test_decode_attention_in_a_cuda_graph_follows_the_position():

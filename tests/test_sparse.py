@@ -127,11 +127,12 @@ def test_changing_sparsity_does_not_recompile():
     assert not torch.allclose(outs[0], outs[2])
 
 
-def test_compiled_o_and_down_leave_their_partial_sums_to_the_next_norm():
+def test_compiled_layers_leave_their_partial_sums_to_the_reader():
     # Under torch.compile the layers that feed a norm (o, down) return fp32 partial sums that the compiled graph adds
-    # up with the residual inside that RMSNorm; q/k/v and gate/up, the last down (its norm is fused into the
-    # LM head's matmul) and row-sharded tensor-parallel layers (their output goes to an all-reduce) keep the
-    # kernel's reduction. Counted in the graph dynamo traces, and the compiled logits match eager within fp32 error.
+    # up with the residual inside that RMSNorm, and q/k/v hand theirs to the attention op; gate/up, the last down
+    # (its norm is fused into the LM head's matmul) and row-sharded tensor-parallel layers (their output goes to an
+    # all-reduce) keep the kernel's reduction. Counted in the graph dynamo traces, and the compiled logits match
+    # eager within fp32 error.
     from collections import Counter
     from tp import apply_tp
     sparse = sparsify(tiny_model(4))
@@ -148,12 +149,12 @@ def test_compiled_o_and_down_leave_their_partial_sums_to_the_next_norm():
         got = torch.compile(sparse, backend=count_ops, fullgraph=True)(x, pos)
         want = sparse(x, pos)
     torch._dynamo.reset()
-    assert calls == Counter({"teal.sparse_gemv": 5, "teal.sparse_gemv_partials": 3, "teal.decode_attention.default": 2})
+    assert calls == Counter({"teal.sparse_gemv": 3, "teal.sparse_gemv_partials": 5, "teal.decode_attention.default": 2})
     assert (got - want).abs().max() < 1e-5
     # sharded after or before it is made sparse (as bench_decode builds random models)
     for model in (apply_tp(sparse, rank=0, world=2), sparsify(apply_tp(tiny_model(4), rank=0, world=2))):
-        assert not any(b.attention.wo.sum_partials_downstream or b.feed_forward.w2.sum_partials_downstream
-                       for b in model.layers)
+        assert [(b.attention.wqkv.decode_partials, b.attention.wo.decode_partials, b.feed_forward.w13.decode_partials,
+                 b.feed_forward.w2.decode_partials) for b in model.layers] == [("keep", "reduce", "reduce", "reduce")] * 2
 
 
 def test_int8_sparse_decode_matches_the_masked_dequantized_model():
