@@ -50,9 +50,9 @@ def _rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.cons
 
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-                             HKV, sm_scale, stride_qkv, stride_part, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
-                             PARTS: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr,
+                             HKV, sm_scale, stride_qkv, stride_part, stride_kb, stride_kh, stride_ks, stride_ob,
+                             stride_oh, PARTS: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr,
                              DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -243,8 +243,9 @@ def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: 
     _decode_attention_kernel[(b * hkv, splits)](
         qkv, freqs_cis, k_cache, v_cache, input_pos, out, part_o, part_lse, hkv, d ** -0.5,
         row.stride(0), qkv.stride(0) if parts else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), d, PARTS=parts, REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(k_cache.dtype), USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        out.stride(0), d, PARTS=parts, REP=rep, BLOCK_H=max(16, triton.next_power_of_2(rep)), D=d, BLOCK_D=block_d,
+        BLOCK_S=block_s, SPLIT_LEN=split_len, SPLITS=splits, DOT_FP32=fp32_products(k_cache.dtype), USE_PDL=use_pdl,
+        num_warps=4, launch_pdl=use_pdl)
     if splits > 1:
         _attention_combine_kernel[(b * h,)](part_o, part_lse, out, h, out.stride(0), d, D=d, BLOCK_D=block_d,
                                          SPLITS=splits, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)

@@ -85,7 +85,7 @@ class SparseLinear(nn.Module):
         if x.shape[-2] == 1 or self.mask_prefill:
             tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
-            leave = self.decode_partials == "sum" or self.decode_partials == "keep" and x.shape[-2] == 1
+            leave = self.decode_partials == "sum" or (self.decode_partials == "keep" and x.shape[-2] == 1)
             if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)

@@ -135,12 +135,13 @@ def test_partial_sums_are_added_as_the_row_they_round_to(dtype, parts, chunk):
     out, before, after = run(decode_attention_triton, (qkv_parts, *args[1:]), chunk=chunk, block_s=16)
     assert out.dtype == dtype
     if dtype == torch.float32:
-        want, _, want_after = run(decode_attention_triton, (row, *(a.clone() for a in args[1:])), chunk=chunk, block_s=16)
+        plain = (row, *(a.clone() for a in args[1:]))
+        want, _, want_after = run(decode_attention_triton, plain, chunk=chunk, block_s=16)
         assert torch.equal(out, want)
         for got_cache, want_cache in zip(after, want_after):  # rows past the position hold NaN in both
             assert torch.equal(got_cache.nan_to_num(7.0), want_cache.nan_to_num(7.0))
     check(out, before, after, (row, *args[1:]), 41, dtype, exact_v=dtype == torch.float32)
-    # the op's CPU path (the reference) adds them the same way
+    # the op's CPU path takes them too, as the reference of the row they add up to
     ref_args = make(2, 8, 2, 100, 64, 41, dtype, seed=parts)
     for a in ref_args[2:4]:
         a.nan_to_num_(0.0)

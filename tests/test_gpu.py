@@ -15,7 +15,7 @@ def rel_err(y, ref):
 
 
 # Both kernel variants at explicit configs, and None: the op with pick_config's choice (both variants). The unsplit
-# compact config lists kept rows in several chunks (MAX_LIST_CHUNK) on the long-K shapes (the count carried across them).
+# compact config lists kept rows in several chunks (MAX_LIST_CHUNK) on the long-K shapes, carrying the count across.
 VARIANTS = [None, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "COMPACT": False, "STAGES": 3, "num_warps": 4},
             {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 8, "COMPACT": True, "STAGES": 3, "num_warps": 4},
             {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "COMPACT": True, "STAGES": 3, "num_warps": 4}]
