@@ -25,6 +25,10 @@ from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 LAYER_GROUPS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
                 "feed_forward.w13": ("gate", "up"), "feed_forward.w2": ("down",)}
+# Who adds up each layer's split-K partial sums in a compiled decode step (SparseLinear.decode_partials): o and down
+# feed a norm, q/k/v the attention op; gate/up keep the kernel's reduction (it does not split their K on an H100).
+DECODE_PARTIALS = {"attention.wqkv": "keep", "attention.wo": "sum", "feed_forward.w13": "reduce",
+                   "feed_forward.w2": "sum"}
 
 
 class SparseLinear(nn.Module):
@@ -153,10 +157,8 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
                                      "sparsify a fresh model")
                 continue
             sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8)
-            # o and down feed a norm (tp.py marks row-sharded ones, whose output goes to an all-reduce, "reduce");
-            # q/k/v feed the attention op; gate/up keep the kernel's reduction (it does not split their K on an H100)
-            partials = {"attention.wqkv": "keep", "attention.wo": "sum", "feed_forward.w2": "sum"}.get(path, "reduce")
-            sparse.decode_partials = getattr(layer, "decode_partials", partials)
+            # tp.py marks row-sharded layers, whose output goes to an all-reduce, "reduce"
+            sparse.decode_partials = getattr(layer, "decode_partials", DECODE_PARTIALS[path])
             setattr(parent, attr, sparse)
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).

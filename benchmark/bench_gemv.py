@@ -61,9 +61,10 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
-def graph_time_us(fn, copies: int, replays: int = 30) -> float:
-    """Median time of one call, from CUDA-graph replays of `copies` calls over rotating weights."""
-    for i in range(copies):  # warm-up: autotuning and compilation happen outside the graph
+def capture_rotating_graph(fn, copies: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn(0), ..., fn(copies - 1): the calls over rotating weights, warmed up first (autotuning and
+    compilation happen outside the graph, then once on a side stream as capture requires)."""
+    for i in range(copies):
         fn(i)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -76,6 +77,12 @@ def graph_time_us(fn, copies: int, replays: int = 30) -> float:
     with torch.cuda.graph(g):
         for i in range(copies):
             fn(i)
+    return g
+
+
+def graph_time_us(fn, copies: int, replays: int = 30) -> float:
+    """Median time of one call, from CUDA-graph replays of `copies` calls over rotating weights."""
+    g = capture_rotating_graph(fn, copies)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmark.bench_gemv import one_token_problem, shapes, threshold_for
+from benchmark.bench_gemv import capture_rotating_graph, one_token_problem, shapes, threshold_for
 
 KERNELS = Path(__file__).resolve().parent.parent / "sparse_gemv" / "kernels.py"
 STAMPS = 8  # words per program: SM, start, wait returned, list done, loop done, exit (two spare)
@@ -102,18 +102,7 @@ def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=Non
         kernels.STAMP_BUFFER[0] = buffers[i]
         return kernels.sparse_gemv_triton(x, weights_t[i], thr, groups, compact=compact, reduce=reduce, config=config)
 
-    for i in range(copies):
-        call(i)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            call(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            call(i)
+    graph = capture_rotating_graph(call, copies)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
