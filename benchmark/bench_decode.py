@@ -76,17 +76,37 @@ def set_uniform(model, table: dict) -> None:
                 layer.thresholds[g].fill_(table[(i, proj)])
 
 
-def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of `runs` generations after one warm-up (which compiles and captures)."""
-    speeds, seq = [], None
+def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tuple[dict, torch.Tensor]:
+    """Tokens/s of whole generations, the median of `runs` after one warm-up (which compiles and captures), and that
+    run's split: prefill_ms, the time to the first token (the eager prefill, which generate ends with a host sync on
+    its finiteness check); decode_ms_per_token, the rest per later token; host_ms_per_token, how long the host took to
+    queue each of those steps (as long as the decode time per token: the host is the bottleneck)."""
+    results, seq = [], None
     for r in range(runs + 1):
+        first = []  # host time at the first token
+
+        def on_token(_):
+            if not first:
+                first.append(time.perf_counter())
+
         torch.cuda.synchronize()
         t = time.perf_counter()
-        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill, temperature=0.8, top_k=200)
+        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill, temperature=0.8, top_k=200,
+                       callback=on_token)
+        queued = time.perf_counter()
         torch.cuda.synchronize()
+        end = time.perf_counter()
+        n = seq.shape[1] - prompt.numel()
         if r:
-            speeds.append((seq.shape[1] - prompt.numel()) / (time.perf_counter() - t))
-    return sorted(speeds)[len(speeds) // 2], seq
+            results.append({"tok_s": n / (end - t), "prefill_ms": 1e3 * (first[0] - t),
+                            "decode_ms_per_token": 1e3 * (end - first[0]) / (n - 1),
+                            "host_ms_per_token": 1e3 * (queued - first[0]) / (n - 1)})
+    return sorted(results, key=lambda x: x["tok_s"])[len(results) // 2], seq
+
+
+def timing_line(timing: dict) -> str:
+    return (f"prefill {timing['prefill_ms']:.1f} ms, then {timing['decode_ms_per_token']:.3f} ms per token "
+            f"(host {timing['host_ms_per_token']:.3f})")
 
 
 SPARSE_KERNEL = "_sparse_gemv_kernel"
@@ -153,6 +173,36 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
             "kernels_per_step": len(kernels) / steps, "by_category_ms": out,
             "top_kernels": [{"name": n, "ms_per_step": ms, "launches_per_step": cnt, "us_each": 1e3 * ms / cnt}
                             for n, (ms, cnt) in top]}
+
+
+@torch.no_grad()
+def profile_prefill(model, prompt) -> dict:
+    """One eager prefill of the prompt as generate runs it: host and GPU time, the GPU's kernel time, and the host
+    ops and kernels that take the most of each (the prefill is part of every tokens/s figure)."""
+    from torch.profiler import ProfilerActivity, profile
+    pos = torch.arange(prompt.numel(), device=prompt.device)
+    prefill(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)  # caches are set up: warm
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        a.record()
+        prefill(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)
+        b.record()
+        torch.cuda.synchronize()
+        host_ms = 1e3 * (time.perf_counter() - t)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    by_kernel = {}
+    for e in kernels:
+        ms, n = by_kernel.get(e.name[:90], (0.0, 0))
+        by_kernel[e.name[:90]] = (ms + e.time_range.elapsed_us() / 1e3, n + 1)
+    return {"host_ms": host_ms, "gpu_ms": a.elapsed_time(b), "kernels": len(kernels),
+            "kernels_ms": sum(ms for ms, _ in by_kernel.values()),
+            "top_kernels": [{"name": k, "ms": ms, "launches": n}
+                            for k, (ms, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:8]],
+            "top_host_ops": [{"name": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                             for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]]}
 
 
 def allreduce_us(dim: int, dtype, n: int = 64) -> float:
@@ -257,13 +307,14 @@ def main(argv=None):
     prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
     sizes = weight_bytes(model)
     dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    tok_s, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs)
-    rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, "tok_s": tok_s, "ms_per_token": 1e3 / tok_s,
+    timing, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs)
+    tok_s = timing["tok_s"]
+    rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, **timing, "ms_per_token": 1e3 / tok_s,
                  "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
-                 "profile": profile_steps(model, dense_fn, a.prompt_tokens)})
+                 "profile": profile_steps(model, dense_fn, a.prompt_tokens), "prefill": profile_prefill(model, prompt)})
     if rank in (None, 0):
-        print(f"dense: {tok_s:.1f} tok/s ({sizes['total'] * tok_s / 1e9:.0f} GB/s)", flush=True)
-        print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
+        print(f"dense: {tok_s:.1f} tok/s ({sizes['total'] * tok_s / 1e9:.0f} GB/s), {timing_line(timing)}", flush=True)
+        print(json.dumps({k: rows[-1][k] for k in ("profile", "prefill")}, indent=1), flush=True)
     del model, dense_fn
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -283,19 +334,21 @@ def main(argv=None):
             apply_thresholds(model, tf, s, a.mode)
         else:
             set_uniform(model, table[s])
-        tok_s, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs)
+        timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs)
+        tok_s = timing["tok_s"]
         if frames_before is None:
             frames_before = counters["stats"]["unique_graphs"]
         real = measure_realized_sparsity(model, seq, a.prompt_tokens)
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]  # per GPU, like dense_equiv
-        rows.append({"sparsity": s, "mode": a.mode if tf else "uniform", "dtype": a.dtype, "tok_s": tok_s,
+        rows.append({"sparsity": s, "mode": a.mode if tf else "uniform", "dtype": a.dtype, **timing,
                      "ms_per_token": 1e3 / tok_s, "realized_sparsity": real["model"],
                      "dense_equiv_GBps": sizes["total"] * tok_s / 1e9, "moved_GBps": moved * tok_s / 1e9,
-                     "profile": profile_steps(model, sparse_fn, a.prompt_tokens)})
+                     "profile": profile_steps(model, sparse_fn, a.prompt_tokens),
+                     "prefill": profile_prefill(model, prompt)})
         if rank in (None, 0):
             print(f"sparse {s:.2f}: {tok_s:.1f} tok/s, realised {real['model']:.3f}, "
-                  f"{tok_s / rows[0]['tok_s']:.2f}x dense", flush=True)
-            print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
+                  f"{tok_s / rows[0]['tok_s']:.2f}x dense, {timing_line(timing)}", flush=True)
+            print(json.dumps({k: rows[-1][k] for k in ("profile", "prefill")}, indent=1), flush=True)
     recompiles = counters["stats"]["unique_graphs"] - frames_before
     ar = {}  # microseconds per all-reduce, for each kind the run used
     if rank is not None:
