@@ -202,25 +202,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
+        # gate (w1) and up (w3) fused as in w13: both read the same input.
         self.intermediate_size = config.intermediate_size
-        self.w13 = SwiGLU(config.dim, config.intermediate_size)
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(self.w13(x))
-
-
-class SwiGLU(nn.Linear):
-    """silu(x W1^T) * (x W3^T): the gate (w1) and up (w3) projections as one [2 * hidden, dim] weight, since both read
-    the same input. The activation belongs to the layer so that its sparse form (sparse.py) can apply it in the
-    GEMV kernel's epilogue."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(dim, 2 * hidden, bias=False)
-
-    def forward(self, x):
-        gate, up = super().forward(x).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):

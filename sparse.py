@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from model import SwiGLU
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -37,17 +36,14 @@ class SparseLinear(nn.Module):
 
     Columns are split into groups (q/k/v or gate/up) that each have their own threshold. Thresholds are
     [groups] (one per projection) or [groups, in_features] (per channel, for weight-aware thresholds).
-    With swiglu (made from model.SwiGLU) the two groups are gate and up, and the layer returns silu(gate) * up,
-    out_features / 2 wide; single-token steps compute it in the kernel's epilogue.
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 compact: bool = False, int8: bool = False, swiglu: bool = False, device=None, dtype=None):
+                 compact: bool = False, int8: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.split_sizes = [int(s) for s in split_sizes]
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.swiglu = swiglu
         self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device,
                                                      dtype=torch.int8 if int8 else dtype))
         # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
@@ -69,8 +65,7 @@ class SparseLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
                     int8: bool = False) -> "SparseLinear":
         w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, isinstance(linear, SwiGLU),
-                    device=w.device, dtype=w.dtype)
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, device=w.device, dtype=w.dtype)
         if int8:
             q, layer.scales = quantize_int8(w.detach())
             layer.weight_t = q.t().contiguous()
@@ -94,8 +89,7 @@ class SparseLinear(nn.Module):
         if x.shape[-2] == 1 or self.mask_prefill:
             tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
-            leave = not self.swiglu and (self.decode_partials == "sum"
-                                         or (self.decode_partials == "keep" and x.shape[-2] == 1))
+            leave = self.decode_partials == "sum" or (self.decode_partials == "keep" and x.shape[-2] == 1)
             if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
@@ -108,20 +102,15 @@ class SparseLinear(nn.Module):
                     total = total + part
                 return total.view(*x.shape[:-1], self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, self.scales, self.swiglu)
-            return y.view(*x.shape[:-1], y.shape[-1])
+                                           self.split_sizes, self.compact, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
-            y = (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
-        else:
-            y = x @ self.weight_t
-        if self.swiglu:
-            gate, up = y.chunk(2, dim=-1)
-            return torch.nn.functional.silu(gate) * up
-        return y
+            return (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
+        return x @ self.weight_t
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, swiglu={self.swiglu}")
+                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,11 +18,6 @@ weights are all read (gdc_launch_dependents), so launch latency leaves the decod
 With SCALED the weights are int8 with one fp32 scale per output column (weight-only quantization, half the bytes
 of bf16): rows are skipped the same way, and the scale multiplies the fp32 sum once.
 
-With SWIGLU (the MLP's gate/up projection, two groups of equal size) the kernel ends with the activation: the
-program that writes the second of a gate strip and its up strip reads both back and writes silu(gate) * up, the
-down projection's input, so no kernel of its own runs between the two GEMVs (the same atomic-ticket hand-over as
-the split-K reduction).
-
 Two ways to skip rows, one kernel (COMPACT):
 - predicated: walk every row, masking the weight loads of rows under threshold. Loads are software-
   pipelined (three stages) so several tiles are in flight per program; best up to about 65% sparsity.
@@ -55,11 +50,11 @@ MAX_LIST_CHUNK = 4096
 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr, scale_ptr,
-                        T, K, N, N0, N1, stride_xt, stride_yt, h_ptr, stride_ht,
+                        T, K, N, N0, N1, stride_xt, stride_yt,
                         PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, BLOCK_T: tl.constexpr,
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr, SWIGLU: tl.constexpr,
+                        COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
                         PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -207,35 +202,18 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     part_ptrs = part_ptr + offs_t[:, None] * N + offs_n[None, :]  # split 0's partial; split s's at + s * T * N
     if REDUCE and SPLIT_K == 1:
         tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        wrote_y = pid_k == 0  # always: a tensor, as in the split case
     else:
         # Without REDUCE the fp32 partial sums are the output; whoever reads them adds them up (sparse_gemv_partials).
         tl.store(part_ptrs + pid_k * T * N, acc, mask=out_mask)
         if REDUCE:
             tl.debug_barrier()  # every thread's partial is written before the counter says so
-            wrote_y = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1  # the last
-            if wrote_y:
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:
                 total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
                 for s in range(SPLIT_K):
                     total += tl.load(part_ptrs + s * T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
                 tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
-    if SWIGLU:
-        # h = silu(gate) * up in the epilogue of gate/up: gate strip j and up strip j cover columns c and N0 + c. Each
-        # takes a ticket once its y is written; the second reads both back (rounded to y's dtype, as the model rounds
-        # the projection's output) and writes h for those columns, so no kernel runs between gate/up and down.
-        if wrote_y:
-            tl.debug_barrier()  # every thread's y is written before the ticket says so
-            pair_ptr = count_ptr + s0 + s1 + strip  # past the split-K counters of this launch's strips
-            if tl.atomic_add(pair_ptr, 1, sem="acq_rel", scope="gpu") == 1:
-                offs_c = strip * BLOCK_N + tl.arange(0, BLOCK_N)
-                c_mask = t_mask[:, None] & (offs_c < N0)[None, :]
-                y_cols = y_ptr + offs_t[:, None] * stride_yt + offs_c[None, :]
-                gate = tl.load(y_cols, mask=c_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                up = tl.load(y_cols + N0, mask=c_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                tl.store(h_ptr + offs_t[:, None] * stride_ht + offs_c[None, :],
-                         (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=c_mask)
-                tl.atomic_xchg(pair_ptr, 0)
 
 
 @triton.jit
@@ -328,7 +306,7 @@ def reserve_workspace(device: torch.device, in_features: int, out_features: int)
 
 def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     counters, rows = _workspaces.get(device, (None, None))
-    need_counters, need_rows = 2 * triton.cdiv(n, 16) + 6, 3 * k  # split-K tickets per strip, then SwiGLU pairs
+    need_counters, need_rows = triton.cdiv(n, 16) + 3, 3 * k
     if counters is None or counters.numel() < need_counters or rows.numel() < need_rows:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"sparse_gemv: workspace for K={k}, N={n} was not reserved before CUDA-graph capture; "
@@ -343,14 +321,12 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
 
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
-                       reduce: bool = True, scales: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                       reduce: bool = True, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel. x: [T<=8, K]; weight_t: [K, N] in x's dtype, or int8 with scales (fp32 [N], one per output
     column: y = (masked x @ weight_t) * scales); thresholds: fp32 [G] or [G, K]; out: optional [T, N].
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
-    reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused).
-    swiglu: two groups of equal size, gate and up; return silu(gate) * up, [T, N / 2] (out too), each rounded to x's
-    dtype before the product (as the model rounds the projection's output), the product once after."""
+    reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused)."""
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -372,29 +348,23 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     counters, rows = _workspace(x.device, k, n)
     if not reduce and out is not None:
         raise ValueError("sparse_gemv: with reduce=False the partial sums are the output, there is no out to write")
-    if swiglu and (not reduce or len(split_sizes) != 2 or split_sizes[0] != split_sizes[1]):
-        raise ValueError(f"sparse_gemv: swiglu takes two groups of equal size (gate, up), got {list(split_sizes)}, "
-                         "and the kernel's reduction (reduce=True)")
-    if out is not None and tuple(out.shape) != (t, n // 2 if swiglu else n):
-        raise ValueError(f"sparse_gemv: out must be [{t}, {n // 2 if swiglu else n}], got {tuple(out.shape)}")
-    if reduce:  # with swiglu, y holds gate and up for the epilogue and out is the product
-        y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None or swiglu else out
+    if reduce:
+        y = torch.empty((t, n), dtype=x.dtype, device=x.device) if out is None else out
     else:
         y = partials[0]  # not written: the kernel stores partial sums only
-    h = (torch.empty((t, n // 2), dtype=x.dtype, device=x.device) if out is None else out) if swiglu else y
     args = (x, weight_t, thresholds, y, partials, counters, rows, thresholds if scales is None else scales,
-            t, k, n, n0, n1, x.stride(0), y.stride(0), h, h.stride(0))
+            t, k, n, n0, n1, x.stride(0), y.stride(0))
     flags = {"PER_CHANNEL": thresholds.dim() == 2, "SCALED": scales is not None, "BLOCK_T": block_t,
              "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
              "PACK": 1 if block_t > 1 else 2 if paired_bf16_loads(weight_t, split_sizes)
              else 4 if int8_quad_loads(weight_t, split_sizes) else 1,
-             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce, "SWIGLU": swiglu,
+             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce,
              # rows listed at a time by the compact variant (the predicated one takes 1, so it compiles once)
              "LIST_CHUNK": min(MAX_LIST_CHUNK, triton.next_power_of_2(k_range(k, meta["SPLIT_K"], meta["BLOCK_K"])))
              if meta["COMPACT"] else 1}
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
-    return h if swiglu else y if reduce else partials
+    return y if reduce else partials
 
 
 def k_range(k: int, split: int, block_k: int) -> int:

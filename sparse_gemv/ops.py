@@ -44,9 +44,8 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
                          f"got {tuple(thresholds.shape)}")
 
 
-def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales=None, swiglu=False):
-    """Mask, multiply densely (and scale the columns of int8 weights): the definition the kernels are tested against.
-    swiglu: of the two groups' products (gate, up), each rounded to x's dtype, silu(gate) * up rounded once."""
+def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales=None):
+    """Mask, multiply densely (and scale the columns of int8 weights): the definition the kernels are tested against."""
     outs, col = [], 0
     for g, n in enumerate(split_sizes):
         # compared in float32, as the kernels compare: a threshold rounded to bf16 would mask other entries
@@ -54,32 +53,25 @@ def sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales=None, swi
         outs.append(xm @ weight_t[:, col:col + n].to(x.dtype))
         col += n
     y = torch.cat(outs, dim=-1)
-    y = y if scales is None else y * scales.to(y.dtype)
-    if swiglu:
-        gate, up = y.float().chunk(2, dim=-1)
-        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    return y
+    return y if scales is None else y * scales.to(y.dtype)
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=())
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
-                compact: bool = False, scales: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
+                compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
-    scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column.
-    swiglu: the two groups are an MLP's gate and up; return silu(gate) * up, [T, N / 2]."""
+    scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column."""
     check_inputs(x, weight_t, thresholds, split_sizes, scales)
-    if swiglu and (len(split_sizes) != 2 or split_sizes[0] != split_sizes[1]):
-        raise ValueError(f"sparse_gemv: swiglu needs two groups of equal size (gate, up), got {list(split_sizes)}")
     x = x.contiguous()
     if _on_kernel(x):
-        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales, swiglu=swiglu)
-    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales, swiglu)
+        return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
+    return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales)
 
 
 @sparse_gemv.register_fake
-def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None, swiglu=False):
-    return x.new_empty((x.shape[0], weight_t.shape[1] // 2 if swiglu else weight_t.shape[1]))
+def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
+    return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
 @torch.library.custom_op("teal::sparse_gemv_partials", mutates_args=())

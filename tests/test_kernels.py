@@ -71,40 +71,6 @@ def test_per_channel_and_fused_qkv_with_three_thresholds(dtype, tokens, variant)
     assert torch.equal(y[:, 64:], torch.zeros_like(y[:, 64:]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-@pytest.mark.parametrize("int8", [False, True])
-def test_swiglu_epilogue_is_silu_of_gate_times_up(dtype, tokens, variant, int8):
-    # gate/up with the MLP's activation in the epilogue: h = silu(gate) * up. Reference: each group's masked product in
-    # float64, rounded to dtype (as the kernel rounds the projection's output before the product), then the
-    # activation in float64. 70 columns per group: the last 32-column strip of each is partial. Tolerance: twice the
-    # GEMV's, for the product's rounding on top of the projection's (both toward zero under the interpreter).
-    k, groups = 150, [70, 70]
-    tol = 2 * TOL[dtype]
-    if int8:
-        x, w, scales, w64, g = int8_problem(tokens + 3 * variant, tokens, k, groups, dtype)
-    else:
-        x, w, g = random_problem(tokens + 3 * variant, tokens, k, groups, dtype)
-        scales, w64 = None, w.double()
-    config = VARIANTS[variant]
-    for thr in (torch.tensor([0.3, 0.9]), torch.rand(2, k, generator=g) * 1.5):  # per tensor, per channel
-        keep = [x.double().abs() > (t if t.dim() == 0 else t[None, :]) for t in thr.double()]
-        gate, up = (torch.where(m, x.double(), 0) @ c for m, c in zip(keep, torch.split(w64, groups, dim=1)))
-        gate, up = gate.to(dtype).double(), up.to(dtype).double()
-        ref = torch.nn.functional.silu(gate) * up
-        h = {}
-        for block_t in (1, 16) if tokens == 1 else (16,):  # one-token loop, tensor-core path
-            out = torch.full((tokens, 70), float("nan"), dtype=dtype)  # an element the kernel misses stays NaN
-            h[block_t] = sparse_gemv_triton(x, w, thr, groups, out=out, config={**config, "BLOCK_T": block_t},
-                                            scales=scales, swiglu=True)
-            assert h[block_t].data_ptr() == out.data_ptr() and rel_err(h[block_t], ref) < tol
-        # again, at the launcher's own BLOCK_T: the same bits (the pair tickets were reset); and the op's CPU path
-        again = sparse_gemv_triton(x, w, thr, groups, config=config, scales=scales, swiglu=True)
-        assert torch.equal(again, h[1 if tokens == 1 else 16])
-        assert rel_err(sparse_gemv(x, w, thr, groups, scales=scales, swiglu=True), ref) < tol
-
-
 def test_bf16_pairs_widen_exactly_as_the_conversion():
     # One bf16 token reads a 4-byte aligned weight as int32 pairs, widened by a shift and a mask; the same weight
     # one element off that alignment takes the plain conversion. Same products in the same order: equal bits.
@@ -213,12 +179,6 @@ def test_bad_inputs_get_clear_errors():
         sparse_gemv(x, w, torch.zeros(2), [6])
     with pytest.raises(ValueError, match="tokens, K"):
         sparse_gemv(x[0], w, thr, [6])
-    with pytest.raises(ValueError, match="two groups of equal size"):
-        sparse_gemv(x, w, torch.zeros(2), [2, 4], swiglu=True)
-    with pytest.raises(ValueError, match="two groups of equal size"):
-        sparse_gemv_triton(x, w, torch.zeros(2), [3, 3], reduce=False, swiglu=True)
-    with pytest.raises(ValueError, match=r"out must be \[1, 3\]"):
-        sparse_gemv_triton(x, w, torch.zeros(2), [3, 3], out=torch.empty(1, 6), swiglu=True)
 
 
 def test_custom_op_under_torch_compile_on_cpu():

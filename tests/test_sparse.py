@@ -32,8 +32,7 @@ def masked_reference(dense, table):
             # the same [K, N] weight layout the sparse layer multiplies by (prefill too), so the unmasked
             # arithmetic matches bit for bit and only the masking is under test: on a real model a
             # last-bit difference can move an activation across its threshold
-            def hook(mod, args, out, i=i, projs=projs, sizes=sizes, gated=path.endswith("w13"),
-                     w_t=lin.weight.detach().t().contiguous()):
+            def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
                 x = args[0]
                 if x.shape[1] != 1:
                     y = x @ w_t
@@ -44,9 +43,6 @@ def masked_reference(dense, table):
                         parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
                         col += n
                     y = torch.cat(parts, -1)
-                if gated:  # model.SwiGLU: the layer's output is the activation
-                    gate, up = y.chunk(2, -1)
-                    y = torch.nn.functional.silu(gate) * up
                 return y
             lin.register_forward_hook(hook)
     return ref
