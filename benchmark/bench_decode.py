@@ -5,9 +5,11 @@
     torchrun --nproc_per_node=2 benchmark/bench_decode.py --model llama-3-70b   # tensor parallel
 
 Protocol (the reference's): batch 1, a 5-token prompt, 200 new tokens, the decode step compiled with
-mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Each row also holds a
-torch profiler split of one decode step (the same captured graphs): kernel time by category (sparse
-GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over. Random models get uniform
+mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Tokens/s time whole generations (the
+eager prefill included, as GPT-Fast's); each row splits that run into the prefill and the time per later token, and
+holds a torch profiler split of one decode step (the same captured graphs): kernel time by category (sparse
+GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over, and a profile of one
+prefill (host against GPU time). Random models get uniform
 thresholds calibrated on a random-token prefill; the sparsity changes by copying thresholds, and the
 number of recompilations this causes is recorded (it should be 0).
 """
@@ -80,7 +82,7 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tup
     """Tokens/s of whole generations, the median of `runs` after one warm-up (which compiles and captures), and that
     run's split: prefill_ms, the time to the first token (the eager prefill, which generate ends with a host sync on
     its finiteness check); decode_ms_per_token, the rest per later token; host_ms_per_token, how long the host took to
-    queue each of those steps (as long as the decode time per token: the host is the bottleneck)."""
+    queue each of those steps (were it as long as decode_ms_per_token, the host would be the bottleneck)."""
     results, seq = [], None
     for r in range(runs + 1):
         first = []  # host time at the first token
@@ -105,6 +107,7 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tup
 
 
 def timing_line(timing: dict) -> str:
+    """time_decode's split, for the progress print."""
     return (f"prefill {timing['prefill_ms']:.1f} ms, then {timing['decode_ms_per_token']:.3f} ms per token "
             f"(host {timing['host_ms_per_token']:.3f})")
 
