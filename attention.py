@@ -183,10 +183,12 @@ def check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos) -> None:
         raise ValueError("decode_attention: qkv, freqs_cis, the caches and input_pos must be on one device")
 
 
-def add_partials(qkv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 partial sums [P, ...] added in order and rounded to dtype once, as the kernel adds them."""
-    total = qkv[0]
-    for part in qkv[1:]:
+def add_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 partial sums [P, ...] added in order and rounded to dtype once, as the kernels add them. Unrolled adds, so
+    that inductor fuses them into the kernel that reads the sum for any number of partials (it makes parts.sum(0) over
+    8 or more a reduction kernel of its own); sparse.py leaves them in fp32 for the norm to add."""
+    total = parts[0]
+    for part in parts[1:]:
         total = total + part
     return total.to(dtype)
 

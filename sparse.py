@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
+from attention import add_partials
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -95,12 +96,7 @@ class SparseLinear(nn.Module):
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
                 if self.decode_partials == "keep":
                     return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
-                # Unrolled adds, which inductor fuses into the norm for any number of partials (it makes parts.sum(0)
-                # over 8 or more a reduction kernel of its own).
-                total = parts[0]
-                for part in parts[1:]:
-                    total = total + part
-                return total.view(*x.shape[:-1], self.out_features)
+                return add_partials(parts, torch.float32).view(*x.shape[:-1], self.out_features)
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
                                            self.split_sizes, self.compact, self.scales)
             return y.view(*x.shape[:-1], self.out_features)

@@ -211,7 +211,7 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
     for s in sparsities:
         thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for cfg in variant_configs(n, k, sms, **space):
-            # partials: the split-K partial sums are the output (reduce=False), as the compiled o and down return them
+            # partials: the split-K partial sums are the output (reduce=False), as compiled q/k/v, o and down leave them
             y = sparse_gemv_triton(x, weights_t[0], thr, groups, config=cfg, scales=scales[0], reduce=not partials)
             check_result(y.sum(0) if partials else y, ref, f"{name} s={s} {cfg}")
             us = graph_time_us(lambda i: sparse_gemv_triton(x, weights_t[i], thr, groups, config=cfg, scales=scales[i],

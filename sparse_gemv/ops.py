@@ -79,7 +79,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
                          compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same product as sparse_gemv, left as fp32 partial sums over slices of K: [S, T, N], summing to y in fp32.
     The kernel's own reduction of a K split is a serial tail (store, atomic counter, reload); returned as partials,
-    the sums are added where they are read (under torch.compile, inside the RMSNorm that follows)."""
+    the sums are added where they are read (under torch.compile, inside the RMSNorm that follows o or down, or by the
+    attention op that reads q, k and v)."""
     check_inputs(x, weight_t, thresholds, split_sizes, scales)
     x = x.contiguous()
     if _on_kernel(x):
