@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from sparse_gemv.kernels import fp32_products, pdl_launch
+from sparse_gemv.ops import add_partials
 
 CHUNK = 256  # positions per split; a cache of up to this many positions is one launch
 MAX_SPLITS = 64
@@ -181,16 +182,6 @@ def check_inputs(qkv, freqs_cis, k_cache, v_cache, input_pos) -> None:
         raise ValueError(f"decode_attention: input_pos must hold one integer position, got {tuple(input_pos.shape)} {input_pos.dtype}")
     if len({t.device for t in (qkv, freqs_cis, k_cache, v_cache, input_pos)}) != 1:
         raise ValueError("decode_attention: qkv, freqs_cis, the caches and input_pos must be on one device")
-
-
-def add_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 partial sums [P, ...] added in order and rounded to dtype once, as the kernels add them. Unrolled adds, so
-    that inductor fuses them into the kernel that reads the sum for any number of partials (it makes parts.sum(0) over
-    8 or more a reduction kernel of its own); sparse.py leaves them in fp32 for the norm to add."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total.to(dtype)
 
 
 def cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask):

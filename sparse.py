@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from attention import add_partials
+from sparse_gemv import add_partials
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.

@@ -74,6 +74,17 @@ def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
+def add_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sparse_gemv_partials' output [P, ...] added in order and rounded to dtype once, as the kernels add them.
+    Unrolled adds, so that inductor fuses them into the kernel that reads the sum for any number of partials (it makes
+    parts.sum(0) over 8 or more a reduction kernel of its own). teal::decode_attention's reference rounds them to the
+    caches' dtype; sparse.py leaves them in fp32 for the norm to add."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total.to(dtype)
+
+
 @torch.library.custom_op("teal::sparse_gemv_partials", mutates_args=())
 def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes: list[int],
                          compact: bool = False, scales: Optional[torch.Tensor] = None) -> torch.Tensor:

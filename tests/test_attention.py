@@ -3,7 +3,8 @@ float64 math."""
 import pytest
 import torch
 
-from attention import add_partials, decode_attention, decode_attention_reference, decode_attention_triton
+from attention import decode_attention, decode_attention_reference, decode_attention_triton
+from sparse_gemv import add_partials
 
 # Relative to the output's scale: fp32 products are exact up to summation order; bf16/fp16 round p and the
 # products' operands to 8/11 mantissa bits.

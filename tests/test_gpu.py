@@ -136,7 +136,8 @@ def test_decode_attention_on_gpu_matches_math(cache_len, rep):
 def test_decode_attention_adds_partial_sums_as_the_row_they_round_to():
     # bf16 q/k/v arriving as fp32 partial sums (the compiled sparse q/k/v projection's) give, bit for bit, what the
     # row they add up to, rounded to bf16 by torch, gives: the output and the new cache rows.
-    from attention import add_partials, decode_attention
+    from attention import decode_attention
+    from sparse_gemv import add_partials
     from test_attention import make, partial_sums
     for parts, cache_len in ((2, 205), (3, 1000)):
         args = tuple(t.cuda() for t in make(1, 32, 8, cache_len, 128, cache_len // 2, torch.bfloat16, seed=parts))
