@@ -251,7 +251,8 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
     """Load a converted checkpoint (model.safetensors + model_config.json in one folder)."""
     from safetensors.torch import load_file
     checkpoint_path = Path(checkpoint_path)
-    folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+    # a folder, or a file in one (model.safetensors); a missing path without a suffix is the folder the user meant
+    folder = checkpoint_path if checkpoint_path.is_dir() or not checkpoint_path.suffix else checkpoint_path.parent
     weights, config = folder / "model.safetensors", folder / "model_config.json"
     if not weights.exists() or not config.exists():
         raise FileNotFoundError(

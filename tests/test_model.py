@@ -1,4 +1,6 @@
 """Logit parity with Hugging Face transformers, and conversion of a transformers-written checkpoint."""
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -65,6 +67,10 @@ def test_config_from_hf_and_errors(tmp_path):
         ModelArgs.from_hf_config({**cfg, "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(FileNotFoundError, match="convert_hf_checkpoint"):
         load_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no converted checkpoint in {tmp_path / 'missing'} ")):
+        load_model(tmp_path / "missing")  # the folder named, not its parent
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no converted checkpoint in {tmp_path} ")):
+        load_model(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="unknown model config"):
         ModelArgs.from_name("llama-9-1t")
     assert ModelArgs.from_name("llama-3-70b").n_local_heads == 8
