@@ -11,7 +11,8 @@ carries no timing code); `instrumented_source` fails if the kernel no longer has
 Besides the bench_gemv shapes it times an N x 4096 weight with N = 128 x the SM count, whose 64 x 128 tiles split
 in two give every SM exactly four programs, to tell the grid's quantisation from the programs' own spread.
 Writes gemv-timeline<tag>-<device>.json (per launch: wake-up after the previous launch, spread of the programs'
-loop ends, end; per program for one launch) and a PNG of the programs' loop ends.
+loop ends, end; per program for one launch; how alike the launches are in which SMs and which programs finish late)
+and a PNG of the programs' loop ends.
 """
 import argparse
 import datetime
@@ -107,11 +108,15 @@ def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=Non
         graph.replay()
     torch.cuda.synchronize()
     stamps = [b.view(programs, STAMPS).cpu() for b in buffers]
-    launches = []
+    launches, sm_loop_ends, program_loop_ends = [], [], []
     for i in range(1, copies):
         previous_end = int(stamps[i - 1][:, 5].max())
         t = (stamps[i][:, 1:6] - previous_end).double() / 1000  # us: start, wait, list, loop, exit
         per_sm = torch.bincount(stamps[i][:, 0], minlength=1)
+        # mean loop end of each SM's programs, to tell SMs that are slow in every launch from a spread that moves
+        sm_loop_ends.append(torch.zeros(len(per_sm), dtype=torch.float64).index_add_(0, stamps[i][:, 0], t[:, 3])
+                            / per_sm.clamp(min=1))
+        program_loop_ends.append(t[:, 3])
         launches.append({"span_us": float(t[:, 4].max()), "start_us": quantiles(t[:, 0]), "wait_us": quantiles(t[:, 1]),
                          "list_us": quantiles(t[:, 2]), "loop_done_us": quantiles(t[:, 3]), "exit_us": quantiles(t[:, 4]),
                          "loop_spread_us": float(t[:, 3].max() - t[:, 3].min()),
@@ -119,15 +124,28 @@ def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=Non
                          "sms": int((per_sm > 0).sum()), "max_programs_per_sm": int(per_sm.max()),
                          "program_loop_done_us": [round(float(v), 3) for v in t[:, 3]]})
     median = sorted(launches, key=lambda launch: launch["span_us"])[len(launches) // 2]
+    sms = min(len(e) for e in sm_loop_ends)
+    busy = torch.stack([e[:sms] > 0 for e in sm_loop_ends]).all(0)  # SMs that ran programs in every launch
+
+    def median_pair_correlation(rows: list[torch.Tensor]) -> float:
+        corr = torch.corrcoef(torch.stack(rows))
+        return round(float(corr[torch.triu(torch.ones_like(corr, dtype=torch.bool), diagonal=1)].nan_to_num().median()), 3)
     kept_bytes = float((x.abs() > thr[0]).float().mean()) * n * k * 2
     row = {"shape": name, "N": n, "K": k, "sparsity": sparsity, "compact": compact, "reduce": reduce,
            **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, "programs": programs,
            "median_launch": median, "spans_us": [round(launch["span_us"], 3) for launch in launches],
+           # Pearson correlation, over SMs (over programs), of two launches' per-SM mean (per-program) loop ends,
+           # median over all pairs of launches: near 1 if the same SMs (programs) finish late in every launch, near 0
+           # if which ones do changes from launch to launch
+           "sm_loop_end_correlation": median_pair_correlation([e[:sms][busy] for e in sm_loop_ends]),
+           "program_loop_end_correlation": median_pair_correlation(program_loop_ends),
            "kept_GBps": kept_bytes / (median["span_us"] * 1e-6) / 1e9}
     print(f"{name:22s} s={sparsity:.2f} {'compact' if compact else 'predicated':10s} {'reduce' if reduce else 'partials':8s}"
           f" span {median['span_us']:6.2f} us  wait {median['wait_us'][1]:5.2f}  list {median['list_us'][1]:5.2f}"
           f"  loop ends {median['loop_done_us'][0]:6.2f}/{median['loop_done_us'][1]:6.2f}/{median['loop_done_us'][2]:6.2f}"
-          f"  exit {median['exit_us'][2]:6.2f}  {programs} programs, <= {median['max_programs_per_sm']}/SM", flush=True)
+          f"  exit {median['exit_us'][2]:6.2f}  {programs} programs, <= {median['max_programs_per_sm']}/SM"
+          f"  late-SM corr {row['sm_loop_end_correlation']:.2f}, late-program corr {row['program_loop_end_correlation']:.2f}",
+          flush=True)
     return row
 
 
