@@ -88,6 +88,12 @@ def quantiles(values: torch.Tensor) -> list[float]:
     return [round(float(v), 3) for v in (values.min(), values.median(), values.max())]
 
 
+def median_pair_correlation(rows: list[torch.Tensor]) -> float:
+    """Median, over all pairs of rows (launches), of the Pearson correlation between the two rows' values."""
+    corr = torch.corrcoef(torch.stack(rows))
+    return round(float(corr[torch.triu(torch.ones_like(corr, dtype=torch.bool), diagonal=1)].nan_to_num().median()), 3)
+
+
 def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=None) -> dict:
     """Stamps of every program of each launch but the first in one replay of a graph over rotating weights, relative
     to the end of the launch before; the row keeps the launch of median span whole."""
@@ -126,10 +132,6 @@ def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=Non
     median = sorted(launches, key=lambda launch: launch["span_us"])[len(launches) // 2]
     sms = min(len(e) for e in sm_loop_ends)
     busy = torch.stack([e[:sms] > 0 for e in sm_loop_ends]).all(0)  # SMs that ran programs in every launch
-
-    def median_pair_correlation(rows: list[torch.Tensor]) -> float:
-        corr = torch.corrcoef(torch.stack(rows))
-        return round(float(corr[torch.triu(torch.ones_like(corr, dtype=torch.bool), diagonal=1)].nan_to_num().median()), 3)
     kept_bytes = float((x.abs() > thr[0]).float().mean()) * n * k * 2
     row = {"shape": name, "N": n, "K": k, "sparsity": sparsity, "compact": compact, "reduce": reduce,
            **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, "programs": programs,
