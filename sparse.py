@@ -18,8 +18,7 @@ teal::decode_attention, which adds them as it loads the token's q, k and v.
 import torch
 import torch.nn as nn
 
-import sparse_gemv  # noqa: F401  (registers torch.ops.teal.sparse_gemv)
-from sparse_gemv import add_partials
+from sparse_gemv import add_partials  # importing the package registers the torch.ops.teal ops
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.

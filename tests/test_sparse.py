@@ -35,15 +35,13 @@ def masked_reference(dense, table):
             def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
                 x = args[0]
                 if x.shape[1] != 1:
-                    y = x @ w_t
-                else:
-                    parts, col = [], 0
-                    for n, p in zip(sizes, projs):
-                        t = table[i, PROJECTIONS.index(p)]
-                        parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
-                        col += n
-                    y = torch.cat(parts, -1)
-                return y
+                    return x @ w_t
+                parts, col = [], 0
+                for n, p in zip(sizes, projs):
+                    t = table[i, PROJECTIONS.index(p)]
+                    parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
+                    col += n
+                return torch.cat(parts, -1)
             lin.register_forward_hook(hook)
     return ref
 
