@@ -33,6 +33,9 @@ COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicate
 # The down projection gains less (0.59 -> 0.52 ms) and its compact launch leaves 8 partial sums instead of 2 to the
 # norm after it, whose inductor kernel then took 4.9 us in one run and 13 us in another: it stays predicated.
 INT8_GATE_UP_COMPACT_FROM = 0.5
+# --interactive sizes the KV caches once for a chat message of up to this many tokens (with the chat template) plus
+# --max_new_tokens, as GPT-Fast fixes its chat caches: a message that needs a larger cache recompiles the decode step.
+CHAT_PROMPT_TOKENS = 512
 SPARSE_KERNELS = {"predicated": (), "compact": tuple(LAYER_GROUPS), "gate-up-compact": ("feed_forward.w13",),
                   "mlp-compact": ("feed_forward.w13", "feed_forward.w2")}
 
@@ -200,13 +203,14 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, stream the answers")
-    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--num_samples", type=int, default=3, help="generations of --prompt (--interactive: until stdin ends)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--compile", action="store_true", help="compile the decode step (mode='reduce-overhead': CUDA graphs)")
-    p.add_argument("--compile_prefill", action="store_true")
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="compile the prefill too (dynamic shapes, no CUDA graphs): a shorter time to the first token")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -229,10 +233,27 @@ def main(argv=None):
 
     from tp import maybe_init_dist, set_one_shot, shutdown_dist
     set_one_shot(a.one_shot_allreduce if a.one_shot_allreduce is not None else a.sparsity > 0)
-    rank = maybe_init_dist()
+    # In a chat the other ranks wait in a broadcast while rank 0 waits for its user: give that wait a day.
+    rank = maybe_init_dist(timeout_s=86400 if a.interactive else 120)
     run(a, rank)
     if rank is not None:  # on an error, leave as before: torchrun ends the other ranks
         shutdown_dist()
+
+
+def read_chat_message(rank: int | None) -> str | None:
+    """The user's next message from stdin, None once stdin ends. Under torchrun rank 0 reads it and every rank gets
+    it, since all of them run the same generation."""
+    message = None
+    if rank in (None, 0):
+        try:
+            message = input("You: ")
+        except EOFError:
+            print()
+    if rank is not None:
+        shared = [message]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    return message
 
 
 def run(a: argparse.Namespace, rank: int | None) -> None:
@@ -266,23 +287,9 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
 
     sizes = weight_bytes(model)
     stop_ids = tokenizer.stop_ids
-    results = []
-    for i in range(-1 if a.compile else 0, a.num_samples):
-        text = a.prompt
-        if a.interactive:
-            try:
-                text = input("You: ") if is_main else ""
-            except EOFError:
-                break
-            text = tokenizer.chat_prompt(text)
-        prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
-        streamed = []
 
-        def stream(tok):
-            streamed.append(int(tok.view(-1)[0]))
-            sys.stdout.write(tokenizer.decode(streamed[-1:]))
-            sys.stdout.flush()
-        callback = stream if a.interactive and is_main else (lambda _: None)
+    def timed_generate(text: str, callback=lambda _: None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -290,10 +297,29 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
                        decode_fn, prefill_fn, temperature=a.temperature, top_k=a.top_k)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        if i == -1:
-            log(f"compilation and warm-up: {dt:.2f} s")
-            continue
+        return prompt, seq, time.perf_counter() - t
+
+    if a.interactive:  # caches for messages of up to CHAT_PROMPT_TOKENS, made once: a larger cache would recompile
+        model.setup_caches(a.batch_size, min(model.config.block_size, a.max_new_tokens + CHAT_PROMPT_TOKENS))
+    if a.compile or a.compile_prefill:  # compile (and capture) on --prompt, so that no sample or chat turn pays for it
+        log(f"compilation and warm-up: {timed_generate(a.prompt)[2]:.2f} s")
+    results = []
+    # A chat goes on until stdin ends; otherwise --num_samples generations of --prompt.
+    for i in itertools.count() if a.interactive else range(a.num_samples):
+        text = a.prompt
+        if a.interactive:
+            text = read_chat_message(rank)
+            if text is None:
+                break
+            text = tokenizer.chat_prompt(text)
+        streamed = []
+
+        def stream(tok):
+            streamed.append(int(tok.view(-1)[0]))
+            if streamed[-1] not in stop_ids:
+                sys.stdout.write(tokenizer.decode(streamed[-1:]))
+                sys.stdout.flush()
+        prompt, seq, dt = timed_generate(text, stream if a.interactive and is_main else (lambda _: None))
         new = seq.shape[1] - prompt.numel()
         tok_s = new * a.batch_size / dt
         if a.interactive:

@@ -23,8 +23,9 @@ from model import RMSNorm, Transformer
 from sparse import SparseLinear
 
 
-def maybe_init_dist(backend: str | None = None) -> int | None:
-    """Join the process group torchrun describes; returns this rank, or None when not launched by torchrun."""
+def maybe_init_dist(backend: str | None = None, timeout_s: float = 120) -> int | None:
+    """Join the process group torchrun describes; returns this rank, or None when not launched by torchrun.
+    timeout_s: how long a collective waits for the other ranks before it fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return None
@@ -36,7 +37,7 @@ def maybe_init_dist(backend: str | None = None) -> int | None:
         raise SystemExit(f"torch.distributed backend {backend!r} is not available in this PyTorch build")
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return rank
 
 
@@ -232,7 +233,7 @@ class AllReduceRMSNorm(RMSNorm):
         # tp-llama-3-70b-resnorm{,-base}-*.json); with it here, 63 us again (tp-llama-3-70b-resnorm3-*.json).
         if residual is not None and dist.get_rank() == 0:
             x = residual + x
-        return super().forward(funcol.all_reduce(x, "sum", list(range(dist.get_world_size()))))
+        return super().forward(funcol.all_reduce(x, "sum", dist.group.WORLD))
 
 
 def _parallel_norm(norm: RMSNorm) -> AllReduceRMSNorm:

@@ -6,7 +6,7 @@
 
 Protocol (the reference's): batch 1, a 5-token prompt, 200 new tokens, the decode step compiled with
 mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Tokens/s time whole generations (the
-eager prefill included, as GPT-Fast's); each row splits that run into the prefill and the time per later token, and
+prefill included, eager as GPT-Fast's unless --compile_prefill); each row splits that run into the prefill and the time per later token, and
 holds a torch profiler split of one decode step (the same captured graphs): kernel time by category (sparse
 GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over, and a profile of one
 prefill (host against GPU time). Random models get uniform
@@ -78,9 +78,9 @@ def set_uniform(model, table: dict) -> None:
                 layer.thresholds[g].fill_(table[(i, proj)])
 
 
-def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tuple[dict, torch.Tensor]:
+def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3, prefill_fn=prefill) -> tuple[dict, torch.Tensor]:
     """Tokens/s of whole generations, the median of `runs` after one warm-up (which compiles and captures), and that
-    run's split: prefill_ms, the time to the first token (the eager prefill, which generate ends with a host sync on
+    run's split: prefill_ms, the time to the first token (the prefill, which generate ends with a host sync on
     its finiteness check); decode_ms_per_token, the rest per later token; host_ms_per_token, how long the host took to
     queue each of those steps (were it as long as decode_ms_per_token, the host would be the bottleneck)."""
     results, seq = [], None
@@ -93,7 +93,7 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3) -> tup
 
         torch.cuda.synchronize()
         t = time.perf_counter()
-        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill, temperature=0.8, top_k=200,
+        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn, temperature=0.8, top_k=200,
                        callback=on_token)
         queued = time.perf_counter()
         torch.cuda.synchronize()
@@ -179,18 +179,18 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
 
 
 @torch.no_grad()
-def profile_prefill(model, prompt) -> dict:
-    """One eager prefill of the prompt as generate runs it: host and GPU time, the GPU's kernel time, and the host
+def profile_prefill(model, prompt, prefill_fn=prefill) -> dict:
+    """One prefill of the prompt as generate runs it: host and GPU time, the GPU's kernel time, and the host
     ops and kernels that take the most of each (the prefill is part of every tokens/s figure)."""
     from torch.profiler import ProfilerActivity, profile
     pos = torch.arange(prompt.numel(), device=prompt.device)
-    prefill(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)  # caches are set up: warm
+    prefill_fn(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)  # caches are set up: warm
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         a.record()
-        prefill(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)
+        prefill_fn(model, prompt.view(1, -1), pos, temperature=0.8, top_k=200)
         b.record()
         torch.cuda.synchronize()
         host_ms = 1e3 * (time.perf_counter() - t)
@@ -217,7 +217,7 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     # the residual stream is the same on every rank (NCCL's path adds it on rank 0 only)
     residual = torch.randn(1, 1, dim, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     world = dist.get_world_size()
-    nccl = funcol.all_reduce(x, "sum", list(range(world))).wait()
+    nccl = funcol.all_reduce(x, "sum", dist.group.WORLD).wait()
     norm = AllReduceRMSNorm(dim).to("cuda", dtype)
     # the one-shot norm against NCCL's sum and model.RMSNorm: the same inputs added in another order, each of the
     # world adds rounding to dtype, so the sums may differ by a few roundings of the largest (a missing or doubled
@@ -233,7 +233,7 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
             if tp.ONE_SHOT:
                 norm(x, residual)
             else:
-                y = funcol.all_reduce(x, "sum", list(range(world)))
+                y = funcol.all_reduce(x, "sum", dist.group.WORLD)
         if not tp.ONE_SHOT:  # NCCL's result: wait on the last, so the capture ends with it
             funcol.wait_tensor(y)
 
@@ -276,6 +276,9 @@ def main(argv=None):
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
                    help="tensor parallel: one-shot all-reduces over symmetric memory (else NCCL's); default: "
                         "NCCL for the dense model, one-shot for the sparse one, each one's faster choice")
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="compile the prefill of both models too (generate.py --compile_prefill), where the protocol's "
+                        "prefill is eager as GPT-Fast's; shortens the time to the first token")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
@@ -310,11 +313,13 @@ def main(argv=None):
     prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
     sizes = weight_bytes(model)
     dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    timing, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs)
+    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
+    timing, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs, prefill_fn)
     tok_s = timing["tok_s"]
     rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, **timing, "ms_per_token": 1e3 / tok_s,
                  "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
-                 "profile": profile_steps(model, dense_fn, a.prompt_tokens), "prefill": profile_prefill(model, prompt)})
+                 "profile": profile_steps(model, dense_fn, a.prompt_tokens),
+                 "prefill": profile_prefill(model, prompt, prefill_fn)})
     if rank in (None, 0):
         print(f"dense: {tok_s:.1f} tok/s ({sizes['total'] * tok_s / 1e9:.0f} GB/s), {timing_line(timing)}", flush=True)
         print(json.dumps({k: rows[-1][k] for k in ("profile", "prefill")}, indent=1), flush=True)
@@ -337,7 +342,7 @@ def main(argv=None):
             apply_thresholds(model, tf, s, a.mode)
         else:
             set_uniform(model, table[s])
-        timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs)
+        timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs, prefill_fn)
         tok_s = timing["tok_s"]
         if frames_before is None:
             frames_before = counters["stats"]["unique_graphs"]
@@ -347,7 +352,7 @@ def main(argv=None):
                      "ms_per_token": 1e3 / tok_s, "realized_sparsity": real["model"],
                      "dense_equiv_GBps": sizes["total"] * tok_s / 1e9, "moved_GBps": moved * tok_s / 1e9,
                      "profile": profile_steps(model, sparse_fn, a.prompt_tokens),
-                     "prefill": profile_prefill(model, prompt)})
+                     "prefill": profile_prefill(model, prompt, prefill_fn)})
         if rank in (None, 0):
             print(f"sparse {s:.2f}: {tok_s:.1f} tok/s, realised {real['model']:.3f}, "
                   f"{tok_s / rows[0]['tok_s']:.2f}x dense, {timing_line(timing)}", flush=True)
@@ -372,7 +377,7 @@ def main(argv=None):
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
-              "compile": "reduce-overhead", "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8, "pdl": a.pdl,
+              "compile": "reduce-overhead", "compile_prefill": a.compile_prefill, "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8, "pdl": a.pdl,
               "coordinate_descent": a.coordinate_descent, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),

