@@ -150,20 +150,23 @@ def weight_bytes(model: Transformer) -> dict:
 
 @torch.no_grad()
 def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len: int) -> dict:
-    """Replay a generated sequence (prompt dense, generated tokens masked as decode masks them) and count."""
+    """Replay generated sequences [batch, T] (prompt dense, generated tokens masked as decode masks them) and count:
+    model, the parameter-weighted share of inputs under threshold; sparse_bytes_moved, the sparse layers' weight bytes
+    a decode step reads, which for a batch are the rows some sequence keeps."""
+    model.setup_caches(*seq.shape)  # kept as they are when big enough, as after generating seq
     meter = SparsityMeter(model)
     try:
-        model(seq[:1, :prompt_len], torch.arange(prompt_len, device=seq.device))
+        model(seq[:, :prompt_len], torch.arange(prompt_len, device=seq.device))
         set_mask_prefill(model, True)
-        model(seq[:1, prompt_len:-1], torch.arange(prompt_len, seq.shape[1] - 1, device=seq.device))
+        model(seq[:, prompt_len:-1], torch.arange(prompt_len, seq.shape[1] - 1, device=seq.device))
     finally:
         set_mask_prefill(model, False)
         meter.close()
-    per = meter.per_projection()
+    skipped = meter.skipped_fraction()
     moved = 0.0
     for i, path, layer in sparse_layers(model):
         for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
-            moved += (1 - per.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
+            moved += (1 - skipped.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
     return {"model": meter.model_sparsity(), "sparse_bytes_moved": moved}
 
 

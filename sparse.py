@@ -194,10 +194,13 @@ def set_mask_prefill(model: nn.Module, value: bool) -> None:
 
 class SparsityMeter:
     """Counts, per projection, the fraction of inputs at or under threshold; reports the
-    parameter-weighted model-wide activation sparsity. Forward pre-hooks; no change to the forward."""
+    parameter-weighted model-wide activation sparsity. Forward pre-hooks; no change to the forward.
+    With several sequences in a batch it also counts the weight rows a step skips (skipped_fraction): those whose
+    input is under threshold in every sequence at that position."""
 
     def __init__(self, model: nn.Module):
         self.masked = {}  # (layer, projection) -> [masked count, total count]
+        self.skipped = {}  # (layer, projection) -> [rows under threshold in every sequence, rows]
         self.params = {}
         self.handles = []
         for i, path, layer in sparse_layers(model):
@@ -210,16 +213,24 @@ class SparsityMeter:
             x = args[0]
             if x.shape[-2] != 1 and not module.mask_prefill:
                 return
-            x = x.reshape(-1, x.shape[-1]).abs().float()
+            x = x.abs().float().reshape(-1, *x.shape[-2:])  # [sequences, positions, K]
             for g, proj in enumerate(LAYER_GROUPS[path]):
-                masked = (x <= module.thresholds[g]).sum().item()
+                under = x <= module.thresholds[g]
                 c = self.masked.setdefault((i, proj), [0, 0])
-                c[0] += masked
-                c[1] += x.numel()
+                c[0] += under.sum().item()
+                c[1] += under.numel()
+                r = self.skipped.setdefault((i, proj), [0, 0])
+                r[0] += under.all(0).sum().item()
+                r[1] += under[0].numel()
         return hook
 
     def per_projection(self) -> dict:
         return {k: m / t for k, (m, t) in self.masked.items() if t}
+
+    def skipped_fraction(self) -> dict:
+        """Per projection, the fraction of weight rows the kernel skips: per_projection's for one sequence, less
+        for a batch."""
+        return {k: m / t for k, (m, t) in self.skipped.items() if t}
 
     def model_sparsity(self) -> float:
         fr = self.per_projection()

@@ -105,6 +105,39 @@ def test_sparsity_zero_equals_dense_and_meter_matches_target():
     assert abs(meter.model_sparsity() - 0.5) < 0.1  # thresholds from a different (prefill) distribution
 
 
+def test_meter_counts_the_rows_a_batched_step_skips():
+    # Two sequences' inputs to one down projection (threshold 0.5): each has 48 of 96 inputs at zero, overlapping in
+    # 24, so half the inputs are masked but a batched step can skip only the 24 rows both leave out.
+    sparse = sparsify(tiny_model(5))
+    set_thresholds(sparse, torch.full((2, 7), 0.5))
+    x = torch.ones(2, 1, 96)
+    x[0, 0, :48] = 0
+    x[1, 0, 24:72] = 0
+    meter = SparsityMeter(sparse)
+    with torch.no_grad():
+        sparse.layers[0].feed_forward.w2(x)
+    meter.close()
+    assert meter.per_projection() == {(0, "down"): 0.5}
+    assert meter.skipped_fraction() == {(0, "down"): 0.25}
+
+
+def test_realized_sparsity_of_a_batch_counts_the_rows_some_sequence_keeps():
+    from generate import measure_realized_sparsity
+    dense = tiny_model(6)
+    sparse = sparsify(copy.deepcopy(dense))
+    set_thresholds(sparse, thresholds_at(dense, 0.5))
+    prompt = torch.tensor([4, 8, 15], dtype=torch.int)
+    one = generate(sparse, prompt, 24, temperature=0)
+    alone = measure_realized_sparsity(sparse, one, 3)
+    same = measure_realized_sparsity(sparse, one.repeat(2, 1), 3)  # two copies of one sequence skip the same rows
+    assert same["sparse_bytes_moved"] == pytest.approx(alone["sparse_bytes_moved"], rel=1e-12)
+    other = generate(sparse, torch.tensor([23, 42, 16], dtype=torch.int), 24, temperature=0)
+    both = measure_realized_sparsity(sparse, torch.cat([one, other]), 3)
+    # a different second sequence keeps rows the first skips: more bytes than either alone
+    assert both["sparse_bytes_moved"] > max(alone["sparse_bytes_moved"],
+                                           measure_realized_sparsity(sparse, other, 3)["sparse_bytes_moved"])
+
+
 def test_changing_sparsity_does_not_recompile():
     import torch._dynamo.utils
     sparse = sparsify(tiny_model(2))
