@@ -291,16 +291,24 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     sizes = weight_bytes(model)
     stop_ids = tokenizer.stop_ids
 
-    def timed_generate(text: str, callback=lambda _: None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def timed_generate(text: str, callback=lambda _: None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """prompt, sequences, seconds in all, and seconds to the first token (generate syncs on the prefill's
+        finiteness check before it hands that token on)."""
         prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
+        first = []
+
+        def on_token(tok):
+            if not first:
+                first.append(time.perf_counter())
+            callback(tok)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        seq = generate(model, prompt, a.max_new_tokens, a.batch_size, stop_ids if a.interactive else (), callback,
+        seq = generate(model, prompt, a.max_new_tokens, a.batch_size, stop_ids if a.interactive else (), on_token,
                        decode_fn, prefill_fn, temperature=a.temperature, top_k=a.top_k)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return prompt, seq, time.perf_counter() - t
+        return prompt, seq, time.perf_counter() - t, first[0] - t
 
     if a.interactive:  # caches for messages of up to CHAT_PROMPT_TOKENS, made once: a larger cache would recompile
         model.setup_caches(a.batch_size, min(model.config.block_size, a.max_new_tokens + CHAT_PROMPT_TOKENS))
@@ -322,24 +330,26 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
             if streamed[-1] not in stop_ids:
                 sys.stdout.write(tokenizer.decode(streamed[-1:]))
                 sys.stdout.flush()
-        prompt, seq, dt = timed_generate(text, stream if a.interactive and is_main else (lambda _: None))
+        prompt, seq, dt, to_first = timed_generate(text, stream if a.interactive and is_main else (lambda _: None))
         new = seq.shape[1] - prompt.numel()
         tok_s = new * a.batch_size / dt
         if a.interactive:
             log()
         else:
             log(tokenizer.decode(seq[0].tolist()))
-        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s, {tok_s:.2f} tokens/s, "
+        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * to_first:.1f} ms), {tok_s:.2f} tokens/s, "
             f"{sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
-        results.append((tok_s, new / dt, seq, prompt.numel()))
+        results.append((tok_s, new / dt, seq, prompt.numel(), to_first))
     if not results:
         return
     tok_s = sorted(r[0] for r in results)[len(results) // 2]
     steps_s = sorted(r[1] for r in results)[len(results) // 2]
+    to_first = sorted(r[4] for r in results)[len(results) // 2]
     log("=" * 60)
-    log(f"median over {len(results)} samples: {tok_s:.2f} tokens/s, {sizes['total'] * steps_s / 1e9:.2f} GB/s dense-equivalent")
+    log(f"median over {len(results)} samples: {tok_s:.2f} tokens/s, {sizes['total'] * steps_s / 1e9:.2f} GB/s dense-equivalent, "
+        f"first token after {1e3 * to_first:.1f} ms")
     if a.sparsity > 0:
-        _, _, seq, plen = results[-1]
+        _, _, seq, plen, _ = results[-1]
         real = measure_realized_sparsity(model, seq, plen)
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
         log(f"realised activation sparsity {real['model']:.3f} (target {a.sparsity}, {a.sparsity_mode}); "

