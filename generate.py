@@ -206,7 +206,8 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, stream the answers")
-    p.add_argument("--num_samples", type=int, default=3, help="generations of --prompt (--interactive: until stdin ends)")
+    p.add_argument("--num_samples", type=int, default=3,
+                   help="generations of --prompt (--interactive: until stdin ends)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--top_k", type=int, default=200)
@@ -337,23 +338,23 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
             log()
         else:
             log(tokenizer.decode(seq[0].tolist()))
-        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * to_first:.1f} ms), {tok_s:.2f} tokens/s, "
-            f"{sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
-        results.append((tok_s, new / dt, seq, prompt.numel(), to_first))
+        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * to_first:.1f} ms), "
+            f"{tok_s:.2f} tokens/s, {sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
+        results.append({"tok_s": tok_s, "steps_s": new / dt, "to_first": to_first})
     if not results:
         return
-    tok_s = sorted(r[0] for r in results)[len(results) // 2]
-    steps_s = sorted(r[1] for r in results)[len(results) // 2]
-    to_first = sorted(r[4] for r in results)[len(results) // 2]
+
+    def median(key):
+        return sorted(r[key] for r in results)[len(results) // 2]
     log("=" * 60)
-    log(f"median over {len(results)} samples: {tok_s:.2f} tokens/s, {sizes['total'] * steps_s / 1e9:.2f} GB/s dense-equivalent, "
-        f"first token after {1e3 * to_first:.1f} ms")
-    if a.sparsity > 0:
-        _, _, seq, plen, _ = results[-1]
-        real = measure_realized_sparsity(model, seq, plen)
+    log(f"median over {len(results)} samples: {median('tok_s'):.2f} tokens/s, "
+        f"{sizes['total'] * median('steps_s') / 1e9:.2f} GB/s dense-equivalent, "
+        f"first token after {1e3 * median('to_first'):.1f} ms")
+    if a.sparsity > 0:  # over the last sample
+        real = measure_realized_sparsity(model, seq, prompt.numel())
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
         log(f"realised activation sparsity {real['model']:.3f} (target {a.sparsity}, {a.sparsity_mode}); "
-            f"{moved * steps_s / 1e9:.2f} GB/s actually moved")
+            f"{moved * median('steps_s') / 1e9:.2f} GB/s actually moved")
     if device.startswith("cuda"):
         log(f"peak memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
 

@@ -6,12 +6,12 @@
 
 Protocol (the reference's): batch 1, a 5-token prompt, 200 new tokens, the decode step compiled with
 mode="reduce-overhead" (CUDA graphs), one warm-up then the median of 3 runs. Tokens/s time whole generations (the
-prefill included, eager as GPT-Fast's unless --compile_prefill); each row splits that run into the prefill and the time per later token, and
-holds a torch profiler split of one decode step (the same captured graphs): kernel time by category (sparse
-GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over, and a profile of one
-prefill (host against GPU time). Random models get uniform
-thresholds calibrated on a random-token prefill; the sparsity changes by copying thresholds, and the
-number of recompilations this causes is recorded (it should be 0).
+prefill included, eager as GPT-Fast's unless --compile_prefill); each row splits that run into the prefill and the
+time per later token, and holds a torch profiler split of one decode step (the same captured graphs): kernel time
+by category (sparse GEMV per projection, cuBLAS, attention, norms, sampling, other) and the launch gaps left over,
+and a profile of one prefill (host against GPU time). Random models get uniform thresholds calibrated on a
+random-token prefill; the sparsity changes by copying thresholds, and the number of recompilations this causes is
+recorded (it should be 0).
 """
 import argparse
 import datetime
@@ -78,7 +78,8 @@ def set_uniform(model, table: dict) -> None:
                 layer.thresholds[g].fill_(table[(i, proj)])
 
 
-def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3, prefill_fn=prefill) -> tuple[dict, torch.Tensor]:
+def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3,
+                prefill_fn=prefill) -> tuple[dict, torch.Tensor]:
     """Tokens/s of whole generations, the median of `runs` after one warm-up (which compiles and captures), and that
     run's split: prefill_ms, the time to the first token (the prefill, which generate ends with a host sync on
     its finiteness check); decode_ms_per_token, the rest per later token; host_ms_per_token, how long the host took to
@@ -93,8 +94,8 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3, prefil
 
         torch.cuda.synchronize()
         t = time.perf_counter()
-        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn, temperature=0.8, top_k=200,
-                       callback=on_token)
+        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn, temperature=0.8,
+                       top_k=200, callback=on_token)
         queued = time.perf_counter()
         torch.cuda.synchronize()
         end = time.perf_counter()
@@ -377,8 +378,9 @@ def main(argv=None):
     name = a.checkpoint_path.name if a.checkpoint_path else a.model
     result = {"device": props.name, "model": name, "weights": "checkpoint" if a.checkpoint_path else "random",
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
-              "compile": "reduce-overhead", "compile_prefill": a.compile_prefill, "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8, "pdl": a.pdl,
-              "coordinate_descent": a.coordinate_descent, "tp": world,
+              "compile": "reduce-overhead", "compile_prefill": a.compile_prefill,
+              "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8,
+              "pdl": a.pdl, "coordinate_descent": a.coordinate_descent, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}

@@ -40,9 +40,9 @@ def test_generate_cli_dense_eager_and_compiled(default_checkpoint):
 def chat(messages: list[str], launcher: list[str], *extra: str) -> tuple[list[str], str, str]:
     """Greedy --interactive answers to messages piped on stdin (8 tokens each), the whole stdout, and the recompilations
     torch.compile logged."""
-    out = subprocess.run([*launcher, "generate.py", "--interactive", "--max_new_tokens", "8", "--temperature", "0", *extra],
-                         input="".join(m + "\n" for m in messages), capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TORCH_LOGS": "recompiles"})
+    out = subprocess.run([*launcher, "generate.py", "--interactive", "--max_new_tokens", "8", "--temperature", "0",
+                          *extra], input="".join(m + "\n" for m in messages), capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TORCH_LOGS": "recompiles"})
     assert out.returncode == 0, out.stderr[-2000:]
     answers = [line.removeprefix("You: ") for line in out.stdout.splitlines() if line.startswith("You: ")]
     return answers, out.stdout, "\n".join(line for line in out.stderr.splitlines() if "Recompiling" in line)
