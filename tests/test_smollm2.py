@@ -54,9 +54,11 @@ def test_generate_cli_chat_answers_every_message_until_stdin_ends(default_checkp
     assert len(answers) == len(messages) + 1 and answers[-1] == ""  # the last prompt meets the end of stdin
     assert "Paris" in answers[3] and stdout.count("tokens/s") == len(messages) + 1  # + the median line
     assert "<|im_end|>" not in stdout  # the stop token ends an answer, it is not printed
-    # Compiled, messages of any length up to CHAT_PROMPT_TOKENS reuse the caches the warm-up compiled against
+    # Compiled, messages of any length up to CHAT_PROMPT_TOKENS reuse the caches the warm-up compiled against. (Its
+    # answers are not compared token for token: inductor's fp32 CPU code, which depends on the CPU's vector width, may
+    # round differently from eager and flip a greedy choice.)
     compiled, _, recompiles = chat(messages[2:], [sys.executable], "--compile")
-    assert compiled == answers[2:] and recompiles == ""
+    assert len(compiled) == 3 and "Paris" in compiled[1] and recompiles == ""
 
 
 def test_generate_cli_chat_under_torchrun_matches_one_process(default_checkpoint):
