@@ -53,8 +53,8 @@ def _rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.cons
 def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_o_ptr, part_lse_ptr,
                              HKV, sm_scale, stride_qkv, stride_part, stride_kb, stride_kh, stride_ks, stride_ob,
                              stride_oh, PARTS: tl.constexpr, REP: tl.constexpr, BLOCK_H: tl.constexpr,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr,
-                             DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                             SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV

@@ -136,6 +136,27 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batc
     return seq[:, : t + 1 + len(new)]
 
 
+def timed_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, callback=lambda _: None,
+                   **generate_kwargs) -> tuple[torch.Tensor, dict]:
+    """generate(), timed on the host in seconds: total; to_first, until the first token (generate hands it on after
+    a host sync on the prefill's finiteness check); queued, until the host had queued every step (before the final
+    sync: were it as long as total, the host would be the bottleneck)."""
+    first = []
+
+    def on_token(tok):
+        if not first:
+            first.append(time.perf_counter())
+        callback(tok)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    seq = generate(model, prompt, max_new_tokens, callback=on_token, **generate_kwargs)
+    queued = time.perf_counter()
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    return seq, {"total": time.perf_counter() - t, "to_first": first[0] - t, "queued": queued - t}
+
+
 def weight_bytes(model: Transformer) -> dict:
     """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read)."""
     sparse = {id(layer.weight_t) for _, _, layer in sparse_layers(model)}
@@ -292,29 +313,16 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     sizes = weight_bytes(model)
     stop_ids = tokenizer.stop_ids
 
-    def timed_generate(text: str, callback=lambda _: None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """prompt, sequences, seconds in all, and seconds to the first token (generate syncs on the prefill's
-        finiteness check before it hands that token on)."""
+    def run_prompt(text: str, callback=lambda _: None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         prompt = torch.tensor(tokenizer.encode(text), dtype=torch.int, device=device)
-        first = []
-
-        def on_token(tok):
-            if not first:
-                first.append(time.perf_counter())
-            callback(tok)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        seq = generate(model, prompt, a.max_new_tokens, a.batch_size, stop_ids if a.interactive else (), on_token,
-                       decode_fn, prefill_fn, temperature=a.temperature, top_k=a.top_k)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return prompt, seq, time.perf_counter() - t, first[0] - t
+        return prompt, *timed_generate(model, prompt, a.max_new_tokens, callback, batch_size=a.batch_size,
+                                       stop_ids=stop_ids if a.interactive else (), decode_fn=decode_fn,
+                                       prefill_fn=prefill_fn, temperature=a.temperature, top_k=a.top_k)
 
     if a.interactive:  # caches for messages of up to CHAT_PROMPT_TOKENS, made once: a larger cache would recompile
         model.setup_caches(a.batch_size, min(model.config.block_size, a.max_new_tokens + CHAT_PROMPT_TOKENS))
     if a.compile or a.compile_prefill:  # compile (and capture) on --prompt, so that no sample or chat turn pays for it
-        log(f"compilation and warm-up: {timed_generate(a.prompt)[2]:.2f} s")
+        log(f"compilation and warm-up: {run_prompt(a.prompt)[2]['total']:.2f} s")
     results = []
     # A chat goes on until stdin ends; otherwise --num_samples generations of --prompt.
     for i in itertools.count() if a.interactive else range(a.num_samples):
@@ -331,16 +339,17 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
             if streamed[-1] not in stop_ids:
                 sys.stdout.write(tokenizer.decode(streamed[-1:]))
                 sys.stdout.flush()
-        prompt, seq, dt, to_first = timed_generate(text, stream if a.interactive and is_main else (lambda _: None))
+        prompt, seq, times = run_prompt(text, stream if a.interactive and is_main else (lambda _: None))
+        dt = times["total"]
         new = seq.shape[1] - prompt.numel()
         tok_s = new * a.batch_size / dt
         if a.interactive:
             log()
         else:
             log(tokenizer.decode(seq[0].tolist()))
-        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * to_first:.1f} ms), "
+        log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * times['to_first']:.1f} ms), "
             f"{tok_s:.2f} tokens/s, {sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
-        results.append({"tok_s": tok_s, "steps_s": new / dt, "to_first": to_first})
+        results.append({"tok_s": tok_s, "steps_s": new / dt, "to_first": times["to_first"]})
     if not results:
         return
 

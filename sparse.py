@@ -216,11 +216,12 @@ class SparsityMeter:
             x = x.abs().float().reshape(-1, *x.shape[-2:])  # [sequences, positions, K]
             for g, proj in enumerate(LAYER_GROUPS[path]):
                 under = x <= module.thresholds[g]
+                masked, skipped = torch.stack([under.sum(), under.all(0).sum()]).tolist()  # one host sync
                 c = self.masked.setdefault((i, proj), [0, 0])
-                c[0] += under.sum().item()
+                c[0] += masked
                 c[1] += under.numel()
                 r = self.skipped.setdefault((i, proj), [0, 0])
-                r[0] += under.all(0).sum().item()
+                r[0] += skipped
                 r[1] += under[0].numel()
         return hook
 

@@ -27,7 +27,8 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
-from generate import SPARSE_KERNELS, decode_one_token, generate, measure_realized_sparsity, prefill, set_pdl, weight_bytes
+from generate import (SPARSE_KERNELS, decode_one_token, measure_realized_sparsity, prefill, set_pdl, timed_generate,
+                      weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import RMSNorm, random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
@@ -86,24 +87,13 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int = 3,
     queue each of those steps (were it as long as decode_ms_per_token, the host would be the bottleneck)."""
     results, seq = [], None
     for r in range(runs + 1):
-        first = []  # host time at the first token
-
-        def on_token(_):
-            if not first:
-                first.append(time.perf_counter())
-
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        seq = generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn, temperature=0.8,
-                       top_k=200, callback=on_token)
-        queued = time.perf_counter()
-        torch.cuda.synchronize()
-        end = time.perf_counter()
+        seq, times = timed_generate(model, prompt, new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn,
+                                    temperature=0.8, top_k=200)
         n = seq.shape[1] - prompt.numel()
         if r:
-            results.append({"tok_s": n / (end - t), "prefill_ms": 1e3 * (first[0] - t),
-                            "decode_ms_per_token": 1e3 * (end - first[0]) / (n - 1),
-                            "host_ms_per_token": 1e3 * (queued - first[0]) / (n - 1)})
+            results.append({"tok_s": n / times["total"], "prefill_ms": 1e3 * times["to_first"],
+                            "decode_ms_per_token": 1e3 * (times["total"] - times["to_first"]) / (n - 1),
+                            "host_ms_per_token": 1e3 * (times["queued"] - times["to_first"]) / (n - 1)})
     return sorted(results, key=lambda x: x["tok_s"])[len(results) // 2], seq
 
 

@@ -3,4 +3,5 @@
 from sparse_gemv.kernels import MAX_TOKENS, sparse_gemv_triton
 from sparse_gemv.ops import add_partials, check_inputs, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference
 
-__all__ = ["MAX_TOKENS", "add_partials", "check_inputs", "sparse_gemv", "sparse_gemv_partials", "sparse_gemv_reference", "sparse_gemv_triton"]
+__all__ = ["MAX_TOKENS", "add_partials", "check_inputs", "sparse_gemv", "sparse_gemv_partials", "sparse_gemv_reference",
+           "sparse_gemv_triton"]
