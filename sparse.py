@@ -31,6 +31,11 @@ DECODE_PARTIALS = {"attention.wqkv": "keep", "attention.wo": "sum", "feed_forwar
                    "feed_forward.w2": "sum"}
 
 
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    """A layer tensor that is not trained: a parameter without gradient (see SparseLinear.__init__)."""
+    return nn.Parameter(t, requires_grad=False)
+
+
 class SparseLinear(nn.Module):
     """y = x W^T where, for single-token steps, inputs with |x| <= threshold are dropped with their weight rows.
 
@@ -42,14 +47,18 @@ class SparseLinear(nn.Module):
                  compact: bool = False, int8: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.split_sizes = [int(s) for s in split_sizes]
+        # The layer's tensors are frozen parameters and its Python attributes immutable values (a tuple, not a list),
+        # so that torch.compile's guards can skip the whole layer while its __dict__ is unchanged (generate.py turns
+        # on recursive dict tags): dynamo gives buffers an aliasing guard, under which their module's guards run in
+        # full on every call: for SmolLM2-135M's 120 sparse layers 95 against 11 us per decode step on an H100 host
+        # (decode-smollm2-135m-{no-dicttags,dicttags}-*.json).
+        self.split_sizes = tuple(int(s) for s in split_sizes)
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.register_buffer("weight_t", torch.empty(in_features, out_features, device=device,
-                                                     dtype=torch.int8 if int8 else dtype))
+        self.weight_t = frozen(torch.empty(in_features, out_features, device=device, dtype=torch.int8 if int8 else dtype))
         # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
-        self.register_buffer("scales", torch.ones(out_features, device=device, dtype=torch.float32) if int8 else None)
+        self.scales = frozen(torch.ones(out_features, device=device, dtype=torch.float32)) if int8 else None
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
-        self.register_buffer("thresholds", torch.zeros(shape, device=device, dtype=torch.float32))
+        self.thresholds = frozen(torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
         self.mask_prefill = False
         # How a compiled single-token step returns the product, set by sparsify (eager steps always take "reduce",
@@ -67,10 +76,10 @@ class SparseLinear(nn.Module):
         w = linear.weight
         layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, device=w.device, dtype=w.dtype)
         if int8:
-            q, layer.scales = quantize_int8(w.detach())
-            layer.weight_t = q.t().contiguous()
+            q, scales = quantize_int8(w.detach())
+            layer.weight_t, layer.scales = frozen(q.t().contiguous()), frozen(scales)
         else:
-            layer.weight_t = w.detach().t().contiguous()
+            layer.weight_t = frozen(w.detach().t().contiguous())
         if w.is_cuda:
             reserve_workspace(w.device, layer.in_features, layer.out_features)
         return layer

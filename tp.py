@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.distributed import _functional_collectives as funcol
 
 from model import RMSNorm, Transformer
-from sparse import SparseLinear
+from sparse import SparseLinear, frozen
 
 
 def maybe_init_dist(backend: str | None = None, timeout_s: float = 120) -> int | None:
@@ -63,20 +63,20 @@ def _split(t: torch.Tensor, dim: int, sizes, rank: int, world: int) -> torch.Ten
 def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) -> None:
     if isinstance(layer, SparseLinear):
         if style == "colwise":
-            layer.weight_t = _split(layer.weight_t, 1, sizes, rank, world)
+            layer.weight_t = frozen(_split(layer.weight_t, 1, sizes, rank, world))
             if layer.int8:  # one scale per output column: they go with their columns
-                layer.scales = _split(layer.scales, 0, sizes, rank, world)
-            layer.split_sizes = [s // world for s in sizes]
+                layer.scales = frozen(_split(layer.scales, 0, sizes, rank, world))
+            layer.split_sizes = tuple(s // world for s in sizes)
             layer.out_features = sum(layer.split_sizes)
         else:
-            layer.weight_t = _split(layer.weight_t, 0, [layer.in_features], rank, world)
+            layer.weight_t = frozen(_split(layer.weight_t, 0, [layer.in_features], rank, world))
             if layer.per_channel:
-                layer.thresholds = _split(layer.thresholds, 1, [layer.in_features], rank, world)
+                layer.thresholds = frozen(_split(layer.thresholds, 1, [layer.in_features], rank, world))
             layer.in_features //= world
     else:
         w = layer.weight
         new = _split(w, 0, sizes, rank, world) if style == "colwise" else _split(w, 1, [w.shape[1]], rank, world)
-        layer.weight = nn.Parameter(new, requires_grad=False)
+        layer.weight = frozen(new)
         layer.out_features, layer.in_features = new.shape
     if style == "rowwise":
         # Its output goes to the all-reduce: no partial sums left to a norm (SparseLinear; a dense Linear keeps the

@@ -158,6 +158,50 @@ def test_changing_sparsity_does_not_recompile():
     assert not torch.allclose(outs[0], outs[2])
 
 
+def test_compiled_decode_guards_skip_unchanged_sparse_layers_and_see_changed_ones():
+    # generate.py turns on dynamo's recursive dict tags: the guards of a module whose __dict__ (and its children's) is
+    # unchanged since the last call are skipped, which a SparseLinear allows only with frozen parameters (buffers get
+    # an aliasing guard) and immutable attributes. Checked in the guard tree of a compiled decode step; and a changed
+    # attribute deep in the model must still be seen (recompile, then match eager), new threshold values must not.
+    import torch._dynamo.utils
+    from sparse import SparseLinear
+    assert torch._dynamo.config.use_recursive_dict_tags_for_guards  # set by importing generate (so bench_decode too)
+
+    def forward(m, x, p):
+        return m(x, p)
+
+    def guard_nodes(n):
+        yield n
+        children = list(n.get_child_managers())
+        if hasattr(n, "get_key_value_managers"):
+            children += [m for pair in n.get_key_value_managers().values() for m in pair]
+        for c in children:
+            if c is not None:
+                yield from guard_nodes(c)
+
+    sparse = sparsify(tiny_model(5))
+    set_thresholds(sparse, thresholds_at(sparse, 0.5))
+    sparse.setup_caches(1, 32)
+    torch._dynamo.reset()
+    step = torch.compile(forward, fullgraph=True)
+    x, pos = torch.tensor([[9]], dtype=torch.int), torch.tensor([3])
+    graphs = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        step(sparse, x, pos)
+        (entry,) = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(forward.__code__)
+        layers = [n for n in guard_nodes(entry.guard_manager.root) if n.get_type_of_guarded_value() is SparseLinear]
+        assert len(layers) == 8 and all(n.is_tag_safe() for n in layers)
+
+        before = graphs["unique_graphs"]
+        set_thresholds(sparse, thresholds_at(sparse, 0.3))
+        assert (step(sparse, x, pos) - sparse(x, pos)).abs().max() < 1e-5
+        assert graphs["unique_graphs"] == before
+        sparse.layers[-1].feed_forward.w2.decode_partials = "sum"  # another graph: partial sums to the final norm
+        assert (step(sparse, x, pos) - sparse(x, pos)).abs().max() < 1e-5
+        assert graphs["unique_graphs"] == before + 1
+    torch._dynamo.reset()
+
+
 def test_compiled_prefill_matches_eager_for_any_prompt_length():
     # generate.py --compile_prefill: one dynamic-shape graph serves every prompt length, with the same tokens as eager
     # (longest first: the caches, sized by the first generation, are kept, as GPT-Fast keeps them)
