@@ -54,7 +54,8 @@ class SparseLinear(nn.Module):
         # (decode-smollm2-135m-{no-dicttags,dicttags}-*.json).
         self.split_sizes = tuple(int(s) for s in split_sizes)
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.weight_t = frozen(torch.empty(in_features, out_features, device=device, dtype=torch.int8 if int8 else dtype))
+        self.weight_t = frozen(torch.empty(in_features, out_features, device=device,
+                                           dtype=torch.int8 if int8 else dtype))
         # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
         self.scales = frozen(torch.ones(out_features, device=device, dtype=torch.float32)) if int8 else None
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)

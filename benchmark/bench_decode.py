@@ -299,7 +299,7 @@ def main(argv=None):
                         "prefill is eager as GPT-Fast's; shortens the time to the first token")
     p.add_argument("--dict_tags", action=argparse.BooleanOptionalAction, default=True,
                    help="dynamo's recursive dict tags for guards (generate.py's setting): skip the guards of modules "
-                        "whose __dict__ is unchanged since the last call")
+                        "whose __dict__ is unchanged since the compiled entry's first call")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)

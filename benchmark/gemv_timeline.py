@@ -146,7 +146,8 @@ def timeline(kernels, name, k, groups, sparsity, compact, reduce, l2, config=Non
           f" span {median['span_us']:6.2f} us  wait {median['wait_us'][1]:5.2f}  list {median['list_us'][1]:5.2f}"
           f"  loop ends {median['loop_done_us'][0]:6.2f}/{median['loop_done_us'][1]:6.2f}/{median['loop_done_us'][2]:6.2f}"
           f"  exit {median['exit_us'][2]:6.2f}  {programs} programs, <= {median['max_programs_per_sm']}/SM"
-          f"  late-SM corr {row['sm_loop_end_correlation']:.2f}, late-program corr {row['program_loop_end_correlation']:.2f}",
+          f"  late-SM corr {row['sm_loop_end_correlation']:.2f},"
+          f" late-program corr {row['program_loop_end_correlation']:.2f}",
           flush=True)
     return row
 

@@ -111,7 +111,8 @@ def test_gemv_timeline_pair_correlation():
     # Three launches' per-SM loop ends: the first two rank the SMs alike (Pearson 0.99), the third the other way round
     # (-1 and -0.99 against them); the median over the three pairs is the middle one, computed here by hand.
     from benchmark.gemv_timeline import median_pair_correlation
-    launches = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.1, 2.2, 2.9, 4.1]), torch.tensor([4.0, 3.0, 2.0, 1.0])]
+    launches = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.1, 2.2, 2.9, 4.1]),
+                torch.tensor([4.0, 3.0, 2.0, 1.0])]
     a, b = launches[1] - launches[1].mean(), launches[2] - launches[2].mean()
     middle = float((a * b).sum() / (a.norm() * b.norm()))  # launches 2 and 3
     assert median_pair_correlation(launches) == pytest.approx(middle, abs=1e-3)

@@ -161,8 +161,9 @@ def test_changing_sparsity_does_not_recompile():
 def test_compiled_decode_guards_skip_unchanged_sparse_layers_and_see_changed_ones():
     # generate.py turns on dynamo's recursive dict tags: the guards of a module whose __dict__ (and its children's) is
     # unchanged since the compiled entry's first call are skipped, which a SparseLinear allows only with frozen
-    # parameters (buffers get an aliasing guard) and immutable attributes. Checked in the guard tree of a compiled decode step; and a changed
-    # attribute deep in the model must still be seen (recompile, then match eager), new threshold values must not.
+    # parameters (buffers get an aliasing guard) and immutable attributes. Checked in the guard tree of a compiled
+    # decode step; and a changed attribute deep in the model must still be seen (recompile, then match eager), new
+    # threshold values must not.
     import torch._dynamo.utils
     from sparse import SparseLinear
     assert torch._dynamo.config.use_recursive_dict_tags_for_guards  # set by importing generate (so bench_decode too)
