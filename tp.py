@@ -174,8 +174,16 @@ def one_shot_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight:
     if not x.is_cuda:
         raise NotImplementedError("teal::one_shot_all_reduce_rmsnorm reads peers' GPU memory over NVLink; CPU groups "
                                   "use gloo")
-    x, residual = x.contiguous(), residual.contiguous()
+    return launch_one_shot_all_reduce_rmsnorm(x.contiguous(), residual.contiguous(), weight, eps, bases, slot_numel,
+                                              rank)
+
+
+def launch_one_shot_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                       bases: torch.Tensor, slot_numel: int,
+                                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel launch behind teal::one_shot_all_reduce_rmsnorm, for contiguous inputs the op has checked."""
     normed, h = torch.empty_like(x), torch.empty_like(x)
+    dim = x.shape[-1]
     rows = x.numel() // dim
     block = triton.next_power_of_2(dim)
     _one_shot_all_reduce_rmsnorm_kernel[(min(ONE_SHOT_PROGRAMS, rows),)](

@@ -343,6 +343,8 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
         raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
     if (weight_t.dtype == torch.int8) != (scales is not None):
         raise ValueError("sparse_gemv: int8 weights need their per-column scales, and scales go only with int8 weights")
+    if config is None and not INTERPRET:
+        meta["STAGES"] = fit_stages(meta, block_t, weight_t.element_size(), x.element_size(), _max_shared(x.device))
     use_pdl = pdl_launch(x.device)
     partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
     counters, rows = _workspace(x.device, k, n)
@@ -370,6 +372,16 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
 def k_range(k: int, split: int, block_k: int) -> int:
     """Input channels per K split, as the kernel divides them: a whole number of BLOCK_K tiles."""
     return triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+
+
+def fit_stages(meta: dict, block_t: int, weight_bytes: int, x_bytes: int, max_shared: int) -> int:
+    """The deepest pipeline, up to meta's STAGES, whose buffers fit a block's shared memory. Each stage buffers a
+    weight tile, the tokens' activations and (compact) the row indices; counted in full for every stage, this is an
+    upper bound on what Triton allocates. Every picked config keeps its depth on an A100 (163 KB) or H100 (227 KB);
+    in the 99 KB of sm_86/sm_89 GPUs (A6000, L40) fp32 weights take two stages (with several tokens, three needed
+    112 KB: tests/compile_launches.py builds every launch for each architecture)."""
+    per_stage = meta["BLOCK_K"] * (meta["BLOCK_N"] * weight_bytes + block_t * x_bytes + 4)
+    return max(1, min(meta["STAGES"], max_shared // per_stage))
 
 
 def default_config(device: torch.device, k: int, split_sizes, compact: bool, reduce: bool = True,
@@ -412,3 +424,10 @@ def _has_pdl(device: torch.device) -> bool:
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _max_shared(device: torch.device) -> int:
+    """Shared memory one block may use, in bytes: the limit Triton checks a launch against."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]

@@ -278,3 +278,70 @@ def test_int8_quads_widen_exactly_as_the_conversion():
         y = sparse_gemv_triton(x, q, thr, groups, out=out, config=config, scales=scales)
         assert torch.equal(y, sparse_gemv_triton(x, misaligned, thr, groups, config=config, scales=scales))
         assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_every_kernel_launch_builds_for_ampere_and_hopper():
+    # The issue asks for kernels that run on Ampere (A100 sm_80, A6000 sm_86) as well as Hopper, with nothing
+    # Hopper-only lacking a fallback. No GPU here: tests/compile_launches.py records the launches the real launchers
+    # make for each architecture (its SM count, shared memory and PDL support) and builds each through ptxas, which
+    # rejects any Hopper-only instruction on sm_80/86. Checked per launch: it builds; its shared memory fits the
+    # architecture's per-block limit (fp32 weights with several tokens did not on sm_86 three stages deep: 112 KB
+    # against 99 KB); and programmatic dependent launch (griddepcontrol) is in the PTX exactly where the launch uses it,
+    # which the launchers do on Hopper only.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("compile_launches.py")
+    root = str(script.parent.parent)  # the project's modules, installed or not
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    runs = {cap: subprocess.Popen([sys.executable, str(script), str(cap)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cap in (80, 86, 90)}
+    launches = {}
+    for cap, run in runs.items():
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err[-3000:]
+        launches[cap] = [json.loads(line) for line in out.splitlines()]
+    failed = [(r["capability"], r["launch"], r["kernel"], r["error"][-500:]) for rows in launches.values() for r in rows
+              if not r["ok"]]
+    assert not failed, failed
+    names = {cap: sorted((r["launch"], r["kernel"]) for r in rows) for cap, rows in launches.items()}
+    assert names[80] == names[86] == names[90]
+    kernels = {kernel for _, kernel in names[80]}
+    assert kernels == {"_sparse_gemv_kernel", "_decode_attention_kernel", "_attention_combine_kernel",
+                       "_one_shot_all_reduce_rmsnorm_kernel"}
+    assert sum(kernel == "_sparse_gemv_kernel" for _, kernel in names[80]) == 72  # 4 shapes x 18 variants
+    for cap, rows in launches.items():
+        for r in rows:
+            assert r["shared"] <= r["max_shared"], r
+            uses_pdl = cap >= 90 and r["kernel"] != "_one_shot_all_reduce_rmsnorm_kernel"
+            assert r["pdl"] == uses_pdl, r
+            assert (r["griddepcontrol"] > 0) == uses_pdl, r
+
+
+def test_pipeline_depth_is_cut_only_where_the_buffers_would_not_fit():
+    # fit_stages bounds the picked pipeline depth by a block's shared memory. On an H100 (227 KB) and an A100
+    # (163 KB) the picked configs, measured on the H100, must keep their depth for every weight dtype and token count
+    # the launcher pairs them with; on an A6000 (99 KB) fp32 weights three stages deep would not fit and get two.
+    from sparse_gemv.kernels import fit_stages, pick_config
+    shapes = [(4096, (4096, 1024, 1024)), (4096, (4096,)), (4096, (14336, 14336)), (14336, (4096,)),
+              (8192, (8192, 1024, 1024)), (8192, (14336, 14336)), (28672, (8192,)), (14336, (8192,))]
+    cut = {}
+    for gpu, sms, max_shared in (("H100", 132, 232448), ("A100", 108, 166912), ("A6000", 84, 101376)):
+        cut[gpu] = set()
+        for k, splits in shapes:
+            for compact in (False, True):
+                for reduce in (False, True):
+                    for int8, pairs in ((False, [(2, 2), (4, 4)]), (True, [(1, 2), (1, 4)])):
+                        meta = pick_config(k, splits, compact, sms, reduce, int8)
+                        assert meta["STAGES"] == 3
+                        for (weight_bytes, x_bytes), block_t in ((p, t) for p in pairs for t in (1, 16)):
+                            stages = fit_stages(meta, block_t, weight_bytes, x_bytes, max_shared)
+                            per_stage = meta["BLOCK_K"] * (meta["BLOCK_N"] * weight_bytes + block_t * x_bytes + 4)
+                            assert stages * per_stage <= max_shared and 1 <= stages <= 3
+                            if stages < 3:
+                                cut[gpu].add((weight_bytes, stages))
+    assert cut == {"H100": set(), "A100": set(), "A6000": {(4, 2)}}

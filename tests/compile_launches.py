@@ -1,0 +1,136 @@
+"""Compile every Triton kernel launch the project makes for given GPU architectures, with no GPU: run as a script
+with the interpreter off (`TRITON_INTERPRET=0 python tests/compile_launches.py 80 86 90`). It calls the real
+launchers on CPU tensors, with each kernel swapped for a recorder and the device queries the launchers make (SM
+count, shared memory, programmatic dependent launch) answering as the architecture's GPU would, so the launches are
+exactly the ones the code makes there; Triton then builds each for that architecture through ptxas. Prints one JSON
+object per launch: what was launched, whether it compiled, the shared memory it needs against the architecture's
+limit, and how many programmatic-dependent-launch instructions (griddepcontrol, Hopper+) its PTX holds.
+test_kernels.py runs it to check that the kernels build for Ampere (A100 sm_80, A6000 sm_86) as well as Hopper."""
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import attention
+import tp
+from sparse_gemv import kernels
+
+# SM count and shared memory a block may use (bytes), as the CUDA driver reports them: A100, A6000, H100 (SXM)
+GPUS = {80: (108, 166912), 86: (84, 101376), 90: (132, 232448)}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32",
+          torch.int64: "i64"}
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def compile_launch(kernel, args, kwargs, capability: int):
+    """Build one recorded launch for sm_<capability>."""
+    bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    signature = {p.name: "constexpr" if p.is_constexpr else arg_type(bound[p.name]) for p in kernel.params}
+    constants = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr}
+    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32),
+                          options=options)
+
+
+def sparse_gemv_launches():
+    """(description, call) for the sparse GEMV: the Llama-3-8B decode shapes, predicated and compact, one token and
+    four, every weight dtype, per-channel thresholds, and partial sums returned instead of reduced."""
+    shapes = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate/up": (4096, (14336, 14336)),
+              "down": (14336, (4096,))}
+    cases = []
+    for name, (k, splits) in shapes.items():
+        for compact in (False, True):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
+                for tokens in (1, 4):
+                    cases.append((name, k, splits, compact, dtype, tokens, False, True))
+        cases.append((name, k, splits, False, torch.bfloat16, 1, True, True))  # per-channel thresholds
+        cases.append((name, k, splits, False, torch.bfloat16, 1, False, False))  # partial sums to the reader
+    for name, k, splits, compact, dtype, tokens, per_channel, reduce in cases:
+        n = sum(splits)
+        int8 = dtype == torch.int8
+        act = torch.bfloat16 if int8 else dtype
+        x = torch.zeros(tokens, k, dtype=act)
+        weight = torch.empty(k, n, dtype=dtype)
+        thresholds = torch.zeros((len(splits), k) if per_channel else (len(splits),))
+        description = (f"sparse_gemv {name} {'compact' if compact else 'predicated'} {str(dtype)[6:]} T={tokens}"
+                       + (" per-channel" if per_channel else "") + ("" if reduce else " partials"))
+        yield description, lambda x=x, w=weight, t=thresholds, s=splits, c=compact, r=reduce, i8=int8: (
+            kernels.sparse_gemv_triton(x, w, t, s, compact=c, reduce=r, scales=torch.ones(w.shape[1]) if i8 else None))
+
+
+def attention_launches():
+    """Llama-3-8B heads (32 query, 8 KV, head dim 128), a cache long enough to split, bf16 and fp16, q/k/v whole
+    or as a sparse projection's fp32 partial sums."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for parts in (0, 2):
+            row = (1, 1, (32 + 2 * 8) * 128)
+            qkv = torch.zeros((parts, *row), dtype=torch.float32) if parts else torch.zeros(row, dtype=dtype)
+            caches = [torch.zeros(1, 8, 8192, 128, dtype=dtype) for _ in range(2)]
+            freqs = torch.zeros(1, 64, 2, dtype=dtype)
+            pos = torch.tensor([5000])
+            yield (f"decode_attention {str(dtype)[6:]}" + (f" {parts} partial sums" if parts else ""),
+                   lambda q=qkv, c=caches, f=freqs, p=pos: attention.decode_attention_triton(q, f, c[0], c[1], p))
+
+
+def all_reduce_launches():
+    """The one-shot all-reduce + RMSNorm of tensor-parallel decoding: Llama-3-70B width, 2 to 8 ranks."""
+    for world in (2, 4, 8):
+        x = torch.zeros(1, 8192, dtype=torch.bfloat16)
+        bases = torch.zeros(world, dtype=torch.int64)
+        yield (f"one_shot_all_reduce_rmsnorm world={world}",
+               lambda x=x, b=bases: tp.launch_one_shot_all_reduce_rmsnorm(x, x, x[0], 1e-5, b, 1 << 16, 0))
+
+
+def main(capabilities: list[int]) -> None:
+    recorders = {}
+    for module, name in ((kernels, "_sparse_gemv_kernel"), (attention, "_decode_attention_kernel"),
+                         (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel")):
+        recorders[name] = Recorder(getattr(module, name))
+        setattr(module, name, recorders[name])
+    for capability in capabilities:
+        sms, max_shared = GPUS[capability]
+        kernels._sm_count = lambda device: sms
+        kernels._max_shared = lambda device: max_shared
+        kernels._has_pdl = lambda device: capability >= 90
+        for description, call in [*sparse_gemv_launches(), *attention_launches(), *all_reduce_launches()]:
+            for recorder in recorders.values():
+                recorder.launches.clear()
+            call()
+            for kernel, args, kwargs in (launch for r in recorders.values() for launch in r.launches):
+                result = {"launch": description, "kernel": kernel.__name__, "capability": capability,
+                          "pdl": kwargs.get("launch_pdl", False), "max_shared": max_shared}
+                try:
+                    compiled = compile_launch(kernel, args, kwargs, capability)
+                    result.update(ok=True, shared=compiled.metadata.shared,
+                                  griddepcontrol=compiled.asm["ptx"].count("griddepcontrol"))
+                except Exception as e:  # reported per launch, so one failure does not hide the others
+                    result.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or list(GPUS))
