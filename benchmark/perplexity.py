@@ -1,19 +1,18 @@
 """Perplexity under TEAL sparsity, scored the way decoding sparsifies.
 
-    python -m benchmark.perplexity                         # default SmolLM2, ../shared/data/wiki-evaluation.txt
-    python -m benchmark.perplexity --data text.txt --methods dense uniform --targets 0.5
+    python -m benchmark.perplexity                         # default SmolLM2 on WikiText-2's test split (streamed)
+    python -m benchmark.perplexity --data text.txt --methods dense uniform --targets 0.5   # a local text file
     python -m benchmark.perplexity --int8 --methods dense greedy    # int8 weights (per-output-channel scales)
-    python -m benchmark.perplexity --dataset wikitext:wikitext-2-raw-v1:test   # a Hugging Face dataset (network)
 
 Protocol: `--windows` non-overlapping windows of `--window` tokens spread evenly over the text (no BOS).
 The first `--prompt` tokens of each window are a dense prefill; the rest are scored, each position
 masked exactly as a decode step masks it (mask_prefill: per token, |x| > threshold, all seven
 projections). The first scored token is predicted by the dense prefill, as the first generated token is.
 
-Methods: dense; uniform, greedy and weight-aware from the model's threshold file (with their held
-calibration where the file has it, so the realised sparsity stays on target); uniform-dense, TEAL's own
-thresholds (quantiles of dense activations) for comparison with published numbers. Realised sparsity is
-the parameter-weighted fraction of masked inputs over the scored positions.
+Methods: dense; uniform, greedy, weight-aware and allocated (greedy's allocation across blocks) from the model's
+threshold file (with their held calibration where the file has it, so the realised sparsity stays on target);
+uniform-dense, TEAL's own thresholds (quantiles of dense activations) for comparison with published numbers.
+Realised sparsity is the parameter-weighted fraction of masked inputs over the scored positions.
 """
 import argparse
 import datetime
@@ -32,7 +31,8 @@ from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wiki-evaluation.txt"
+# Evaluation text, as the TEAL paper evaluates: WikiText-2 (raw), its test split.
+DEFAULT_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1:test"
 METHODS = ("dense", "uniform", "greedy", "weight-aware", "allocated", "uniform-dense")
 
 
@@ -79,11 +79,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
-    add_text_source(p, "evaluation text", DEFAULT_DATA)
+    add_text_source(p, "evaluation text", DEFAULT_DATASET)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--prompt", type=int, default=512, help="dense tokens at the start of each window")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help=f"default: all of {', '.join(METHODS)} (see above)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -95,8 +96,6 @@ def main(argv=None):
         check_sparsity(t)
     if not 0 < a.prompt < a.window:
         raise SystemExit(f"--prompt {a.prompt} must be between 0 and --window {a.window}")
-    if a.data is None and a.dataset is None:
-        a.data = DEFAULT_DATA
     dtype = getattr(torch, a.dtype)
 
     dense = load_model(a.checkpoint_path, device=a.device, dtype=dtype)
@@ -106,7 +105,7 @@ def main(argv=None):
     tf_path = a.thresholds or REPO / "thresholds" / f"{name}.safetensors"
     tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
     tokenizer = load_tokenizer(a.checkpoint_path)
-    ids, _ = read_tokens(tokenizer, a.data, a.dataset)
+    ids, source = read_tokens(tokenizer, a.data, a.dataset)
     windows = [ids[s:s + a.window].to(a.device) for s in window_starts(ids.numel(), a.windows, a.window)]
 
     rows = []
@@ -128,7 +127,7 @@ def main(argv=None):
             rows.append({"method": method, "target_sparsity": target, **r})
             print(f"{method:>13} {target:.2f}: ppl {r['ppl']:.3f}, realised sparsity {r['realized_sparsity']:.3f}", flush=True)
 
-    result = {"model": name, "data": a.dataset or str(a.data), "window": a.window, "prompt_tokens": a.prompt,
+    result = {"model": name, "data": source, "window": a.window, "prompt_tokens": a.prompt,
               "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype, "int8": a.int8,
               "calibration_tokens": tf.provenance.get("tokens") if tf else None,
               "thresholds": str(tf_path) if tf else None, "date": datetime.date.today().isoformat(),

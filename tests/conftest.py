@@ -3,7 +3,12 @@ import os
 # Triton kernels run on the CPU through Triton's interpreter; set before triton is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The project's local text, beside the checkout (CI puts it at ../shared/data): calibration and evaluation only.
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def pytest_configure(config):

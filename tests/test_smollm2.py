@@ -83,7 +83,8 @@ def test_generate_cli_errors(tmp_path):
 def test_sparse_decode_matches_masked_reference_and_realises_target(default_checkpoint):
     """SmolLM2 with its committed thresholds: 32 greedy tokens at 0.5 equal the mask-then-dense reference,
     and the realised sparsity (SparsityMeter, as generate.py measures it) is on target within 0.02 on evaluation text."""
-    from benchmark.perplexity import DEFAULT_DATA, evaluate, window_starts
+    from benchmark.perplexity import evaluate, window_starts
+    from tests.conftest import SHARED_DATA
     from generate import load_sparse_model
     from sparse import LAYER_GROUPS, PROJECTIONS, sparse_layers
     from tests.test_sparse import masked_reference
@@ -99,7 +100,8 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
     assert torch.equal(generate(model, prompt, 32, temperature=0), generate(ref, prompt, 32, temperature=0))
 
     # realised sparsity over four 1024-token windows spread over the evaluation text (first halves dense)
-    ids = torch.tensor(tok.encode(DEFAULT_DATA.read_text(encoding="utf-8"), bos=False), dtype=torch.int)
+    text = (SHARED_DATA / "wiki-evaluation.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(tok.encode(text, bos=False), dtype=torch.int)
     windows = [ids[s:s + 1024] for s in window_starts(ids.numel(), 4, 1024)]
     model.setup_caches(1, 1024)
     for mode, s in (("uniform", 0.25), ("uniform", 0.5), ("uniform", 0.65), ("allocated", 0.5)):

@@ -1,8 +1,8 @@
 """Calibrate TEAL thresholds for a converted checkpoint and write a threshold file.
 
-    python -m thresholds.calibrate                       # default model, ../shared/data/wiki-calibration.txt
+    python -m thresholds.calibrate                       # default model, calibrated on C4 (allenai/c4, streamed)
     python -m thresholds.calibrate --checkpoint_path checkpoints/X --data text.txt --tokens 20480 --out x.safetensors
-    python -m thresholds.calibrate --dataset wikitext:wikitext-2-raw-v1:train   # a Hugging Face dataset (network)
+    python -m thresholds.calibrate --dataset Salesforce/wikitext:wikitext-2-raw-v1:train   # another Hugging Face dataset
 
 Four stages, each with a progress bar:
 1. dense statistics: quantile tables of |x| at the four thresholded inputs of every block, and of the
@@ -29,36 +29,61 @@ from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, se
 from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup
 from tokenizer import load_tokenizer
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki-calibration.txt"
+# Calibration text, as the TEAL paper calibrates: C4 (English), streamed.
+DEFAULT_DATASET = "allenai/c4:en:train"
 LEVELS = torch.linspace(0, MAX_SPARSITY, 991)  # steps of 0.001
 PATH_SITE = {"attention.wqkv": 0, "attention.wo": 1, "feed_forward.w13": 2, "feed_forward.w2": 3}
 ALLOCATION_LEVELS = torch.linspace(0, 0.9, 10)  # block sparsities at which each block's KL is measured
 MAX_SAMPLES = 4_000_000  # values per quantile table: far more than 0.001 resolution needs
 
 
-def read_tokens(tokenizer, data: Path | None = None, dataset: str | None = None) -> tuple[torch.Tensor, str]:
-    """All token ids (no BOS) of a text file or a Hugging Face dataset ("name[:config[:split]]"), and the source."""
-    if dataset:
-        try:
-            import datasets
-        except ImportError as e:
-            raise SystemExit("--dataset needs the `datasets` package (pip install datasets) and network") from e
-        name, config, split = (dataset.split(":") + [None, None])[:3]
-        text = "\n".join(datasets.load_dataset(name, config, split=split or "train")["text"])
-        source = dataset
-    else:
-        path = Path(data or DEFAULT_DATA)
-        if not path.exists():
-            raise FileNotFoundError(f"text file {path} not found; pass --data FILE")
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    return torch.tensor(tokenizer.encode(text, bos=False)), source
+def read_tokens(tokenizer, data: Path | None = None, dataset: str | None = None,
+                min_tokens: int | None = None) -> tuple[torch.Tensor, str]:
+    """All token ids (no BOS) of a text file, or of a Hugging Face dataset ("name[:config[:split]]", streamed: with
+    min_tokens, records are read only until they hold that many tokens), and the source's name."""
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise SystemExit(f"text file {path} not found; pass an existing --data FILE, or leave --data out to read "
+                             f"a Hugging Face dataset (--dataset NAME[:CONFIG[:SPLIT]])")
+        return torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)), str(path)
+    texts, count = [], 0
+    for text in dataset_texts(dataset):
+        texts.append(text)
+        if min_tokens is not None:
+            count += len(tokenizer.encode(text, bos=False))
+            if count >= min_tokens:
+                break
+    return torch.tensor(tokenizer.encode("\n".join(texts), bos=False)), dataset
 
 
-def add_text_source(parser: argparse.ArgumentParser, what: str, default: Path) -> None:
-    """--data FILE or --dataset NAME, read by read_tokens."""
+def dataset_texts(dataset: str):
+    """The "text" fields of a Hugging Face dataset "name[:config[:split]]" (default split: train), streamed; a clear
+    error naming --data when the `datasets` package or the dataset cannot be reached."""
+    offline = ("pass --data FILE to read a local text file instead (offline), or --dataset NAME[:CONFIG[:SPLIT]] "
+               "for another Hugging Face dataset")
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"reading the dataset {dataset} needs the `datasets` package (pip install datasets); "
+                         + offline) from None
+    name, config, split = (dataset.split(":") + [None, None])[:3]
+    try:
+        for record in datasets.load_dataset(name, config, split=split or "train", streaming=True):
+            yield record["text"]
+    except Exception as e:  # the hub unreachable, an unknown name or config, a record without "text"
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise SystemExit(f"could not read the Hugging Face dataset {dataset} ({type(e).__name__}: {reason}); "
+                         + offline) from None
+
+
+def add_text_source(parser: argparse.ArgumentParser, what: str, default_dataset: str) -> None:
+    """--data FILE or --dataset NAME (default default_dataset), read by read_tokens."""
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, help=f"{what} (default {default})")
-    src.add_argument("--dataset", help="Hugging Face dataset name[:config[:split]] (needs network and `datasets`)")
+    src.add_argument("--data", type=Path, help=f"{what} as a local text file (offline)")
+    src.add_argument("--dataset", default=default_dataset,
+                     help=f"{what} from a Hugging Face dataset name[:config[:split]], streamed (needs network and "
+                          f"the `datasets` package; default {default_dataset})")
 
 
 def quantile_table(values: torch.Tensor, levels: torch.Tensor = LEVELS, generator=None) -> torch.Tensor:
@@ -356,8 +381,8 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     args = model.config
     tokenizer = load_tokenizer(Path(checkpoint_path))
-    all_ids, source = read_tokens(tokenizer, data, dataset)
     need = tokens + (allocation_tokens if greedy and allocation else 0)
+    all_ids, source = read_tokens(tokenizer, data, dataset or DEFAULT_DATASET, min_tokens=need)
     if len(all_ids) < need:
         raise ValueError(f"{source} has {len(all_ids)} tokens, fewer than the {need} requested (--tokens {tokens}"
                          + (f" + --allocation_tokens {allocation_tokens}" if need > tokens else "") + "); lower them or add text")
@@ -374,7 +399,7 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
             raise ValueError(f"{base} has no greedy tables to build on; calibrate from scratch (without --from_file)")
         tf.provenance.update(extended_by=command, extended_on=datetime.date.today().isoformat())
     else:
-        tf = new_threshold_file(model, batch, greedy, greedy_tokens, greedy_step, dataset or str(data or DEFAULT_DATA), command)
+        tf = new_threshold_file(model, batch, greedy, greedy_tokens, greedy_step, source, command)
     if greedy and allocation:
         # tokens from the end of the text, apart from the statistics' tokens at its start
         tf.block_kl = block_kl(model, all_ids[-allocation_tokens:].view(1, -1).to(device), tf)
@@ -411,7 +436,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--out", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
-    add_text_source(p, "calibration text file", DEFAULT_DATA)
+    add_text_source(p, "calibration text", DEFAULT_DATASET)
     p.add_argument("--tokens", type=int, default=20480)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--no_greedy", action="store_true", help="skip the block-wise greedy search")
