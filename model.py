@@ -3,7 +3,9 @@
 Static shapes everywhere a decode step touches (KV cache, causal mask, RoPE table), so
 torch.compile(mode="reduce-overhead") captures one decode step as a CUDA graph.
 RoPE is applied to interleaved (even, odd) pairs, as in GPT-Fast and GGUF files; the
-HF converter permutes q/k weights into that layout once.
+HF converter permutes q/k weights (and their biases and norm weights) into that layout once.
+Llama-2/3/3.1/3.2, Mistral and SmolLM2 are this decoder as it stands; Qwen2/2.5 add biases to q, k and v, and Qwen3
+a per-head RMSNorm on q and k before RoPE (with a head size of its own).
 """
 import json
 import math
@@ -30,7 +32,10 @@ class ModelArgs:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     rope_scaling: dict | None = None  # Llama-3.1 style {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_freq_factors: list[float] | None = None  # the same scaling as GGUF files store it: each frequency divided by one
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen3: a per-head RMSNorm on q and k before RoPE
     name: str = "custom"
 
     def __post_init__(self):
@@ -50,14 +55,19 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str = "custom") -> "ModelArgs":
-        """Build from a Hugging Face LlamaConfig/MistralConfig dict (config.json)."""
+        """Build from a Hugging Face config.json dict: Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 or Qwen3."""
         arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-            raise ValueError(f"unsupported architecture {arch!r}: only LlamaForCausalLM and MistralForCausalLM")
+        if arch not in HF_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}: only {', '.join(HF_ARCHITECTURES)}")
         scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
         rope_type = scaling.get("rope_type", scaling.get("type"))
         if rope_type not in (None, "default", "llama3"):
             raise ValueError(f"unsupported rope scaling {rope_type!r}: only Llama-3.1 ('llama3') scaling")
+        family = HF_ARCHITECTURES[arch]
+        if config.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window) is not supported")
+        if config.get("attention_bias"):  # Llama's and Qwen3's flag puts a bias on the output projection too
+            raise ValueError(f"{arch} with attention_bias is not supported (biases only on Qwen2's q, k and v)")
         rope_base = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return cls(
@@ -74,6 +84,8 @@ class ModelArgs:
             norm_eps=config.get("rms_norm_eps", 1e-5),
             rope_scaling={k: scaling[k] for k in keys} if rope_type == "llama3" else None,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
         )
 
     def to_json(self) -> str:
@@ -84,7 +96,11 @@ class ModelArgs:
         return cls(**json.loads(Path(path).read_text()))
 
 
+# Hugging Face architectures and the GGUF architecture names of the same models
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                    "Qwen3ForCausalLM": "qwen3"}
 _LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA32_SCALING = {**_LLAMA31_SCALING, "factor": 32.0}
 CONFIGS = {
     "llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
     "llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
@@ -98,6 +114,14 @@ CONFIGS = {
     "llama-3.1-70b": dict(block_size=131072, vocab_size=128256, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
                           intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_SCALING),
     "mistral-7b": dict(block_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
+    "llama-3.2-1b": dict(block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_local_heads=8, dim=2048,
+                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+    "llama-3.2-3b": dict(block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_local_heads=8, dim=3072,
+                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+    "qwen2.5-7b": dict(block_size=32768, vocab_size=152064, n_layer=28, n_head=28, n_local_heads=4, dim=3584,
+                       intermediate_size=18944, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True),
+    "qwen3-8b": dict(block_size=40960, vocab_size=151936, n_layer=36, n_head=32, n_local_heads=8, dim=4096,
+                     head_dim=128, intermediate_size=12288, rope_base=1000000.0, norm_eps=1e-6, qk_norm=True),
     "smollm2-135m": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_local_heads=3, dim=576,
                          intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
 }
@@ -106,7 +130,9 @@ CONFIGS = {
 def config_hash(args: ModelArgs) -> str:
     """Identity of a model's shapes, stored in threshold files so they cannot be applied to another model."""
     import hashlib
-    shape = {k: v for k, v in asdict(args).items() if k not in ("name", "block_size")}
+    # the family flags count only when on, so the files of models from before them keep matching
+    shape = {k: v for k, v in asdict(args).items()
+             if k not in ("name", "block_size") and not (k in ("qkv_bias", "qk_norm", "rope_freq_factors") and not v)}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,7 +168,8 @@ class Transformer(nn.Module):
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads,
                                            self.config.head_dim, dtype).to(device)
-        freqs = precompute_freqs_cis(max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling)
+        freqs = precompute_freqs_cis(max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling,
+                                     self.config.rope_freq_factors)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
         mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -180,23 +207,38 @@ class Attention(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.n_local_heads = config.n_local_heads  # this rank's key/value heads: the size of its KV cache
+        self.head_dim = config.head_dim
         # q, k and v stay separate row blocks of one weight: one launch reads the input once,
         # and each block keeps its own threshold when the layer is made sparse.
         self.qkv_sizes = (config.n_head * config.head_dim, config.n_local_heads * config.head_dim,
                           config.n_local_heads * config.head_dim)
-        self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=False)
+        self.wqkv = nn.Linear(config.dim, sum(self.qkv_sizes), bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        # Qwen3: one norm weight over head_dim, shared by every head (so nothing to shard under tensor parallelism)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache = None
 
     def forward(self, x, freqs_cis, mask, input_pos):
         # RoPE, the cache write and attention over the cache: one kernel for a decode step, PyTorch for prefill
         qkv = self.wqkv(x)
+        if self.q_norm is not None:
+            qkv = self.norm_qk(qkv)
         k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
         if x.shape[1] == 1:
             y = decode_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
         else:
             y = cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask)
         return self.wo(y)
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, S, (H + 2 H_kv) D] with each head of q and k RMS-normalised over D (before RoPE, which the
+        attention applies). A sparse wqkv of such a model returns its q, k and v summed (sparse.py), never as partials."""
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        heads = (*qkv.shape[:-1], -1, self.head_dim)
+        q = self.q_norm(q.reshape(heads))[0].flatten(-2)
+        k = self.k_norm(k.reshape(heads))[0].flatten(-2)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -228,10 +270,13 @@ class RMSNorm(nn.Module):
         return out.type_as(h) * self.weight, h
 
 
-def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
+def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: dict | None = None,
+                         freq_factors: list[float] | None = None) -> torch.Tensor:
     freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.int64).float() / n_elem))
     if rope_scaling is not None:
         freqs = apply_llama31_scaling(freqs, rope_scaling)
+    if freq_factors is not None:
+        freqs = freqs / torch.tensor(freq_factors, dtype=torch.float32)
     t = torch.arange(seq_len, dtype=torch.float32)
     angles = torch.outer(t, freqs)
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # [seq, n_elem/2, 2]
@@ -289,6 +334,6 @@ def random_model(name: str, device="cpu", dtype=torch.bfloat16, seed: int = 0, s
         for name_, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
-            else:
-                p.fill_(1.0)
+            else:  # norm weights 1, biases 0
+                p.fill_(0.0 if name_.endswith(".bias") else 1.0)
     return model.eval()

@@ -13,7 +13,11 @@ Under torch.compile, layers whose reader can add up the kernel's fp32 partial pr
 (teal::sparse_gemv_partials) leave that split-K reduction to it, so the sparse kernel ends after one store:
 o and down feed a norm that adds their output to the residual stream (model.RMSNorm), and return the sum of the
 partials as a graph expression, which inductor computes inside that norm's kernel; q/k/v hand the partials to
-teal::decode_attention, which adds them as it loads the token's q, k and v.
+teal::decode_attention, which adds them as it loads the token's q, k and v. A q/k/v projection with biases (Qwen2) or
+whose q and k are normalised before RoPE (Qwen3) returns its partials summed in the graph instead ("add"): inductor adds
+them inside the kernel that adds the bias or normalises.
+
+A layer with a bias thresholds its input as without one and adds the bias to the product.
 """
 import torch
 import torch.nn as nn
@@ -44,7 +48,7 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 compact: bool = False, int8: bool = False, device=None, dtype=None):
+                 compact: bool = False, int8: bool = False, bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         # The layer's tensors are frozen parameters and its Python attributes immutable values (a tuple, not a list),
@@ -58,6 +62,7 @@ class SparseLinear(nn.Module):
                                            dtype=torch.int8 if int8 else dtype))
         # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
         self.scales = frozen(torch.ones(out_features, device=device, dtype=torch.float32)) if int8 else None
+        self.bias = frozen(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
         self.thresholds = frozen(torch.zeros(shape, device=device, dtype=torch.float32))
         # Perplexity and sparsity measurement mask multi-token inputs too (decode semantics, one pass).
@@ -68,14 +73,19 @@ class SparseLinear(nn.Module):
         #   "sum": the fp32 sum of the partials as a graph expression, which inductor computes inside the norm that
         #          reads it (o and down; not row-sharded layers, tp.py, whose output goes to an all-reduce);
         #   "keep": the partials themselves, [SPLIT_K, ..., out_features] fp32, which teal::decode_attention adds
-        #           (q/k/v).
+        #           (q/k/v);
+        #   "add": their sum in x's dtype as a graph expression, for readers that are graph ops (q/k/v of models with
+        #          q/k biases or norms, which inductor fuses into one kernel with the sum).
         self.decode_partials = "reduce"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
                     int8: bool = False) -> "SparseLinear":
         w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, device=w.device, dtype=w.dtype)
+        layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        if linear.bias is not None:
+            layer.bias = frozen(linear.bias.detach().clone())
         if int8:
             q, scales = quantize_int8(w.detach())
             layer.weight_t, layer.scales = frozen(q.t().contiguous()), frozen(scales)
@@ -95,27 +105,34 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In x's dtype, except in a compiled decode step of a layer that leaves its partial sums to the reader
-        (decode_partials): there their fp32 sum ("sum"), or the partials themselves ("keep")."""
+        (decode_partials): there their fp32 sum ("sum"), or the partials themselves ("keep"). The bias, if any, is
+        added to the product ("keep" takes none)."""
         if x.shape[-2] == 1 or self.mask_prefill:
             tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
-            leave = self.decode_partials == "sum" or (self.decode_partials == "keep" and x.shape[-2] == 1)
+            leave = self.decode_partials in ("sum", "add") or (self.decode_partials == "keep" and x.shape[-2] == 1)
             if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
                                                             self.thresholds, self.split_sizes, self.compact, self.scales)
                 if self.decode_partials == "keep":
+                    if self.bias is not None:
+                        raise ValueError("a layer with a bias cannot leave its partial sums to the attention op")
                     return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
-                return add_partials(parts, torch.float32).view(*x.shape[:-1], self.out_features)
+                y = add_partials(parts, torch.float32 if self.decode_partials == "sum" else x.dtype)
+                return self._add_bias(y.view(*x.shape[:-1], self.out_features))
             y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
                                            self.split_sizes, self.compact, self.scales)
-            return y.view(*x.shape[:-1], self.out_features)
+            return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
-            return (x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype)
-        return x @ self.weight_t
+            return self._add_bias((x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype))
+        return self._add_bias(x @ self.weight_t)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}")
+                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, bias={self.bias is not None}")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +181,8 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
             sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8)
             # tp.py marks row-sharded layers, whose output goes to an all-reduce, "reduce"
             sparse.decode_partials = getattr(layer, "decode_partials", DECODE_PARTIALS[path])
+            if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
+                sparse.decode_partials = "add"  # q/k/v go through a bias add or norms before the attention op
             setattr(parent, attr, sparse)
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).

@@ -11,6 +11,8 @@ from pathlib import Path
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (and Qwen2.5's, Qwen3's) split pattern: Llama-3's with digits one at a time
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
@@ -134,7 +136,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 def gguf_tokenizer_json(reader) -> tuple[str, dict]:
     """Build a `tokenizers` JSON and tokenizer_config from a GGUF file's gpt2-style BPE vocabulary."""
-    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, AddedToken
+    from tokenizers import AddedToken, Regex, Tokenizer as _Tok, decoders, models, normalizers, pre_tokenizers
 
     def field(name):
         f = reader.fields.get(name)
@@ -147,9 +149,19 @@ def gguf_tokenizer_json(reader) -> tuple[str, dict]:
     tok = _Tok(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False))
     pre = field("tokenizer.ggml.pre")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # llama.cpp's "smollm" pre-tokenizer is GPT-2's with every digit split off on its own.
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre == "smollm" else byte_level)
+    if pre == "smollm":  # llama.cpp's "smollm" pre-tokenizer is GPT-2's with every digit split off on its own
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("qwen2", "llama-bpe"):  # as their tokenizer.json: split by the pattern, then bytes to symbols
+        pattern = QWEN2_PATTERN if pre == "qwen2" else LLAMA3_PATTERN
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
+    elif pre in (None, "default", "gpt-2"):
+        tok.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (only gpt-2, smollm, qwen2 and llama-bpe)")
     tok.decoder = decoders.ByteLevel()
     control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(control)
@@ -160,6 +172,6 @@ def gguf_tokenizer_json(reader) -> tuple[str, dict]:
         "add_bos_token": bool(field("tokenizer.ggml.add_bos_token")),
         "chat_template": field("tokenizer.chat_template"),
     }
-    # Chat models end a turn with <|im_end|> (SmolLM2) rather than the EOS token.
+    # Chat models end a turn with <|im_end|> (SmolLM2, Qwen) rather than the EOS token.
     config["stop_tokens"] = [config["eos_token"]] + [t for t in ("<|im_end|>", "<|eot_id|>") if t in vocab]
     return tok.to_str(), config

@@ -4,7 +4,8 @@ q/k/v and gate/up are split by output channels (each projection's rows split on 
 keeps whole heads); o and down are split by input channels, and the norm that reads each one's output all-reduces
 it first (AllReduceRMSNorm, swapped in for the model's norms). Sparse layers shard like dense ones:
 column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
-input slice with the matching slice of per-channel thresholds. On NCCL groups the decode step's all-reduces are
+input slice with the matching slice of per-channel thresholds. q/k/v biases split with their rows; Qwen3's q/k norm
+weights (one per head size, shared by all heads) stay whole on every rank. On NCCL groups the decode step's all-reduces are
 one-shot all-reduces over symmetric memory fused with the residual add and the norm, unless set_one_shot(False)
 sends them through NCCL.
 """
@@ -61,6 +62,10 @@ def _split(t: torch.Tensor, dim: int, sizes, rank: int, world: int) -> torch.Ten
 
 
 def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) -> None:
+    if layer.bias is not None:
+        if style == "rowwise":  # every rank would add it to its partial output before the all-reduce
+            raise ValueError("tensor parallelism does not shard a row-split (o, down) projection with a bias")
+        layer.bias = frozen(_split(layer.bias, 0, sizes, rank, world))  # q/k/v biases go with their output rows
     if isinstance(layer, SparseLinear):
         if style == "colwise":
             layer.weight_t = frozen(_split(layer.weight_t, 1, sizes, rank, world))

@@ -30,7 +30,7 @@ import triton
 from generate import (SPARSE_KERNELS, decode_one_token, measure_realized_sparsity, prefill, set_pdl, timed_generate,
                       weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
-from model import RMSNorm, random_model
+from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from thresholds.file import MODES
 from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
@@ -275,7 +275,7 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3-8b", help="named config with random weights")
+    p.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS), help="named config with random weights")
     p.add_argument("--checkpoint_path", type=Path, help="a converted checkpoint (uses its threshold file)")
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     p.add_argument("--mode", default="uniform", choices=MODES)
