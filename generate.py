@@ -17,7 +17,7 @@ import torch._inductor.config
 
 import sparse_gemv.kernels
 from model import Transformer, load_model
-from sparse import LAYER_GROUPS, SparsityMeter, set_mask_prefill, sparse_layers, sparsify
+from sparse import LAYER_GROUPS, SparsityMeter, cats_layers, catsify, set_mask_prefill, sparse_layers, sparsify
 from thresholds.file import MODES, ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
 
@@ -162,14 +162,16 @@ def timed_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int
 
 
 def weight_bytes(model: Transformer) -> dict:
-    """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read)."""
+    """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read); sparse, those
+    of them a sparse step may skip (the sparse layers' weights and CATS's up rows)."""
     sparse = {id(layer.weight_t) for _, _, layer in sparse_layers(model)}
     total = sum(t.numel() * t.element_size() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                if not name.startswith("tok_embeddings") and "cache" not in name and "thresholds" not in name
+                if not name.startswith("tok_embeddings") and "cache" not in name and "threshold" not in name
                 and name not in ("freqs_cis", "causal_mask"))
     if model.config.tie_embeddings:
         total += model.output.weight.numel() * model.output.weight.element_size()
     sparse_bytes = sum(t.numel() * t.element_size() for _, t in model.named_parameters() if id(t) in sparse)
+    sparse_bytes += sum(ff.w13.numel() // 2 * ff.w13.element_size() for _, ff in cats_layers(model))
     return {"total": total, "sparse": sparse_bytes}
 
 
@@ -192,7 +194,9 @@ def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len:
     for i, path, layer in sparse_layers(model):
         for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
             moved += (1 - skipped.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
-    return {"model": meter.model_sparsity(), "sparse_bytes_moved": moved}
+    for i, ff in cats_layers(model):
+        moved += (1 - skipped.get((i, "up"), 0.0)) * (ff.w13.numel() // 2) * ff.w13.element_size()
+    return {"model": meter.model_sparsity(), "mlp": meter.mlp_sparsity(), "sparse_bytes_moved": moved}
 
 
 def resolve_device(name: str) -> str:
@@ -210,8 +214,12 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     kernel: "predicated", "compact" (every layer lists kept rows first), "gate-up-compact" or "mlp-compact" (those
     layers do) or "auto" (compact_layers).
     int8: the sparse layers keep int8 weights with per-output-channel scales (at sparsity 0 and no threshold file:
-    every input kept, the same kernel)."""
+    every input kept, the same kernel).
+    mode "cats": the MLPs become CATS MLPs (attention dense), sparsity the share of their intermediate activations
+    dropped."""
     check_sparsity(sparsity)
+    if mode == "cats" and int8:
+        raise SystemExit("--sparsity_mode cats keeps the model's weight dtype; drop --int8")
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
         return (sparsify(model, int8=True) if int8 else model), None
@@ -220,7 +228,13 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
                          f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
-    sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, int8), int8=int8)
+    if mode == "cats":
+        if "cats" not in tf.modes():  # before the model is changed: a clear error, not a half-built model
+            raise SystemExit(f"{path} has no CATS tables; add them with `python -m thresholds.calibrate --checkpoint_path "
+                             f"{checkpoint_path} --from_file {path} --no_allocation --out {path}`")
+        catsify(model)
+    else:
+        sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, int8), int8=int8)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 
@@ -244,7 +258,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
-    p.add_argument("--sparsity_mode", default="uniform", choices=MODES)
+    p.add_argument("--sparsity_mode", default="uniform", choices=MODES,
+                   help="TEAL's threshold allocations, or cats: CATS's MLP-only sparsity (--sparsity is then the share "
+                        "of each MLP's SiLU(gate) activations dropped; attention stays dense)")
     p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", *SPARSE_KERNELS],
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}, and with --int8 "
@@ -264,6 +280,8 @@ def main(argv=None):
     set_one_shot(a.one_shot_allreduce if a.one_shot_allreduce is not None else a.sparsity > 0)
     # In a chat the other ranks wait in a broadcast while rank 0 waits for its user: give that wait a day.
     rank = maybe_init_dist(timeout_s=86400 if a.interactive else 120)
+    if rank is not None and a.sparsity_mode == "cats":
+        raise SystemExit("--sparsity_mode cats runs on one GPU; tensor parallelism shards TEAL's layers only")
     run(a, rank)
     if rank is not None:  # on an error, leave as before: torchrun ends the other ranks
         shutdown_dist()
@@ -366,8 +384,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if a.sparsity > 0:  # over the last sample
         real = measure_realized_sparsity(model, seq, prompt.numel())
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
-        log(f"realised activation sparsity {real['model']:.3f} (target {a.sparsity}, {a.sparsity_mode}); "
-            f"{moved * median('steps_s') / 1e9:.2f} GB/s actually moved")
+        log(f"realised activation sparsity {real['model']:.3f} model-wide, {real['mlp']:.3f} of the MLP weights (target "
+            f"{a.sparsity}, {a.sparsity_mode}); {moved * median('steps_s') / 1e9:.2f} GB/s actually moved")
     if device.startswith("cuda"):
         log(f"peak memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
 

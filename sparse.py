@@ -18,9 +18,14 @@ whose q and k are normalised before RoPE (Qwen3) returns its partials summed in 
 them inside the kernel that adds the bias or normalises.
 
 A layer with a bias thresholds its input as without one and adds the bias to the product.
+
+`catsify(model)` swaps in CATS instead (Lee et al., 2024): only the MLP is sparse. A CatsFeedForward thresholds
+SiLU(x W_gate^T) per layer, computes only the kept channels of up (teal::cats_gate_up) and hands the product to a
+SparseLinear down projection with threshold 0, which skips the rows of its zero inputs. Attention stays dense.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sparse_gemv import add_partials  # importing the package registers the torch.ops.teal ops
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
@@ -219,23 +224,100 @@ def column_norms(layer: SparseLinear) -> list[torch.Tensor]:
 def set_mask_prefill(model: nn.Module, value: bool) -> None:
     for _, _, layer in sparse_layers(model):
         layer.mask_prefill = value
+    for block in model.layers:
+        if isinstance(block.feed_forward, CatsFeedForward):
+            block.feed_forward.mask_prefill = value
+
+
+class CatsFeedForward(nn.Module):
+    """CATS's MLP: y = W_down (a' * x W_up^T), a' = a * 1[|a| > threshold], a = SiLU(x W_gate^T).
+
+    Owns the layouts its kernels read: w13 [2I, D], gate then up by output channel (a kept up channel is one
+    contiguous row), and the down projection as a SparseLinear ([I, D], by input channel) with threshold 0, whose
+    kernel skips the rows where a' is zero. Decode steps (and masked prefills, mask_prefill) go through
+    teal::cats_gate_up; a prefill computes the MLP densely, as TEAL's does. The threshold is data: a frozen [1]."""
+
+    def __init__(self, w13: torch.Tensor, down: "SparseLinear"):
+        super().__init__()
+        self.intermediate_size = w13.shape[0] // 2
+        self.w13 = frozen(w13.detach().contiguous())
+        self.w2 = down
+        self.threshold = frozen(torch.zeros(1, device=w13.device, dtype=torch.float32))
+        self.mask_prefill = False
+
+    @classmethod
+    def from_feed_forward(cls, ff: nn.Module) -> "CatsFeedForward":
+        down = SparseLinear.from_linear(ff.w2, (ff.w2.out_features,))
+        down.decode_partials = DECODE_PARTIALS["feed_forward.w2"]
+        return cls(ff.w13.weight, down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == 1 or self.mask_prefill:
+            h = torch.ops.teal.cats_gate_up(x.reshape(-1, x.shape[-1]), self.w13, self.threshold)
+            h = h.view(*x.shape[:-1], self.intermediate_size)
+        else:
+            gate, up = F.linear(x, self.w13).split(self.intermediate_size, dim=-1)
+            h = F.silu(gate) * up
+        return self.w2(h)
+
+
+def catsify(model: nn.Module) -> nn.Module:
+    """Replace every block's MLP with a CatsFeedForward (threshold 0: dense); attention stays as it is."""
+    for block in model.layers:
+        if isinstance(block.feed_forward, CatsFeedForward):
+            continue
+        if isinstance(block.feed_forward.w13, SparseLinear):
+            raise ValueError("model is already TEAL-sparse; catsify a fresh model")
+        block.feed_forward = CatsFeedForward.from_feed_forward(block.feed_forward)
+    model.layers[-1].feed_forward.w2.decode_partials = "reduce"  # as sparsify's last down projection
+    return model
+
+
+def cats_layers(model: nn.Module):
+    """Yield (layer index, CatsFeedForward) for every CATS MLP, in forward order."""
+    for i, block in enumerate(model.layers):
+        if isinstance(block.feed_forward, CatsFeedForward):
+            yield i, block.feed_forward
+
+
+def set_cats_thresholds(model: nn.Module, thresholds: torch.Tensor) -> None:
+    """thresholds: [n_layer], one per CATS MLP, on |SiLU(x W_gate^T)|."""
+    layers = list(cats_layers(model))
+    if len(layers) != len(model.layers) or thresholds.numel() != len(layers):
+        raise ValueError(f"{thresholds.numel()} CATS thresholds for a model with {len(layers)} CATS MLPs in "
+                         f"{len(model.layers)} blocks; catsify the model first")
+    with torch.no_grad():
+        for i, ff in layers:
+            ff.threshold.fill_(float(thresholds[i]))
+
+
+def projection_params(block: nn.Module) -> dict:
+    """{projection: weight count} of one block's seven projections, whatever layer holds them."""
+    dim, inter = block.attention.wo.out_features, block.feed_forward.intermediate_size
+    params = {p: n * dim for p, n in zip(("q", "k", "v"), block.attention.qkv_sizes)}
+    params.update(o=dim * block.attention.wo.in_features, gate=inter * dim, up=inter * dim, down=dim * inter)
+    return params
 
 
 class SparsityMeter:
     """Counts, per projection, the fraction of inputs at or under threshold; reports the
-    parameter-weighted model-wide activation sparsity. Forward pre-hooks; no change to the forward.
+    parameter-weighted model-wide activation sparsity over all seven projections of every block (those no layer
+    thresholds count as dense: CATS's attention and gate). Forward pre-hooks; no change to the forward.
     With several sequences in a batch it also counts the weight rows a step skips (skipped_fraction): those whose
-    input is under threshold in every sequence at that position."""
+    input is under threshold in every sequence at that position.
+    In a CATS MLP, up skips the rows whose product down then skips (h = a' * up is zero where a' is), so up is
+    counted with down's count."""
 
     def __init__(self, model: nn.Module):
         self.masked = {}  # (layer, projection) -> [masked count, total count]
         self.skipped = {}  # (layer, projection) -> [rows under threshold in every sequence, rows]
-        self.params = {}
+        self.params = {(i, p): n for i, block in enumerate(model.layers) for p, n in projection_params(block).items()}
         self.handles = []
         for i, path, layer in sparse_layers(model):
             self.handles.append(layer.register_forward_pre_hook(self._hook(i, path, layer)))
-            for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
-                self.params[(i, proj)] = n * layer.in_features
+        for i, ff in cats_layers(model):
+            self.masked[(i, "up")] = self.masked.setdefault((i, "down"), [0, 0])
+            self.skipped[(i, "up")] = self.skipped.setdefault((i, "down"), [0, 0])
 
     def _hook(self, i, path, layer):
         def hook(module, args):
@@ -262,12 +344,15 @@ class SparsityMeter:
         for a batch."""
         return {k: m / t for k, (m, t) in self.skipped.items() if t}
 
-    def model_sparsity(self) -> float:
+    def model_sparsity(self, projections=PROJECTIONS) -> float:
+        """Parameter-weighted over `projections` of every block (default all seven)."""
         fr = self.per_projection()
-        if not fr:
-            return 0.0
-        total = sum(self.params[k] for k in fr)
-        return sum(fr[k] * self.params[k] for k in fr) / total
+        total = sum(n for (_, p), n in self.params.items() if p in projections)
+        return sum(fr.get(k, 0.0) * n for k, n in self.params.items() if k[1] in projections) / total
+
+    def mlp_sparsity(self) -> float:
+        """Parameter-weighted over the MLP's gate, up and down."""
+        return self.model_sparsity(("gate", "up", "down"))
 
     def close(self):
         for h in self.handles:

@@ -31,7 +31,7 @@ from generate import (SPARSE_KERNELS, decode_one_token, measure_realized_sparsit
                       weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
-from sparse import LAYER_GROUPS, sparse_layers, sparsify
+from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
 from thresholds.file import MODES
 from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
@@ -72,6 +72,30 @@ def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: in
     return {s: {k: float(v[j]) if s > 0 else 0.0 for k, v in tables.items()} for j, s in enumerate(sparsities)}
 
 
+@torch.no_grad()
+def calibrate_cats_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: int = 0) -> dict:
+    """Per CATS MLP, the quantile of |SiLU(x W_gate^T)| at each sparsity over a random-token prefill: {s: [L]}."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.output.weight.device)
+    levels = torch.tensor(sparsities, dtype=torch.float32)
+    table = torch.zeros(len(sparsities), len(model.layers))
+    handles = []
+
+    def hook(i):
+        def pre(module, args):
+            gate = torch.nn.functional.linear(args[0], module.w13[:module.intermediate_size])
+            table[:, i] = torch.quantile(torch.nn.functional.silu(gate).float().abs().flatten(), levels.to(gate.device)).cpu()
+        return pre
+
+    for i, ff in cats_layers(model):
+        handles.append(ff.register_forward_pre_hook(hook(i)))
+    model.setup_caches(1, n_tokens)
+    model(idx, torch.arange(n_tokens, device=idx.device))
+    for h in handles:
+        h.remove()
+    return {s: table[j] if s > 0 else torch.zeros(len(model.layers)) for j, s in enumerate(sparsities)}
+
+
 def set_uniform(model, table: dict) -> None:
     with torch.no_grad():
         for i, path, layer in sparse_layers(model):
@@ -104,7 +128,9 @@ def timing_line(timing: dict) -> str:
 
 
 SPARSE_KERNEL = "_sparse_gemv_kernel"
+CATS_KERNEL = "_cats_gate_up_kernel"
 LAYER_ORDER = ("qkv", "o", "gate/up", "down")  # sparse launches per block, in forward order
+CATS_LAYER_ORDER = ("down",)  # a CATS block's one sparse GEMV launch (its gate/up is the CATS kernel)
 
 
 def category(name: str) -> str:
@@ -113,6 +139,8 @@ def category(name: str) -> str:
     n = name.lower()
     if SPARSE_KERNEL in name:
         return "sparse_gemv"
+    if CATS_KERNEL in name:
+        return "cats gate/up"
     if not n.startswith("triton_"):
         if "nccl" in n or "allreduce" in n or "all_reduce" in n:
             return "allreduce"
@@ -130,7 +158,7 @@ def category(name: str) -> str:
 
 
 @torch.no_grad()
-def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
+def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20, layer_order=LAYER_ORDER) -> dict:
     """Kernel time per decode step by category (the same captured graphs the timing used), the step time
     from CUDA events, and what is left between them: launch gaps and idle time."""
     from torch.profiler import ProfilerActivity, profile
@@ -153,7 +181,7 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20) -> dict:
     for e in kernels:
         c = category(e.name)
         if c == "sparse_gemv":
-            c = f"sparse_gemv {LAYER_ORDER[sparse_i % 4]}"
+            c = f"sparse_gemv {layer_order[sparse_i % len(layer_order)]}"
             sparse_i += 1
         ms = e.time_range.elapsed_us() / 1e3 / steps
         out[c] = out.get(c, 0.0) + ms
@@ -278,7 +306,10 @@ def main(argv=None):
     p.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS), help="named config with random weights")
     p.add_argument("--checkpoint_path", type=Path, help="a converted checkpoint (uses its threshold file)")
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
-    p.add_argument("--mode", default="uniform", choices=MODES)
+    p.add_argument("--mode", default="uniform", choices=MODES,
+                   help="threshold allocation of the sparse model (cats: CATS's MLP-only sparsity)")
+    p.add_argument("--cats_sparsities", type=float, nargs="*", default=[],
+                   help="after the --mode rows, a CATS model in the same process at these MLP sparsities")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt_tokens", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=200)
@@ -309,29 +340,36 @@ def main(argv=None):
     torch._inductor.config.coordinate_descent_tuning = a.coordinate_descent
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
+    if (a.mode == "cats" or a.cats_sparsities) and a.int8:
+        raise SystemExit("CATS rows keep the model's weight dtype; drop --int8")
     rank = maybe_init_dist()
+    if rank is not None and (a.mode == "cats" or a.cats_sparsities):
+        raise SystemExit("CATS runs on one GPU; tensor parallelism shards TEAL's layers only")
     world = dist.get_world_size() if rank is not None else 1
     dtype = getattr(torch, a.dtype)
     device = f"cuda:{rank or 0}"
     torch.cuda.set_device(device)
     counters = torch._dynamo.utils.counters
 
-    def build(sparse: bool):
+    def build(sparse: bool, cats: bool = False):
         if a.checkpoint_path:
             from generate import load_sparse_model
-            m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5, a.mode, None,
-                                      a.sparse_kernel, a.int8 and sparse)
+            m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5,
+                                      "cats" if cats else a.mode, None, a.sparse_kernel, a.int8 and sparse)
             if rank is not None:
                 apply_tp(m)
             return m, tf
         shard = (lambda m: apply_tp(m, rank, world)) if rank is not None else None
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
+        if sparse and cats:
+            return catsify(m), None
         return (sparsify(m, compact=SPARSE_KERNELS[a.sparse_kernel], int8=a.int8) if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []
     set_one_shot(one_shot["dense"])
     model, _ = build(sparse=False)
+    dim = model.config.dim
     prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
     sizes = weight_bytes(model)
     dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -351,61 +389,77 @@ def main(argv=None):
     torch.cuda.empty_cache()
 
     set_one_shot(one_shot["sparse"])
-    model, tf = build(sparse=True)
-    sizes = weight_bytes(model)  # of the sparse model: "sparse" counts the bytes its kernels may skip
-    table = None if tf else calibrate_on_random_prefill(model, a.sparsities)
-    # The calibration prefill left 512-position caches; decode over caches of the dense run's size, as it did
-    # (a longer cache makes the attention kernel split its reads and launch a combine kernel).
-    model.setup_caches(1, a.prompt_tokens + a.new_tokens, exact=True)
-    sparse_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    frames_before = None
+    recompiles = 0
 
-    def use_sparsity(m, s):
-        if tf is not None:
-            from thresholds.file import apply_thresholds
-            apply_thresholds(m, tf, s, a.mode)
-        else:
-            set_uniform(m, table[s])
+    def time_sparse(cats: bool, sparsities) -> None:
+        """Rows for one sparse model (TEAL's or CATS's) at each sparsity; adds its recompilations on sparsity change."""
+        nonlocal recompiles
+        mode = "cats" if cats else a.mode
+        model, tf = build(sparse=True, cats=cats)
+        sizes = weight_bytes(model)  # of the sparse model: "sparse" counts the bytes its kernels may skip
+        table = None if tf else (calibrate_cats_on_random_prefill if cats else calibrate_on_random_prefill)(
+            model, sparsities)
+        # The calibration prefill left 512-position caches; decode over caches of the dense run's size, as it did
+        # (a longer cache makes the attention kernel split its reads and launch a combine kernel).
+        model.setup_caches(1, a.prompt_tokens + a.new_tokens, exact=True)
+        sparse_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        frames_before = None
 
-    seqs = []
-    for s in a.sparsities:
-        use_sparsity(model, s)
-        timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs, prefill_fn)
-        seqs.append(seq)
-        tok_s = timing["tok_s"]
-        if frames_before is None:
-            frames_before = counters["stats"]["unique_graphs"]
-        rows.append({"sparsity": s, "mode": a.mode if tf else "uniform", "dtype": a.dtype, **timing,
-                     "ms_per_token": 1e3 / tok_s, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
-                     "profile": profile_steps(model, sparse_fn, a.prompt_tokens),
-                     "host": host_costs(model, sparse_fn, a.prompt_tokens),
-                     "prefill": profile_prefill(model, prompt, prefill_fn)})
-        if rank in (None, 0):
-            print(f"sparse {s:.2f}: {tok_s:.1f} tok/s, {tok_s / rows[0]['tok_s']:.2f}x dense, {timing_line(timing)}",
-                  flush=True)
-            print(json.dumps({k: rows[-1][k] for k in ("profile", "host", "prefill")}, indent=1), flush=True)
-    # Measured after every timing: the measurement's hooks and flags change the layers' __dict__s, after which dynamo
-    # no longer skips their guards (recursive dict tags) and every later compiled call checks them all.
-    for s, seq, row in zip(a.sparsities, seqs, rows[1:]):
-        use_sparsity(model, s)
-        real = measure_realized_sparsity(model, seq, a.prompt_tokens)
-        moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]  # per GPU, like dense_equiv
-        row.update(realized_sparsity=real["model"], moved_GBps=moved * row["tok_s"] / 1e9)
-        if rank in (None, 0):
-            print(f"sparse {s:.2f}: realised {real['model']:.3f}", flush=True)
-    recompiles = counters["stats"]["unique_graphs"] - frames_before
+        def use_sparsity(m, s):
+            if tf is not None:
+                from thresholds.file import apply_thresholds
+                apply_thresholds(m, tf, s, mode)
+            elif cats:
+                set_cats_thresholds(m, table[s])
+            else:
+                set_uniform(m, table[s])
+
+        seqs, first = [], len(rows)
+        for s in sparsities:
+            use_sparsity(model, s)
+            timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs, prefill_fn)
+            seqs.append(seq)
+            tok_s = timing["tok_s"]
+            if frames_before is None:
+                frames_before = counters["stats"]["unique_graphs"]
+            rows.append({"sparsity": s, "mode": mode if tf or cats else "uniform", "dtype": a.dtype, **timing,
+                         "ms_per_token": 1e3 / tok_s, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
+                         "profile": profile_steps(model, sparse_fn, a.prompt_tokens,
+                                                  layer_order=CATS_LAYER_ORDER if cats else LAYER_ORDER),
+                         "host": host_costs(model, sparse_fn, a.prompt_tokens),
+                         "prefill": profile_prefill(model, prompt, prefill_fn)})
+            if rank in (None, 0):
+                print(f"{mode} {s:.2f}: {tok_s:.1f} tok/s, {tok_s / rows[0]['tok_s']:.2f}x dense, {timing_line(timing)}",
+                      flush=True)
+                print(json.dumps({k: rows[-1][k] for k in ("profile", "host", "prefill")}, indent=1), flush=True)
+        recompiles += counters["stats"]["unique_graphs"] - frames_before
+        # Measured after every timing: the measurement's hooks and flags change the layers' __dict__s, after which
+        # dynamo no longer skips their guards (recursive dict tags) and every later compiled call checks them all.
+        for s, seq, row in zip(sparsities, seqs, rows[first:]):
+            use_sparsity(model, s)
+            real = measure_realized_sparsity(model, seq, a.prompt_tokens)
+            moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]  # per GPU, like dense_equiv
+            row.update(realized_sparsity=real["model"], mlp_sparsity=real["mlp"], moved_GBps=moved * row["tok_s"] / 1e9)
+            if rank in (None, 0):
+                print(f"{mode} {s:.2f}: realised {real['model']:.3f} model-wide, {real['mlp']:.3f} MLP", flush=True)
+        del model, sparse_fn
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+    time_sparse(a.mode == "cats", a.sparsities)
+    if a.cats_sparsities:
+        time_sparse(True, a.cats_sparsities)
     ar = {}  # microseconds per all-reduce, for each kind the run used
     if rank is not None:
         for on in sorted(set(one_shot.values())):
             set_one_shot(on)
-            ar["one-shot" if on else "nccl"] = allreduce_us(model.config.dim, dtype)
+            ar["one-shot" if on else "nccl"] = allreduce_us(dim, dtype)
     for r in rows:
         r["speedup_vs_dense"] = r["tok_s"] / rows[0]["tok_s"]
         if rank is not None:
             r["tp"] = world
             r["allreduce"] = "one-shot" if one_shot["dense" if r["mode"] == "dense" else "sparse"] else "nccl"
             r["allreduce_share"] = 2 * model.config.n_layer * ar[r["allreduce"]] * 1e-6 * r["tok_s"]
-    del model, sparse_fn
     shutdown_dist()
     if rank not in (None, 0):
         return
@@ -435,9 +489,12 @@ def plot(result: dict, path: Path) -> None:
     dense = rows[0]
     sparse = rows[1:]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["realized_sparsity"] for r in sparse], [r["tok_s"] for r in sparse], "o-", label="TEAL sparse (this project)")
+    for mode in dict.fromkeys(r["mode"] for r in sparse):
+        rs = [r for r in sparse if r["mode"] == mode]
+        label = "CATS (MLP only)" if mode == "cats" else f"TEAL {mode}"
+        ax.plot([r["realized_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=label)
     ax.axhline(dense["tok_s"], color="gray", ls="--", label=f"dense {dense['tok_s']:.0f} tok/s")
-    ax.set_xlabel("realised activation sparsity")
+    ax.set_xlabel("realised activation sparsity (model-wide, parameter-weighted)")
     ax.set_ylabel("tokens/s")
     ax.set_title(f"{result['model']} decode, {result['device']}" + (f", TP{result['tp']}" if result["tp"] > 1 else ""))
     ax.legend()

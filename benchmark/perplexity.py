@@ -11,8 +11,14 @@ projections). The first scored token is predicted by the dense prefill, as the f
 
 Methods: dense; uniform, greedy, weight-aware and allocated (greedy's allocation across blocks) from the model's
 threshold file (with their held calibration where the file has it, so the realised sparsity stays on target);
-uniform-dense, TEAL's own thresholds (quantiles of dense activations) for comparison with published numbers.
-Realised sparsity is the parameter-weighted fraction of masked inputs over the scored positions.
+uniform-dense, TEAL's own thresholds (quantiles of dense activations) for comparison with published numbers;
+cats, CATS's MLP-only sparsity at --cats_targets (the share of SiLU(gate) activations dropped; attention dense),
+whose model-wide sparsity is about half the target on Llama shapes: compare it with TEAL at --targets of that size,
+
+    python -m benchmark.perplexity --methods dense cats uniform greedy --cats_targets 0.5 0.7 --targets 0.25 0.35
+
+Realised sparsity is the parameter-weighted fraction of masked inputs over the scored positions, over all seven
+projections (realized_sparsity) and over the MLP's three (mlp_sparsity).
 """
 import argparse
 import datetime
@@ -25,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from model import load_model
-from sparse import SparsityMeter, set_mask_prefill, sparsify
+from sparse import SparsityMeter, catsify, set_mask_prefill, sparsify
 from thresholds.calibrate import add_text_source, read_tokens
 from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
 from tokenizer import load_tokenizer
@@ -33,7 +39,7 @@ from tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 # Evaluation text, as the TEAL paper evaluates: WikiText-2 (raw), its test split.
 DEFAULT_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1:test"
-METHODS = ("dense", "uniform", "greedy", "weight-aware", "allocated", "uniform-dense")
+METHODS = ("dense", "uniform", "greedy", "weight-aware", "allocated", "uniform-dense", "cats")
 
 
 def window_starts(n_tokens: int, windows: int, window: int) -> list[int]:
@@ -71,7 +77,7 @@ def evaluate(model, windows: list[torch.Tensor], prompt: int, desc: str) -> dict
             nll, count = nll + a, count + b
     finally:
         meter.close()
-    return {"ppl": math.exp(nll / count), "realized_sparsity": meter.model_sparsity()}
+    return {"ppl": math.exp(nll / count), "realized_sparsity": meter.model_sparsity(), "mlp_sparsity": meter.mlp_sparsity()}
 
 
 def main(argv=None):
@@ -86,14 +92,18 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help=f"default: all of {', '.join(METHODS)} (see above)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--cats_targets", type=float, nargs="+", default=[0.5, 0.7],
+                   help="targets of method cats: the share of each MLP's intermediate activations dropped")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--int8", action="store_true", help="int8 weights (per-output-channel scales) in the seven projections, "
                    "for every method ('dense' then runs them with thresholds 0)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/perplexity-<model>.json; a PNG beside it)")
     a = p.parse_args(argv)
-    for t in a.targets:
+    for t in a.targets + a.cats_targets:
         check_sparsity(t)
+    if "cats" in a.methods and a.int8:
+        raise SystemExit("method cats keeps the model's weight dtype; drop --int8 or the method")
     if not 0 < a.prompt < a.window:
         raise SystemExit(f"--prompt {a.prompt} must be between 0 and --window {a.window}")
     dtype = getattr(torch, a.dtype)
@@ -104,6 +114,10 @@ def main(argv=None):
     name = dense.config.name
     tf_path = a.thresholds or REPO / "thresholds" / f"{name}.safetensors"
     tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
+    missing = [m for m in a.methods if m != "dense" and ("uniform" if m == "uniform-dense" else m) not in tf.modes()]
+    if missing:
+        raise SystemExit(f"{tf_path} has no tables for {missing} (it has {tf.modes()}); add them with "
+                         f"`python -m thresholds.calibrate --from_file {tf_path} --no_allocation --out {tf_path}`")
     tokenizer = load_tokenizer(a.checkpoint_path)
     ids, source = read_tokens(tokenizer, a.data, a.dataset)
     windows = [ids[s:s + a.window].to(a.device) for s in window_starts(ids.numel(), a.windows, a.window)]
@@ -111,9 +125,14 @@ def main(argv=None):
     rows = []
     models = {}
     for method in a.methods:
-        for target in ([0.0] if method == "dense" else a.targets):
+        for target in ([0.0] if method == "dense" else a.cats_targets if method == "cats" else a.targets):
             if method == "dense":
                 model = dense
+            elif method == "cats":
+                if "cats" not in models:
+                    models["cats"] = catsify(load_model(a.checkpoint_path, device=a.device, dtype=dtype))
+                model = models["cats"]
+                apply_thresholds(model, tf, target, "cats")
             else:
                 per_channel = method == "weight-aware"
                 if per_channel not in models:
@@ -125,7 +144,8 @@ def main(argv=None):
             model.setup_caches(1, a.window)
             r = evaluate(model, windows, a.prompt, f"{method} {target}")
             rows.append({"method": method, "target_sparsity": target, **r})
-            print(f"{method:>13} {target:.2f}: ppl {r['ppl']:.3f}, realised sparsity {r['realized_sparsity']:.3f}", flush=True)
+            print(f"{method:>13} {target:.2f}: ppl {r['ppl']:.3f}, realised sparsity {r['realized_sparsity']:.3f} "
+                  f"(MLP {r['mlp_sparsity']:.3f})", flush=True)
 
     result = {"model": name, "data": source, "window": a.window, "prompt_tokens": a.prompt,
               "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype, "int8": a.int8,

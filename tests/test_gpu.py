@@ -208,21 +208,24 @@ def test_int8_weights_match_the_dequantized_product(variant, dtype, tokens, k, g
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact"])
+@pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact", "cats"])
 def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
     # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
     # step on the same tokens, in fp32 so the two paths differ only by summation order.
     import generate
     from model import ModelArgs, Transformer
-    from sparse import set_thresholds, sparsify
+    from sparse import catsify, set_cats_thresholds, set_thresholds, sparsify
     torch.manual_seed(0)
     args = ModelArgs(n_layer=2, n_head=8, n_local_heads=2, dim=256, intermediate_size=512, vocab_size=512, block_size=64)
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         m = Transformer(args).cuda().float().eval()
-        if sparse:
+        if sparse == "cats":
+            catsify(m)
+            set_cats_thresholds(m, torch.full((2,), 0.1))
+        elif sparse:
             compact = generate.SPARSE_KERNELS["mlp-compact"] if sparse == "int8 mlp-compact" else ()
             sparsify(m, int8=str(sparse).startswith("int8"), compact=compact)
             set_thresholds(m, torch.full((2, 7), 0.5))
@@ -244,6 +247,23 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     torch.testing.assert_close(compiled.layers[1].attention.kv_cache.k_cache, eager.layers[1].attention.kv_cache.k_cache,
                                rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("d,inter", [(4096, 14336), (576, 1536), (1000, 333)])
+def test_cats_kernel_matches_the_formula(dtype, tokens, d, inter):
+    from sparse_gemv import cats_gate_up
+    g = torch.Generator(device="cuda").manual_seed(tokens + d)
+    x = torch.randn(tokens, d, dtype=dtype, device="cuda", generator=g)
+    w13 = (torch.randn(2 * inter, d, device="cuda", generator=g) / d ** 0.5).to(dtype)
+    thr = torch.tensor([0.25], device="cuda")
+    h = cats_gate_up(x, w13, thr).double()
+    a = torch.nn.functional.silu(x.double() @ w13[:inter].double().T)
+    ref = torch.where(a.abs() > 0.25, a, 0) * (x.double() @ w13[inter:].double().T)
+    clear = (a.abs() - 0.25).abs() > 1e-2  # away from the threshold, where summation order cannot flip the mask
+    assert torch.equal((h == 0)[clear], (ref == 0)[clear])
+    assert rel_err(torch.where(clear, h, 0), torch.where(clear, ref, 0)) < TOL[dtype]
 
 
 def one_shot_worker(rank, world, port, result_dir):

@@ -15,6 +15,8 @@ Four stages, each with a progress bar:
 4. held calibration (--held_targets): for each mode and target, one pass in which every layer's thresholds
    are computed from its inputs with all earlier layers already sparse, so the realised sparsity at
    decode matches the target instead of overshooting it.
+CATS (mode "cats"): quantiles of |SiLU(x W_gate^T)| in every MLP on dense activations, and its held thresholds at
+the same targets (each MLP's threshold from its inputs with the earlier MLPs already CATS-sparse).
 """
 import argparse
 import datetime
@@ -25,7 +27,10 @@ import torch
 from tqdm import tqdm
 
 from model import config_hash, load_model
-from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, set_mask_prefill, set_thresholds, sparse_layers, sparsify
+import torch.nn.functional as F
+
+from sparse import (LAYER_GROUPS, PROJECTIONS, cats_layers, catsify, column_norms, set_mask_prefill, set_thresholds,
+                    sparse_layers, sparsify)
 from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup
 from tokenizer import load_tokenizer
 
@@ -347,6 +352,43 @@ def held_calibration(model, batch: torch.Tensor, tf: ThresholdFile, mode: str, t
     return table
 
 
+@torch.no_grad()
+def cats_calibration(model, batch: torch.Tensor, target: float | None = None) -> torch.Tensor:
+    """On a catsified model: with target None, a dense pass and the quantile tables of |SiLU(x W_gate^T)| of every
+    MLP, [L, Q]; with a target, one pass in which each MLP's threshold is that quantile of its inputs with the
+    earlier MLPs already sparse (decode's masking at every position), [L]."""
+    gen = torch.Generator(device=batch.device).manual_seed(0)
+    out = torch.zeros(len(model.layers), len(LEVELS)) if target is None else torch.zeros(len(model.layers))
+    handles = []
+    bar = tqdm(total=len(model.layers), desc="CATS statistics" if target is None else f"CATS held {target:g}",
+               leave=target is None)
+
+    def hook(i):
+        def pre(module, args):
+            bar.update()
+            gate = F.linear(args[0], module.w13[:module.intermediate_size])
+            a = F.silu(gate).abs().float()
+            if target is None:
+                out[i] = quantile_table(a, generator=gen)
+            else:
+                out[i] = quantile_at(a, target, gen)
+                module.threshold.fill_(float(out[i]))
+        return pre
+
+    for i, ff in cats_layers(model):
+        ff.threshold.zero_()
+        handles.append(ff.register_forward_pre_hook(hook(i)))
+    set_mask_prefill(model, target is not None)
+    try:
+        run_blocks(model, batch)
+    finally:
+        set_mask_prefill(model, False)
+        for h in handles:
+            h.remove()
+        bar.close()
+    return out
+
+
 def new_threshold_file(model, batch: torch.Tensor, greedy: bool, greedy_tokens: int, greedy_step: float, source: str,
                        command: str) -> ThresholdFile:
     """Stages 1 and 2: dense statistics and, with greedy, the block-wise greedy tables."""
@@ -409,6 +451,11 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
             torch.stack([interp(blocks[j, b], tf.greedy_targets, tf.greedy_sparsities[:, b]) for b in range(args.n_layer)])
             for j in range(len(tf.greedy_targets))])
         tf.provenance.update(allocation_tokens=allocation_tokens)
+    cats_model = None
+    if tf.cats_quantiles is None:
+        cats_model = catsify(load_model(checkpoint_path, device=device, dtype=dtype))
+        cats_model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len))
+        tf.cats_quantiles = cats_calibration(cats_model, batch)
     if held_targets:
         held_ids = ids[: (held_tokens // held_seq_len) * held_seq_len].view(-1, held_seq_len)
         pc_model = None
@@ -421,6 +468,12 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
             if mode == "weight-aware" and pc_model is None:
                 pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True)
                 pc_model.setup_caches(held_ids.shape[0], held_seq_len)
+            if mode == "cats":
+                if cats_model is None:
+                    cats_model = catsify(load_model(checkpoint_path, device=device, dtype=dtype))
+                    cats_model.setup_caches(held_ids.shape[0], held_seq_len)
+                results.setdefault(mode, []).append(cats_calibration(cats_model, held_ids, target))
+                continue
             m = pc_model if mode == "weight-aware" else model
             results.setdefault(mode, []).append(held_calibration(m, held_ids, tf, mode, target))
         tf.held = {m: torch.stack(v) for m, v in results.items()}

@@ -14,6 +14,8 @@ Tensors (L layers, Q quantile levels, the 4 sites and 7 projections in sparse.PR
   held_targets         [H]        targets of the sequential ("held") calibration (optional)
   held_<mode>          [H, L, 7]  thresholds calibrated with earlier layers already sparse, per mode
                                   (weight-aware: in score units; divided by ||W_p[:, i]|| at load)
+  cats_quantiles       [L, Q]     quantiles of |SiLU(x W_gate^T)| in each MLP, for mode "cats" (optional)
+  held_cats            [H, L]     CATS thresholds calibrated with earlier MLPs already CATS-sparse
 Metadata (strings): format, model, config_hash, provenance (JSON: data, tokens, seq_len, date, command).
 """
 import json
@@ -25,12 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import ModelArgs, config_hash
-from sparse import LAYER_GROUPS, PROJECTIONS, column_norms, sparse_layers
+from sparse import LAYER_GROUPS, PROJECTIONS, cats_layers, column_norms, set_cats_thresholds, sparse_layers
 
 FORMAT = "teal-thresholds/1"
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 SITE_OF = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
-MODES = ("uniform", "greedy", "weight-aware", "allocated")
+MODES = ("uniform", "greedy", "weight-aware", "allocated", "cats")
 MAX_SPARSITY = 0.99
 
 
@@ -47,13 +49,14 @@ class ThresholdFile:
     allocation_levels: torch.Tensor | None = None
     allocated_sparsities: torch.Tensor | None = None
     held_targets: torch.Tensor | None = None
-    held: dict = field(default_factory=dict)  # mode -> [H, L, 7]
+    cats_quantiles: torch.Tensor | None = None
+    held: dict = field(default_factory=dict)  # mode -> [H, L, 7] (cats: [H, L])
     provenance: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         tensors = {"levels": self.levels, "site_quantiles": self.site_quantiles}
         for name in ("score_quantiles", "greedy_targets", "greedy_sparsities", "block_kl", "allocation_levels",
-                     "allocated_sparsities", "held_targets"):
+                     "allocated_sparsities", "held_targets", "cats_quantiles"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         tensors.update({f"held_{m}": t for m, t in self.held.items()})
@@ -84,7 +87,7 @@ class ThresholdFile:
                  greedy_targets=tensors.get("greedy_targets"), greedy_sparsities=tensors.get("greedy_sparsities"),
                  block_kl=tensors.get("block_kl"), allocation_levels=tensors.get("allocation_levels"),
                  allocated_sparsities=tensors.get("allocated_sparsities"),
-                 held_targets=tensors.get("held_targets"),
+                 held_targets=tensors.get("held_targets"), cats_quantiles=tensors.get("cats_quantiles"),
                  held={m: tensors[f"held_{m}"] for m in MODES if f"held_{m}" in tensors},
                  provenance=json.loads(meta.get("provenance", "{}")))
         if args is not None:
@@ -106,6 +109,8 @@ class ThresholdFile:
             out.append("weight-aware")
         if self.allocated_sparsities is not None:
             out.append("allocated")
+        if self.cats_quantiles is not None:
+            out.append("cats")
         return out
 
 
@@ -147,7 +152,8 @@ def projection_sparsities(tf: ThresholdFile, sparsity: float, mode: str) -> torc
 
 
 def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform", held: bool = True) -> torch.Tensor:
-    """[L, 7] thresholds (weight-aware: in score units) for a target sparsity and mode.
+    """[L, 7] thresholds (weight-aware: in score units) for a target sparsity and mode; for "cats", [L] thresholds
+    on |SiLU(x W_gate^T)|, the target being the share of each MLP's intermediate activations dropped.
 
     Where the file holds sequentially calibrated thresholds covering the target (and `held`), those are used
     (they keep the realised sparsity on target); elsewhere the dense-activation quantiles are, as in TEAL.
@@ -158,12 +164,15 @@ def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform", h
     if mode not in tf.modes():
         raise ValueError(f"this threshold file has no data for mode {mode!r} (it has {tf.modes()}); recalibrate with "
                          "`python -m thresholds.calibrate` (without --no_greedy / --no_allocation)")
+    n_layer = tf.site_quantiles.shape[0]
     if sparsity == 0:
-        return torch.zeros(tf.site_quantiles.shape[0], len(PROJECTIONS))
+        return torch.zeros(n_layer) if mode == "cats" else torch.zeros(n_layer, len(PROJECTIONS))
     if held and mode in tf.held and tf.held_targets[0] <= sparsity <= tf.held_targets[-1]:
         xp = torch.cat([torch.zeros(1), tf.held_targets])
         fp = torch.cat([torch.zeros_like(tf.held[mode][:1]), tf.held[mode]])
         return interp(torch.tensor(sparsity), xp, fp)
+    if mode == "cats":
+        return quantile_lookup(tf.levels, tf.cats_quantiles, torch.tensor(sparsity))
     levels = projection_sparsities(tf, sparsity, mode)
     if mode == "weight-aware":
         return quantile_lookup(tf.levels, tf.score_quantiles, levels)
@@ -172,8 +181,14 @@ def threshold_table(tf: ThresholdFile, sparsity: float, mode: str = "uniform", h
 
 
 def apply_thresholds(model, tf: ThresholdFile, sparsity: float, mode: str = "uniform", held: bool = True) -> torch.Tensor:
-    """Load the thresholds for (sparsity, mode) into a sparsified model's buffers; returns the [L, 7] table."""
+    """Load the thresholds for (sparsity, mode) into a sparsified (cats: catsified) model's buffers; returns the
+    table ([L, 7], cats [L])."""
     table = threshold_table(tf, sparsity, mode, held)
+    if mode == "cats":
+        set_cats_thresholds(model, table)
+        return table
+    if next(cats_layers(model), None) is not None:
+        raise ValueError(f"mode {mode!r} needs a TEAL-sparsified model, this one has CATS MLPs")
     with torch.no_grad():
         for i, path, layer in sparse_layers(model):
             if (mode == "weight-aware") != layer.per_channel:
