@@ -231,7 +231,8 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     if mode == "cats":
         if "cats" not in tf.modes():  # before the model is changed: a clear error, not a half-built model
             raise SystemExit(f"{path} has no CATS tables; add them with `python -m thresholds.calibrate --checkpoint_path "
-                             f"{checkpoint_path} --from_file {path} --no_allocation --out {path}`")
+                             f"{checkpoint_path} --from_file {path} --no_allocation --out {path}` (with --data FILE to "
+                             "calibrate on a local text offline)")
         catsify(model)
     else:
         sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, int8), int8=int8)

@@ -117,7 +117,8 @@ def main(argv=None):
     missing = [m for m in a.methods if m != "dense" and ("uniform" if m == "uniform-dense" else m) not in tf.modes()]
     if missing:
         raise SystemExit(f"{tf_path} has no tables for {missing} (it has {tf.modes()}); add them with "
-                         f"`python -m thresholds.calibrate --from_file {tf_path} --no_allocation --out {tf_path}`")
+                         f"`python -m thresholds.calibrate --from_file {tf_path} --no_allocation --out {tf_path}` "
+                         "(with --data FILE to calibrate on a local text offline)")
     tokenizer = load_tokenizer(a.checkpoint_path)
     ids, source = read_tokens(tokenizer, a.data, a.dataset)
     windows = [ids[s:s + a.window].to(a.device) for s in window_starts(ids.numel(), a.windows, a.window)]

@@ -139,7 +139,8 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
     0.01 over all layers (0.02 in each) on calibration text the calibration did not see."""
     from model import ModelArgs, Transformer
     from safetensors.torch import save_file
-    from thresholds.calibrate import DEFAULT_DATA, calibrate, read_tokens
+    from tests.conftest import SHARED_DATA
+    from thresholds.calibrate import calibrate, read_tokens
     from thresholds.file import ThresholdFile, apply_thresholds
     from tokenizer import load_tokenizer
 
@@ -157,13 +158,14 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_checkpoint / f, ckpt / f)
     out = tmp_path / "t.safetensors"
-    calibrate(ckpt, out, tokens=2048, seq_len=512, greedy=False, allocation=False, held_targets=(0.5, 0.7),
+    text = SHARED_DATA / "wiki-calibration.txt"
+    calibrate(ckpt, out, data=text, tokens=2048, seq_len=512, greedy=False, allocation=False, held_targets=(0.5, 0.7),
               held_tokens=2048, held_seq_len=512)
     tf = ThresholdFile.load(out, args)
     assert "cats" in tf.modes() and tf.held["cats"].shape == (2, 3) and tf.cats_quantiles.shape == (3, len(tf.levels))
     assert json.loads(json.dumps(tf.provenance))["tokens"] == 2048
 
-    ids, _ = read_tokens(load_tokenizer(ckpt), DEFAULT_DATA)
+    ids, _ = read_tokens(load_tokenizer(ckpt), text)
     cats = catsify(model)
     cats.setup_caches(4, 512)
     for text, tol in ((ids[:2048], 0.01), (ids[4096:6144], 0.02)):  # calibrated on, and further on in the text
@@ -178,3 +180,21 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
             per_layer = [meter.per_projection()[(i, "down")] for i in range(3)]
             assert all(abs(s - target) < tol for s in per_layer), per_layer
             assert abs(sum(per_layer) / 3 - target) < 0.01, per_layer
+
+
+def test_bench_decode_cats_thresholds_from_a_random_prefill():
+    """bench_decode's CATS rows on random weights: per-MLP quantiles of |SiLU(gate)| on a random-token prefill, which
+    drop that share of the prefill's activations."""
+    from benchmark.bench_decode import calibrate_cats_on_random_prefill, category
+    _, cats = tiny_cats(6)
+    table = calibrate_cats_on_random_prefill(cats, [0.0, 0.5], n_tokens=64)
+    assert torch.equal(table[0.0], torch.zeros(2))
+    gate = []
+    hooks = [b.feed_forward.register_forward_pre_hook(lambda m, a, i=i: gate.append(
+        F.silu(F.linear(a[0], m.w13[:96])).abs() <= table[0.5][i])) for i, b in enumerate(cats.layers)]
+    with torch.no_grad():  # the same random tokens (seed 0) as the calibration's prefill
+        cats(torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(0)), torch.arange(64))
+    for h in hooks:
+        h.remove()
+    assert [float(g.double().mean()) for g in gate] == pytest.approx([0.5, 0.5], abs=1e-3)
+    assert category("_cats_gate_up_kernel_0d1d") == "cats gate/up"

@@ -99,9 +99,9 @@ def test_harness_scores_match_the_models_own(tmp_path, default_checkpoint, monke
         assert correct == len(MC)
 
 
-def test_rolling_loglikelihood_covers_every_token_once(default_checkpoint):
+def test_rolling_loglikelihood_covers_every_token_once_decode_faithfully(default_checkpoint):
     from lm_eval.api.instance import Instance
-    lm = TealFastLM(default_checkpoint, 0.5, "greedy", max_length=16)
+    lm = TealFastLM(default_checkpoint, 0.5, "cats", max_length=16)  # CATS here, TEAL through the harness above
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the dark forest."
     ids = lm.tokenizer.encode(text, bos=False)
     assert len(ids) > 16  # several windows
