@@ -7,6 +7,7 @@
 """
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,6 +200,18 @@ def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len:
     return {"model": meter.model_sparsity(), "mlp": meter.mlp_sparsity(), "sparse_bytes_moved": moved}
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """Threads for CPU decoding: `requested`, else OMP_NUM_THREADS when set, else the cores the 1-minute load average
+    leaves free (at least one). A decode step is hundreds of small operations, each a parallel region whose OpenMP
+    threads spin while they wait: a thread more than the free cores makes every region wait for a descheduled one."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,6 +269,8 @@ def main(argv=None):
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes, no CUDA graphs): a shorter time to the first token")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS if set, else the cores the load "
+                   "average leaves free)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
@@ -309,6 +324,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     device = resolve_device(a.device) if rank is None else f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(a.threads))
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}.get(a.dtype) or getattr(torch, a.dtype)
     is_main = rank in (None, 0)
     log = print if is_main else (lambda *args, **kw: None)
@@ -327,9 +344,14 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         from tp import apply_tp
         apply_tp(model)
     tokenizer = load_tokenizer(checkpoint)
-    log(f"loaded {model.config.name} ({dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
+    log(f"loaded {model.config.name} ({dtype}, {device}"
+        + (f", {torch.get_num_threads()} threads" if device == "cpu" else "") + f") in {time.perf_counter() - t0:.2f}s"
         + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else ""))
 
+    if a.compile and device == "cpu":
+        log("note: --compile is for CUDA (the decode step as a CUDA graph). On CPU it compiles for a minute or more and "
+            "decodes slower than without it, since eager CPU decoding already skips weight rows without the op "
+            "overhead a compiled graph keeps; it runs here to check the compiled path. Leave it out for speed.")
     decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile else decode_one_token
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
 
@@ -376,17 +398,16 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if not results:
         return
 
-    def median(key):
-        return sorted(r[key] for r in results)[len(results) // 2]
+    mid = sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]  # the median sample, by tokens/s
     log("=" * 60)
-    log(f"median over {len(results)} samples: {median('tok_s'):.2f} tokens/s, "
-        f"{sizes['total'] * median('steps_s') / 1e9:.2f} GB/s dense-equivalent, "
-        f"first token after {1e3 * median('to_first'):.1f} ms")
+    log(f"median over {len(results)} samples: {mid['tok_s']:.2f} tokens/s, "
+        f"{sizes['total'] * mid['steps_s'] / 1e9:.2f} GB/s dense-equivalent, "
+        f"first token after {1e3 * mid['to_first']:.1f} ms (sample {results.index(mid) + 1})")
     if a.sparsity > 0:  # over the last sample
         real = measure_realized_sparsity(model, seq, prompt.numel())
         moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
         log(f"realised activation sparsity {real['model']:.3f} model-wide, {real['mlp']:.3f} of the MLP weights (target "
-            f"{a.sparsity}, {a.sparsity_mode}); {moved * median('steps_s') / 1e9:.2f} GB/s actually moved")
+            f"{a.sparsity}, {a.sparsity_mode}); {moved * mid['steps_s'] / 1e9:.2f} GB/s actually moved")
     if device.startswith("cuda"):
         log(f"peak memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
 

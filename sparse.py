@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_gemv import add_partials  # importing the package registers the torch.ops.teal ops
+from sparse_gemv.cpu import sparse_gemv_rows
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -125,8 +126,13 @@ class SparseLinear(nn.Module):
                     return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
                 y = add_partials(parts, torch.float32 if self.decode_partials == "sum" else x.dtype)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-            y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                           self.split_sizes, self.compact, self.scales)
+            if (x.device.type == "cpu" and self.scales is None and tokens <= MAX_TOKENS
+                    and not torch.compiler.is_compiling()):
+                # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
+                y = sparse_gemv_rows(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
+            else:
+                y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
+                                               self.split_sizes, self.compact, self.scales)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
             return self._add_bias((x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype))

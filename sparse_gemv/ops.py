@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from sparse_gemv.cpu import sparse_gemv_rows
 from sparse_gemv.kernels import MAX_TOKENS, default_config, sparse_gemv_triton
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -66,6 +67,8 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     x = x.contiguous()
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
+    if _skips_rows_on_cpu(x, scales):
+        return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales)
 
 
@@ -96,6 +99,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
     x = x.contiguous()
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
+    if _skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
+        return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)[None]
     return sparse_gemv_reference(x.float(), weight_t.float(), thresholds, split_sizes, scales=scales)[None]
 
 
@@ -107,6 +112,12 @@ def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None):
     else:
         splits = 1
     return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
+
+
+def _skips_rows_on_cpu(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether the CPU path reads only the kept rows (decode-sized steps of float weights) rather than masking and
+    multiplying densely (many tokens, where the product is bound by compute, not bytes; int8 weights)."""
+    return x.device.type == "cpu" and x.shape[0] <= MAX_TOKENS and scales is None
 
 
 def _on_kernel(x: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ def masked_reference(dense, table):
                 parts, col = [], 0
                 for n, p in zip(sizes, projs):
                     t = table[i, PROJECTIONS.index(p)]
-                    parts.append(torch.where(x.abs() > t, x, 0) @ w_t[:, col:col + n])
+                    parts.append(torch.where(x.abs().float() > t, x, 0) @ w_t[:, col:col + n])  # as kernels compare
                     col += n
                 return torch.cat(parts, -1)
             lin.register_forward_hook(hook)
@@ -305,3 +305,37 @@ def test_kernel_variant_is_chosen_per_layer():
             if layer.compact] == ["attention.wo", "attention.wo"]
     with pytest.raises(ValueError, match="feed_forward.w4"):
         sparsify(tiny_model(), compact=("feed_forward.w4",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [(64,), (64, 32, 32), (96, 96)])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_cpu_rows_path_skips_rows_and_matches_the_reference(dtype, splits, tokens, per_channel):
+    # The CPU decode product (embedding_bag over kept rows) against the masked-dense reference. Every skipped row is
+    # set to NaN: a path that read it, even to multiply it by zero, would return NaN. Tolerance: the two sum in a
+    # different order, within 1e-5 relative in fp32 and two bf16 steps in bf16.
+    from sparse_gemv.cpu import sparse_gemv_rows
+    from sparse_gemv.ops import sparse_gemv_reference
+    g = torch.Generator().manual_seed(tokens + len(splits))
+    k = 80
+    x = torch.randn(tokens, k, generator=g).to(dtype)
+    x[:, 5] = 0.0  # an input at zero is never kept
+    weight_t = torch.randn(k, sum(splits), generator=g).to(dtype)
+    shape = (len(splits), k) if per_channel else (len(splits),)
+    thresholds = torch.rand(shape, generator=g) * 1.2
+    if not per_channel:
+        thresholds[-1] = 10.0  # the last group keeps no row: its columns are zero
+    y = sparse_gemv_rows(x, weight_t, thresholds, splits)
+    nan_rows = weight_t.clone()
+    col = 0
+    for group, size in enumerate(splits):
+        skipped = (x.abs().float() <= thresholds[group]).all(0)  # rows no token keeps
+        nan_rows[skipped, col:col + size] = float("nan")
+        col += size
+    assert torch.equal(sparse_gemv_rows(x, nan_rows, thresholds, splits), y)
+    want = sparse_gemv_reference(x, weight_t, thresholds, splits)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2e-2)
+    torch.testing.assert_close(y, want, **tol)
+    if not per_channel:
+        assert not y[:, -splits[-1]:].any()

@@ -1,0 +1,146 @@
+"""CPU decoding, dense against sparse, with the memory bandwidth a plain copy reaches in the same process.
+
+    python -m benchmark.bench_cpu_decode                       # default SmolLM2, dense and 0.5 (uniform), 5 rounds
+    python -m benchmark.bench_cpu_decode --sparsity 0.4 0.5 --rounds 7 --threads 1
+
+generate.py's model loading and timed generation (greedy, the default prompt). Each round runs a plain copy of a
+buffer larger than the last-level cache, then one generation per model, so that a machine whose load changes
+affects every model alike; the figures are the medians over rounds. Decode tokens/s leave out the prefill (the time
+to the first token). The dense model's bytes per step are its weights (generate.weight_bytes); the copy's bandwidth
+counts the bytes read and written. The load average before and after is recorded: on a shared machine, say so.
+Writes JSON and a PNG.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from generate import cpu_threads, load_sparse_model, measure_realized_sparsity, timed_generate, weight_bytes
+from tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+    """Bytes read plus written per second by the median of `repeats` copies of a float32 buffer."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # the pages are touched once before timing
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv=None):
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    p.add_argument("--sparsity_mode", default="uniform")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--threads", type=int, help="default: as generate.py picks them")
+    p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/cpu-decode-<model>.json; PNG beside)")
+    a = p.parse_args(argv)
+    if a.rounds < 1 or a.max_new_tokens < 2:
+        raise SystemExit("--rounds must be at least 1 and --max_new_tokens at least 2")
+    load_before = os.getloadavg()
+    torch.set_num_threads(cpu_threads(a.threads))
+    models = {0.0: load_sparse_model(a.checkpoint_path, "cpu", torch.float32, 0.0, a.sparsity_mode, None)[0]}
+    for s in a.sparsity:
+        models[s] = load_sparse_model(a.checkpoint_path, "cpu", torch.float32, s, a.sparsity_mode, None)[0]
+    tokenizer = load_tokenizer(a.checkpoint_path)
+    prompt = torch.tensor(tokenizer.encode(a.prompt), dtype=torch.int)
+    for model in models.values():  # warm-up
+        timed_generate(model, prompt, 8, temperature=0)
+    samples = {s: [] for s in models}
+    copies = []
+    for _ in range(a.rounds):
+        copies.append(copy_bandwidth())
+        for s, model in models.items():
+            seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0)
+            new = seq.shape[1] - prompt.numel()
+            samples[s].append({"tok_s": new / times["total"],
+                               "decode_tok_s": (new - 1) / (times["total"] - times["to_first"]), "seq": seq})
+    load_after = os.getloadavg()
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+    copy = median(copies)
+    dense_bytes = weight_bytes(models[0.0])["total"]
+    rows = []
+    for s, model in models.items():
+        tok_s = median([r["tok_s"] for r in samples[s]])
+        decode = median([r["decode_tok_s"] for r in samples[s]])
+        sizes = weight_bytes(model)
+        moved = sizes["total"]
+        row = {"sparsity": s, "tok_s": tok_s, "decode_tok_s": decode,
+               "tok_s_rounds": [r["tok_s"] for r in samples[s]],
+               "decode_tok_s_rounds": [r["decode_tok_s"] for r in samples[s]]}
+        if s > 0:
+            real = measure_realized_sparsity(model, samples[s][-1]["seq"], prompt.numel())
+            moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
+            row.update(realized_sparsity=real["model"])
+        row.update(bytes_per_step=moved, gb_s=moved * decode / 1e9, fraction_of_copy=moved * decode / copy,
+                   tok_s_vs_dense=tok_s / median([r["tok_s"] for r in samples[0.0]]),
+                   decode_vs_dense=decode / median([r["decode_tok_s"] for r in samples[0.0]]))
+        rows.append(row)
+        print(f"sparsity {s}: {tok_s:.2f} tokens/s ({row['tok_s_vs_dense']:.2f}x dense), decode {decode:.2f} "
+              f"tokens/s ({row['decode_vs_dense']:.2f}x), {row['gb_s']:.2f} GB/s = {row['fraction_of_copy']:.0%} of "
+              f"copy" + (f", realised sparsity {row['realized_sparsity']:.3f}" if s > 0 else ""))
+    print(f"copy bandwidth {copy / 1e9:.2f} GB/s (median of rounds {[round(c / 1e9, 2) for c in copies]}), "
+          f"{torch.get_num_threads()} threads, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    result = {"model": models[0.0].config.name, "device": cpu_name(), "cores": os.cpu_count(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m benchmark.bench_cpu_decode " + " ".join(sys.argv[1:] if argv is None else argv),
+              "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "rounds": a.rounds,
+              "sparsity_mode": a.sparsity_mode, "copy_gb_s": copy / 1e9, "copy_gb_s_rounds": [c / 1e9 for c in copies],
+              "dense_weight_bytes": dense_bytes, "load_average_before": load_before, "load_average_after": load_after,
+              "rows": rows}
+    out = a.out or REPO / "benchmark" / "results" / f"cpu-decode-{result['model']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in result["rows"]:
+        label = "dense" if row["sparsity"] == 0 else f"sparsity {row['sparsity']}"
+        ax.plot(range(1, len(row["decode_tok_s_rounds"]) + 1), row["decode_tok_s_rounds"], "o-",
+                label=f"{label}: {row['decode_tok_s']:.1f} tok/s")
+    ax.set_xlabel("round")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{result['model']} on CPU, {result['threads']} threads; copy {result['copy_gb_s']:.1f} GB/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
