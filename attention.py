@@ -4,11 +4,11 @@ It takes the token's q, k and v as the qkv projection wrote them (or as the fp32
 leaves, which it adds as it loads them), applies RoPE to q and k, writes k and v into the static KV cache at the
 token's position, and attends over the positions written so far. Done by the compiler
 instead, the rotations and the cache writes are three small kernels per layer ahead of the attention, each a
-dependent launch in the step's chain (about 4 us per layer on an H100, benchmark/results/decode-*.json).
+dependent launch in the step's chain.
 
 Why not torch.compile's attention: inductor lowers a decode step's scaled_dot_product_attention into several
 small kernels over the whole max_seq_length cache, and how fast those are depends on its coordinate-descent
-tuning run (0.28 to 0.69 ms of a Llama-3-8B step on the same H100, benchmark/results/decode-*.json). This kernel
+tuning run. This kernel
 reads only the positions written so far, once per KV head for all the query heads that share it (grouped-query
 attention), with an online softmax.
 

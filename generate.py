@@ -27,16 +27,13 @@ torch._inductor.config.triton.unique_kernel_names = True
 torch._inductor.config.fx_graph_cache = True
 torch._dynamo.config.cache_size_limit = 64
 # Skip the guards of every module whose __dict__ is unchanged since the first call (SparseLinear keeps to what that
-# needs: frozen parameters and immutable attributes). Without it, sparse SmolLM2-135M's compiled decode step was bound
-# by the host on an H100: 1.47 against 0.73 ms per token (decode-smollm2-135m-{no-dicttags,dicttags}-*.json).
+# needs: frozen parameters and immutable attributes); without it a small model's compiled step is bound by the host.
 torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
 REPO = Path(__file__).resolve().parent
-COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one (gemv-variants-*.json)
-# int8 gate/up: the predicated loop widens every row of its tiles, kept or not, and is bound by instruction issue there;
-# listing the kept rows first takes its GEMVs from 1.13 to 0.99 ms per step at 50% (decode-llama-3-8b-int8-*.json).
-# The down projection gains less (0.59 -> 0.52 ms) and its compact launch leaves 8 partial sums instead of 2 to the
-# norm after it, whose inductor kernel then took 4.9 us in one run and 13 us in another: it stays predicated.
+COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one
+# int8 gate/up: the predicated loop widens every row of its tiles, kept or not, and is bound by instruction issue
+# there, so listing the kept rows first pays from 50%; int8 down gains less and stays predicated.
 INT8_GATE_UP_COMPACT_FROM = 0.5
 # --interactive sizes the KV caches once for a chat message of up to this many tokens (with the chat template) plus
 # --max_new_tokens, as GPT-Fast fixes its chat caches: a message that needs a larger cache recompiles the decode step.
@@ -78,8 +75,8 @@ def sample(logits, temperature: float = 1.0, top_k: int | None = None):
     temperature = max(temperature, 1e-5)
     if top_k is None or top_k >= last.size(-1):
         return multinomial_sample_one_no_sync(torch.softmax(last / temperature, dim=-1))
-    # A positive temperature does not change which logits are the k largest; their order does not matter to the
-    # draw, and sorting them was a 21 us kernel per step on the H100 (decode-llama-3-8b-*.json, its earlier versions).
+    # A positive temperature does not change which logits are the k largest, and their order does not matter to the
+    # draw: no sort.
     values, indices = torch.topk(last, top_k, sorted=False)
     choice = multinomial_sample_one_no_sync(torch.softmax(values / temperature, dim=-1))
     return torch.gather(indices, -1, choice.long()).to(torch.int)

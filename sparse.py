@@ -60,8 +60,7 @@ class SparseLinear(nn.Module):
         # The layer's tensors are frozen parameters and its Python attributes immutable values (a tuple, not a list),
         # so that torch.compile's guards can skip the whole layer while its __dict__ is unchanged (generate.py turns
         # on recursive dict tags): dynamo gives buffers an aliasing guard, under which their module's guards run in
-        # full on every call: for SmolLM2-135M's 120 sparse layers 95 against 11 us per decode step on an H100 host
-        # (decode-smollm2-135m-{no-dicttags,dicttags}-*.json).
+        # full on every call.
         self.split_sizes = tuple(int(s) for s in split_sizes)
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
         self.weight_t = frozen(torch.empty(in_features, out_features, device=device,

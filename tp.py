@@ -90,10 +90,8 @@ def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) ->
 
 
 ONE_SHOT_MAX_BYTES = 128 << 10  # decode-sized inputs (a few tokens x dim); larger ones go through NCCL
-# Off: every all-reduce through NCCL. On TP2 H200 runs one-shot made 50% sparse decode 75.2 against 67.1 tok/s but
-# dense 44.1 against 47.8 (tp-llama-3-70b-{diag-oneshot,nccl}-*.json: inductor's dense kernels that feed the
-# all-reduce run slower ahead of the one-shot op), so generate.py and bench_decode.py turn it off for dense decoding.
-# With our own one-shot kernel the same held: dense 40.8 tok/s (tp-llama-3-70b-oneshot-dense-*.json).
+# Off: every all-reduce through NCCL. One-shot is faster for sparse decoding but slower for dense (inductor's dense
+# kernels that feed the all-reduce run slower ahead of it), so generate.py and bench_decode.py turn it off for dense.
 ONE_SHOT = True
 ONE_SHOT_PROGRAMS = 8  # most programs per call; program i of every rank exchanges flags with program i of the others
 MAX_WORLD = 8
@@ -241,9 +239,7 @@ class AllReduceRMSNorm(RMSNorm):
             return one_shot_all_reduce_rmsnorm(x, residual, self.weight, self.eps, buf, self.one_shot_bases,
                                                dist.get_rank())
         # Through NCCL rank 0 adds the residual ahead of the all-reduce, where inductor fuses the add into the kernel
-        # that makes x, as it did before the norms took the add: with the add after the all-reduce the dense model's
-        # SwiGLU-and-down kernel took 106 against 63 us (TP2 dense 40.9 against 47.6 tok/s on one host,
-        # tp-llama-3-70b-resnorm{,-base}-*.json); with it here, 63 us again (tp-llama-3-70b-resnorm3-*.json).
+        # that makes x; after the all-reduce it slowed the dense model's SwiGLU-and-down kernel.
         if residual is not None and dist.get_rank() == 0:
             x = residual + x
         return super().forward(funcol.all_reduce(x, "sum", dist.group.WORLD))

@@ -42,9 +42,7 @@ PDL = True  # programmatic dependent launch where the GPU has it (Hopper+); a fl
 MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 MAX_SPLIT_K = 32
 # Most rows examined at a time when listing kept rows. Each chunk is a dependent load, scan and store ahead of the
-# weight loads, so a launch examines its whole K range at once up to this many rows, and no more than the range
-# (gemv-ab-chunk-*.json: 8b gate/up compact, K range 4096, 23.1 / 15.0 us at 80 / 90% in one chunk against 25.0 / 16.1
-# in chunks of 1024; ranges of 1024 rows took up to 1 us longer in chunks of 2048).
+# weight loads, so a launch examines its whole K range at once up to this many rows, and no more than the range.
 MAX_LIST_CHUNK = 4096
 
 
@@ -253,25 +251,16 @@ def _widen_int8_quads(w):
 
 
 def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True, int8: bool = False) -> dict:
-    """Tile, K split and variant, by rule rather than autotuning. From the design sweeps
-    (benchmark/results/gemv-variants*-*.json, H100): four warps and three pipeline stages win everywhere
-    (deeper pipelines and tensor-core products did not help); kept-row lists want 128 x 64 tiles at about
-    1.5-2 programs per SM; predicated loads want 64 x 128 tiles at about 3.4 programs per SM where N is
-    wide enough to give each SM 1.4 strips of 64 (14336x4096: 44 us at 0% and 27 us at 50%, against 56 and 30
-    for 32 x 256), and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that, except where the strips
-    alone give every SM one program and K is short: there the split's reduction costs more than a second
-    program per SM gains (4096x4096: 14.5/10.6/8.9 us at 0/50/80% unsplit against 17.2/11.0/9.8 split in two,
-    gemv-ab-pairs-*.json; 4096x14336 still wants the split). Without that in-kernel reduction (reduce=False: the
-    partial sums are the output) the split has no such tail, and 4096x4096 split in two takes 14.4/9.1/6.8 us
-    against 14.3/10.4/8.8 unsplit (gemv-partials-*.json). Autotuning was dropped
-    because its in-isolation timings picked configs that ran up to 3x slower inside the decode graph, and
-    because the best config depends on the sparsity, which is data the tuning key cannot see. int8 weights take the
-    same tiles (in their sweep, gemv-variants-int8-*.json, best or within 10% at 50% sparsity on the 8B shapes) but on
-    long K that is not wide (the down projection): its 32-column strips are 32-byte rows of int8, and 64 x 256 tiles
-    split to about 1.4 programs per SM took 19.3 against 25.2 us alone at 50% and, in the decode step, 0.568 / 0.579
-    against 0.598 ms of down GEMVs per step (decode-llama-3-8b-int8-int8tiles{,-run2,-base}-*.json, one H100). The
-    70B TP2 down shape (N 8192) falls under the same rule: 2.63 against 2.66 ms per step, on two hosts
-    (tp-llama-3-70b-int8-{int8tiles,gate-up-compact}-*-tp2.json)."""
+    """Tile, K split and variant, by rule rather than autotuning (the H100 sweeps behind each rule are in
+    benchmark/RESULTS.md): four warps and three pipeline stages; kept-row lists take 128 x 64 tiles at about
+    1.5-2 programs per SM; predicated loads take 64 x 128 tiles at about 3.4 programs per SM where N is wide enough
+    to give each SM 1.4 strips of 64, and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that, except
+    where the strips alone give every SM one program and K is short: there the split's reduction costs more than a
+    second program per SM gains. Without that in-kernel reduction (reduce=False: the partial sums are the output)
+    the split has no such tail. Not autotuned: in-isolation timings picked configs that ran slower inside the decode
+    graph, and the best config depends on the sparsity, which the tuning key cannot see. int8 weights take the same
+    tiles, except on long K that is not wide (down projections), whose 32-column strips are 32-byte rows of int8:
+    64 x 256 tiles split to about 1.4 programs per SM."""
     wide = sum(triton.cdiv(s, 64) for s in split_sizes) >= 1.4 * sms
     if compact:
         bn, bk, target = 128, 64, 1.4 * sms
@@ -286,9 +275,7 @@ def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = Tru
     split = 1
     while not one_short_wave and strips * split < target and split < MAX_SPLIT_K and k // (2 * split) >= bk:
         split *= 2
-    # Without the reduction a grid that gives a few SMs two programs and the rest one is worth splitting once more:
-    # 8b q/k/v (192 strips) returns its partials in 11.8 / 8.6 us at 50 / 80% split in two, against 12.8 / 10.3
-    # (gemv-variants-partials-run2-*.json).
+    # Without the reduction a grid that gives a few SMs two programs and the rest one is worth splitting once more.
     if not reduce and not compact and sms < strips * split <= 1.5 * sms and k // (2 * split) >= bk:
         split *= 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}

@@ -59,8 +59,8 @@ def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
 
 
 def test_k_split_rule_from_the_ab_measurements():
-    # gemv-ab-pairs-*.json (H100, 132 SMs): 4096x4096 is faster unsplit at every sparsity; 4096x14336 (one program
-    # per SM too, but long K) and the 70B TP4 q/k/v (80 strips) still want their splits.
+    # As measured on an H100 (132 SMs, benchmark/RESULTS.md): 4096x4096 is faster unsplit at every sparsity;
+    # 4096x14336 (one program per SM too, but long K) and the 70B TP4 q/k/v (80 strips) still want their splits.
     split = lambda k, groups: pick_config(k, groups, False, 132)["SPLIT_K"]
     assert split(4096, [4096]) == 1
     assert split(14336, [4096]) == 2
@@ -69,8 +69,8 @@ def test_k_split_rule_from_the_ab_measurements():
 
 
 def test_partial_sums_split_a_grid_of_one_and_a_half_programs_per_sm():
-    # gemv-variants-partials-run2-*.json: returning partials, 8b q/k/v (192 strips of 32 on 132 SMs) is faster split
-    # in two; the other decode shapes that return partials keep the split they take with the reduction.
+    # Returning partials, 8b q/k/v (192 strips of 32 on 132 SMs) is faster split in two (H100); the other decode
+    # shapes that return partials keep the split they take with the reduction.
     split = lambda k, groups, reduce: pick_config(k, groups, False, 132, reduce=reduce)["SPLIT_K"]
     assert (split(4096, [4096, 1024, 1024], True), split(4096, [4096, 1024, 1024], False)) == (1, 2)
     for k, groups in ((14336, [4096]), (8192, [4096, 512, 512]), (8192, [2048, 256, 256]), (4096, [14336, 14336])):
@@ -81,8 +81,8 @@ def test_partial_sums_split_a_grid_of_one_and_a_half_programs_per_sm():
 
 
 def test_int8_down_projection_tiles():
-    # decode-llama-3-8b-int8-int8tiles*-*.json: int8 8b down (K 14336, N 4096) takes 64 x 256 tiles in four splits;
-    # the other int8 8B shapes keep the bf16 picks, and bf16 down keeps 32 x 256 in two.
+    # int8 8b down (K 14336, N 4096) takes 64 x 256 tiles in four splits (faster in the H100 decode step); the other
+    # int8 8B shapes keep the bf16 picks, and bf16 down keeps 32 x 256 in two.
     tile = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"])
     assert tile(pick_config(14336, [4096], False, 132, reduce=False, int8=True)) == (64, 256, 4)
     assert tile(pick_config(14336, [4096], False, 132, reduce=False)) == (32, 256, 2)
