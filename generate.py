@@ -17,9 +17,10 @@ import torch._dynamo.config
 import torch._inductor.config
 
 import sparse_gemv.kernels
+from cli import fraction, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
 from sparse import LAYER_GROUPS, SparsityMeter, cats_layers, catsify, set_mask_prefill, sparse_layers, sparsify
-from thresholds.file import MODES, ThresholdFile, apply_thresholds, check_sparsity
+from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
 
 torch._inductor.config.coordinate_descent_tuning = True
@@ -30,7 +31,6 @@ torch._dynamo.config.cache_size_limit = 64
 # needs: frozen parameters and immutable attributes); without it a small model's compiled step is bound by the host.
 torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
-REPO = Path(__file__).resolve().parent
 COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one
 # int8 gate/up: the predicated loop widens every row of its tiles, kept or not, and is bound by instruction issue
 # there, so listing the kept rows first pays from 50%; int8 down gains less and stays predicated.
@@ -233,10 +233,11 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     if sparsity == 0 and thresholds_path is None:
         return (sparsify(model, int8=True) if int8 else model), None
-    path = thresholds_path or REPO / "thresholds" / f"{model.config.name}.safetensors"
+    path = thresholds_path or default_thresholds(checkpoint_path, model.config.name)
     if not Path(path).exists():
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
-                         f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` or pass --thresholds FILE")
+                         f"`python -m thresholds.calibrate --checkpoint_path {checkpoint_path}` (it writes it into "
+                         "the checkpoint's folder, where it is found) or pass --thresholds FILE")
     tf = ThresholdFile.load(path, model.config)
     if mode == "cats":
         if "cats" not in tf.modes():  # before the model is changed: a clear error, not a half-built model
@@ -250,31 +251,34 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
     return model, tf
 
 
+@user_errors
 def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--prompt", type=non_empty, default="The capital of France is")
     p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, stream the answers")
-    p.add_argument("--num_samples", type=int, default=3,
+    p.add_argument("--num_samples", type=positive_int, default=3,
                    help="generations of --prompt (--interactive: until stdin ends)")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--max_new_tokens", type=positive_int, default=100)
+    p.add_argument("--batch_size", type=positive_int, default=1)
+    p.add_argument("--top_k", type=positive_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--compile", action="store_true", help="compile the decode step (mode='reduce-overhead': CUDA graphs)")
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes, no CUDA graphs): a shorter time to the first token")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS if set, else the cores the load "
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: OMP_NUM_THREADS if set, else the cores the load "
                    "average leaves free)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 0.99]")
+    p.add_argument("--sparsity", type=fraction(0, MAX_SPARSITY), default=0.0,
+                   help=f"target activation sparsity in [0, {MAX_SPARSITY}]")
     p.add_argument("--sparsity_mode", default="uniform", choices=MODES,
                    help="TEAL's threshold allocations, or cats: CATS's MLP-only sparsity (--sparsity is then the share "
                         "of each MLP's SiLU(gate) activations dropped; attention stays dense)")
-    p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--thresholds", type=Path, help="threshold file (default: the checkpoint folder's "
+                   "thresholds.safetensors if it has one, else the shipped thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", *SPARSE_KERNELS],
                    help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}, and with --int8 "
                         f"gate-up-compact from {INT8_GATE_UP_COMPACT_FROM}")
@@ -341,6 +345,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         from tp import apply_tp
         apply_tp(model)
     tokenizer = load_tokenizer(checkpoint)
+    if a.interactive:
+        tokenizer.chat_prompt("")  # a chat template that cannot be used fails now, not at the first message
     log(f"loaded {model.config.name} ({dtype}, {device}"
         + (f", {torch.get_num_threads()} threads" if device == "cpu" else "") + f") in {time.perf_counter() - t0:.2f}s"
         + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else ""))

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import cached_attention, decode_attention
+from cli import safe_name
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ModelArgs:
     name: str = "custom"
 
     def __post_init__(self):
+        self.name = safe_name(self.name)  # it names files (thresholds, results): never a path of its own
         if self.n_local_heads == -1:
             self.n_local_heads = self.n_head
         if self.head_dim == -1:
@@ -56,9 +58,17 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config: dict, name: str = "custom") -> "ModelArgs":
         """Build from a Hugging Face config.json dict: Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 or Qwen3."""
-        arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+        model_type = config.get("model_type", "llama")
+        # no architectures: the model_type's, where it is one of ours (a gpt2 config is not a Llama)
+        default = next((a for a, t in HF_ARCHITECTURES.items() if a.lower().startswith(model_type)),
+                       f"model_type {model_type!r}")
+        arch = (config.get("architectures") or [default])[0]
         if arch not in HF_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}: only {', '.join(HF_ARCHITECTURES)}")
+        missing = [k for k in ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size",
+                               "intermediate_size") if k not in config]
+        if missing:
+            raise ValueError(f"the config lacks {', '.join(missing)}")
         scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
         rope_type = scaling.get("rope_type", scaling.get("type"))
         if rope_type not in (None, "default", "llama3"):
@@ -93,7 +103,10 @@ class ModelArgs:
 
     @classmethod
     def load(cls, path: Path) -> "ModelArgs":
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a model config this code wrote ({e}); re-run convert_hf_checkpoint.py") from e
 
 
 # Hugging Face architectures and the GGUF architecture names of the same models
@@ -292,12 +305,18 @@ def apply_llama31_scaling(freqs: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / s["factor"], mid))
 
 
+def checkpoint_folder(checkpoint_path: Path) -> Path:
+    """A converted checkpoint's folder, given it or a file in it (model.safetensors); a missing path without a suffix
+    is the folder the user meant."""
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path if checkpoint_path.is_dir() or not checkpoint_path.suffix else checkpoint_path.parent
+
+
 def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Load a converted checkpoint (model.safetensors + model_config.json in one folder)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    checkpoint_path = Path(checkpoint_path)
-    # a folder, or a file in one (model.safetensors); a missing path without a suffix is the folder the user meant
-    folder = checkpoint_path if checkpoint_path.is_dir() or not checkpoint_path.suffix else checkpoint_path.parent
+    folder = checkpoint_folder(checkpoint_path)
     weights, config = folder / "model.safetensors", folder / "model_config.json"
     if not weights.exists() or not config.exists():
         raise FileNotFoundError(
@@ -306,10 +325,17 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
     args = ModelArgs.load(config)
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_file(weights, device=str(device) if str(device) != "cpu" else "cpu")
-    if args.tie_embeddings:
+    reconvert = "; re-run convert_hf_checkpoint.py"
+    try:
+        state = load_file(weights, device=str(device) if str(device) != "cpu" else "cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}){reconvert}") from e
+    if args.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"{weights} does not match {config}: {str(e).splitlines()[-1].strip()}{reconvert}") from e
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device=device, dtype=dtype).eval()

@@ -27,6 +27,7 @@ class Tokenizer:
     stop_ids: list[int]
     chat_template: str | None = None
     add_bos: bool = True
+    source: str = "the tokenizer"  # the folder it was loaded from, for messages
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         ids = self._encode(text)
@@ -35,13 +36,19 @@ class Tokenizer:
         return ids
 
     def chat_prompt(self, user_message: str) -> str:
-        """The prompt text for one user turn, through the model's chat template."""
+        """The prompt text for one user turn, through the model's chat template. The template comes from a model
+        file, so it is rendered sandboxed (as transformers renders it): it can format the messages, not reach Python."""
         if self.chat_template is None:
             return user_message
         import jinja2
-        template = jinja2.Environment().from_string(self.chat_template)
-        return template.render(messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-                               bos_token="", eos_token="")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        try:
+            template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+            return template.render(messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+                                   bos_token="", eos_token="")
+        except jinja2.TemplateError as e:  # SecurityError included: the template tried to reach outside its data
+            raise ValueError(f"the chat template of {self.source} cannot be used ({type(e).__name__}: {e}); "
+                             "fix chat_template in its tokenizer_config.json, or leave --interactive off") from e
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -122,15 +129,20 @@ def is_tiktoken_file(path: Path) -> bool:
 def load_tokenizer(folder: Path) -> Tokenizer:
     folder = Path(folder)
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    if (folder / "tokenizer.json").exists():
-        return HFTokenizer(folder / "tokenizer.json", config)
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except ValueError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); re-run convert_hf_checkpoint.py") from e
     model_file = folder / "tokenizer.model"
-    if not model_file.exists():
+    if (folder / "tokenizer.json").exists():
+        tok = HFTokenizer(folder / "tokenizer.json", config)
+    elif not model_file.exists():
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}; re-run convert_hf_checkpoint.py")
-    tok = TikTokenTokenizer(model_file) if is_tiktoken_file(model_file) else SentencePieceTokenizer(model_file)
-    if config.get("chat_template"):
-        tok.chat_template = config["chat_template"]
+    else:
+        tok = TikTokenTokenizer(model_file) if is_tiktoken_file(model_file) else SentencePieceTokenizer(model_file)
+        if config.get("chat_template"):
+            tok.chat_template = config["chat_template"]
+    tok.source = str(folder)
     return tok
 
 
@@ -145,6 +157,9 @@ def gguf_tokenizer_json(reader) -> tuple[str, dict]:
     if field("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"GGUF tokenizer model {field('tokenizer.ggml.model')!r} is not supported (only gpt2-style BPE)")
     tokens, types, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"), field("tokenizer.ggml.merges")
+    if tokens is None or types is None or len(types) != len(tokens):
+        raise ValueError("the GGUF's vocabulary is incomplete (tokenizer.ggml.tokens / token_type)")
+    merges = merges or []
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = _Tok(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False))
     pre = field("tokenizer.ggml.pre")

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cli import fraction, positive_int, user_errors
 from model import load_model
 from sparse import SparsityMeter, catsify, set_mask_prefill, sparsify
 from thresholds.calibrate import add_text_source, read_tokens
-from thresholds.file import ThresholdFile, apply_thresholds, check_sparsity
+from thresholds.file import MAX_SPARSITY, ThresholdFile, apply_thresholds, default_thresholds
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,19 +81,21 @@ def evaluate(model, windows: list[torch.Tensor], prompt: int, desc: str) -> dict
     return {"ppl": math.exp(nll / count), "realized_sparsity": meter.model_sparsity(), "mlp_sparsity": meter.mlp_sparsity()}
 
 
+@user_errors
 def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--thresholds", type=Path, help="threshold file (default: the checkpoint folder's "
+                   "thresholds.safetensors if it has one, else the shipped thresholds/<model>.safetensors)")
     add_text_source(p, "evaluation text", DEFAULT_DATASET)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--prompt", type=int, default=512, help="dense tokens at the start of each window")
+    p.add_argument("--windows", type=positive_int, default=16)
+    p.add_argument("--window", type=positive_int, default=1024)
+    p.add_argument("--prompt", type=positive_int, default=512, help="dense tokens at the start of each window")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help=f"default: all of {', '.join(METHODS)} (see above)")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
-    p.add_argument("--cats_targets", type=float, nargs="+", default=[0.5, 0.7],
+    p.add_argument("--targets", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--cats_targets", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.5, 0.7],
                    help="targets of method cats: the share of each MLP's intermediate activations dropped")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -100,8 +103,6 @@ def main(argv=None):
                    "for every method ('dense' then runs them with thresholds 0)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/perplexity-<model>.json; a PNG beside it)")
     a = p.parse_args(argv)
-    for t in a.targets + a.cats_targets:
-        check_sparsity(t)
     if "cats" in a.methods and a.int8:
         raise SystemExit("method cats keeps the model's weight dtype; drop --int8 or the method")
     if not 0 < a.prompt < a.window:
@@ -112,7 +113,7 @@ def main(argv=None):
     if a.int8:
         sparsify(dense, int8=True)
     name = dense.config.name
-    tf_path = a.thresholds or REPO / "thresholds" / f"{name}.safetensors"
+    tf_path = a.thresholds or default_thresholds(a.checkpoint_path, name)
     tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
     missing = [m for m in a.methods if m != "dense" and ("uniform" if m == "uniform-dense" else m) not in tf.modes()]
     if missing:

@@ -306,6 +306,24 @@ def _workspace(device: torch.device, k: int, n: int) -> tuple[torch.Tensor, torc
     return counters, rows
 
 
+def check_launch(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, scales: torch.Tensor | None,
+                 out: torch.Tensor | None, config: dict | None) -> None:
+    """What the kernel's pointer arithmetic assumes beyond check_inputs: unit strides, an output it can write and
+    meta-parameters that make a grid."""
+    if x.stride(1) != 1 or not thresholds.is_contiguous() or (scales is not None and not scales.is_contiguous()):
+        raise ValueError("sparse_gemv: x must have unit stride along K, and thresholds and scales must be contiguous; "
+                         "pass x.contiguous()")
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"sparse_gemv: the kernel takes 1 to {MAX_TOKENS} tokens, got {x.shape[0]}")
+    if out is not None and (tuple(out.shape) != (x.shape[0], weight_t.shape[1]) or out.dtype != x.dtype
+                            or out.stride(1) != 1 or out.device != x.device):
+        raise ValueError(f"sparse_gemv: out must be [{x.shape[0]}, {weight_t.shape[1]}] in {x.dtype} on {x.device} "
+                         f"with unit column stride, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "num_warps", "BLOCK_T"):
+        if config is not None and key in config and not (isinstance(config[key], int) and config[key] >= 1):
+            raise ValueError(f"sparse_gemv: config {key}={config[key]!r} must be a positive integer")
+
+
 def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
                        out: torch.Tensor | None = None, compact: bool = False, config: dict | None = None,
                        reduce: bool = True, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,6 +332,9 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
     reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused)."""
+    from sparse_gemv.ops import check_inputs  # ops imports this module
+    check_inputs(x, weight_t, thresholds, split_sizes, scales)
+    check_launch(x, weight_t, thresholds, scales, out, config)
     t, k = x.shape
     n = weight_t.shape[1]
     n0, n1 = (list(split_sizes) + [0, 0])[:2]
@@ -328,8 +349,6 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:
         raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
-    if (weight_t.dtype == torch.int8) != (scales is not None):
-        raise ValueError("sparse_gemv: int8 weights need their per-column scales, and scales go only with int8 weights")
     if config is None and not INTERPRET:
         meta["STAGES"] = fit_stages(meta, block_t, weight_t.element_size(), x.element_size(), _max_shared(x.device))
     use_pdl = pdl_launch(x.device)

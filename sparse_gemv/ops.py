@@ -63,10 +63,10 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], for x: [T, K], weight_t: [K, N].
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
     scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column."""
-    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     x = x.contiguous()
-    if _on_kernel(x):
+    if _on_kernel(x):  # the launcher checks its inputs
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
+    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     if _skips_rows_on_cpu(x, scales):
         return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales)
@@ -95,10 +95,10 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
     The kernel's own reduction of a K split is a serial tail (store, atomic counter, reload); returned as partials,
     the sums are added where they are read (under torch.compile, inside the RMSNorm that follows o or down, or by the
     attention op that reads q, k and v)."""
-    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     x = x.contiguous()
-    if _on_kernel(x):
+    if _on_kernel(x):  # the launcher checks its inputs
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
+    check_inputs(x, weight_t, thresholds, split_sizes, scales)
     if _skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
         return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)[None]
     return sparse_gemv_reference(x.float(), weight_t.float(), thresholds, split_sizes, scales=scales)[None]

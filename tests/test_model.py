@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from convert_hf_checkpoint import convert_hf_folder
 from model import ModelArgs, load_model
+from tests.test_hardening import write_word_tokenizer
 
 CONFIGS = {
     "llama-gqa": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2)),
@@ -24,6 +25,7 @@ def tiny_hf(tmp_path, name):
     hf = model_cls(cfg).float().eval()
     folder = tmp_path / name
     hf.save_pretrained(folder, safe_serialization=True)
+    write_word_tokenizer(folder)
     return hf, folder
 
 

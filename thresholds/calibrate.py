@@ -4,6 +4,9 @@
     python -m thresholds.calibrate --checkpoint_path checkpoints/X --data text.txt --tokens 20480 --out x.safetensors
     python -m thresholds.calibrate --dataset Salesforce/wikitext:wikitext-2-raw-v1:train   # another Hugging Face dataset
 
+The file goes into the checkpoint's folder (thresholds.safetensors), where generate.py and the benchmarks find it
+before the shipped thresholds/<model>.safetensors; --out writes elsewhere (also over a shipped file, when asked).
+
 Four stages, each with a progress bar:
 1. dense statistics: quantile tables of |x| at the four thresholded inputs of every block, and of the
    weight-aware score |x_i| * ||W_p[:, i]||_2 for each of the seven projections;
@@ -26,12 +29,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cli import fraction, positive_int, user_errors
 from model import config_hash, load_model
 import torch.nn.functional as F
 
 from sparse import (LAYER_GROUPS, PROJECTIONS, cats_layers, catsify, column_norms, set_mask_prefill, set_thresholds,
                     sparse_layers, sparsify)
-from thresholds.file import MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup
+from thresholds.file import (MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup,
+                             user_calibration)
 from tokenizer import load_tokenizer
 
 # Calibration text, as the TEAL paper calibrates: C4 (English), streamed.
@@ -51,7 +56,11 @@ def read_tokens(tokenizer, data: Path | None = None, dataset: str | None = None,
         if not path.is_file():
             raise SystemExit(f"text file {path} not found; pass an existing --data FILE, or leave --data out to read "
                              f"a Hugging Face dataset (--dataset NAME[:CONFIG[:SPLIT]])")
-        return torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)), str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a text file") from e
+        return torch.tensor(tokenizer.encode(text, bos=False)), str(path)
     texts, count = [], 0
     for text in dataset_texts(dataset):
         texts.append(text)
@@ -433,6 +442,9 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
     if n_seq == 0:
         raise ValueError(f"--tokens {tokens} is shorter than one --seq_len {seq_len} window")
     batch = ids[: n_seq * seq_len].view(n_seq, seq_len)
+    if held_targets and not held_seq_len <= held_tokens <= tokens:
+        raise ValueError(f"--held_tokens {held_tokens} must be between one held sequence ({held_seq_len} tokens) "
+                         f"and --tokens {tokens}")
     model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len, allocation_tokens))
     sparsify(model)
     if base is not None:
@@ -484,32 +496,31 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
     return tf
 
 
+@user_errors
 def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--out", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--out", type=Path, help=f"threshold file (default: {user_calibration('CHECKPOINT_PATH')})")
     add_text_source(p, "calibration text", DEFAULT_DATASET)
-    p.add_argument("--tokens", type=int, default=20480)
-    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--tokens", type=positive_int, default=20480)
+    p.add_argument("--seq_len", type=positive_int, default=2048)
     p.add_argument("--no_greedy", action="store_true", help="skip the block-wise greedy search")
-    p.add_argument("--greedy_tokens", type=int, default=256, help="tokens of block input the greedy search scores on")
-    p.add_argument("--greedy_step", type=float, default=0.04, help="sparsity step of the largest projection")
+    p.add_argument("--greedy_tokens", type=positive_int, default=256,
+                   help="tokens of block input the greedy search scores on")
+    p.add_argument("--greedy_step", type=fraction(0, 0.5, low_open=True), default=0.04,
+                   help="sparsity step of the largest projection, in (0, 0.5]")
     p.add_argument("--no_allocation", action="store_true", help="skip the allocation across blocks (mode allocated)")
-    p.add_argument("--allocation_tokens", type=int, default=1024,
+    p.add_argument("--allocation_tokens", type=positive_int, default=1024,
                    help="tokens, from the end of the text, on which each block's effect on the output is measured")
-    p.add_argument("--held_targets", type=float, nargs="*", default=[0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9])
-    p.add_argument("--held_tokens", type=int, default=4096)
+    p.add_argument("--held_targets", type=fraction(0, MAX_SPARSITY, low_open=True), nargs="*",
+                   default=[0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9])
+    p.add_argument("--held_tokens", type=positive_int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--from_file", type=Path, help="keep this threshold file's statistics, greedy and held tables; "
                    "add what it lacks (e.g. the allocation across blocks) and write --out")
     a = p.parse_args(argv)
-    for t in a.held_targets:
-        if not 0 < t <= MAX_SPARSITY:
-            raise SystemExit(f"held target {t} is outside (0, {MAX_SPARSITY}]")
-    from model import ModelArgs
-    name = ModelArgs.load(Path(a.checkpoint_path) / "model_config.json").name if (Path(a.checkpoint_path) / "model_config.json").exists() else "model"
-    out = a.out or Path(__file__).resolve().parent / f"{name}.safetensors"
+    out = a.out or user_calibration(a.checkpoint_path)
     calibrate(a.checkpoint_path, out, a.data, a.dataset, a.tokens, a.seq_len, not a.no_greedy, a.greedy_tokens,
               a.greedy_step, not a.no_allocation, a.allocation_tokens, a.held_targets, a.held_tokens, device=a.device, command="python -m thresholds.calibrate " + " ".join(sys.argv[1:]),
               base=a.from_file)

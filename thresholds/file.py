@@ -17,6 +17,9 @@ Tensors (L layers, Q quantile levels, the 4 sites and 7 projections in sparse.PR
   cats_quantiles       [L, Q]     quantiles of |SiLU(x W_gate^T)| in each MLP, for mode "cats" (optional)
   held_cats            [H, L]     CATS thresholds calibrated with earlier MLPs already CATS-sparse
 Metadata (strings): format, model, config_hash, provenance (JSON: data, tokens, seq_len, date, command).
+
+A user's calibration lives in the checkpoint's folder (CALIBRATION_NAME), where generate.py and the benchmarks look
+first; the files in this package are the shipped calibrations of named models.
 """
 import json
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelArgs, config_hash
+from model import ModelArgs, checkpoint_folder, config_hash
 from sparse import LAYER_GROUPS, PROJECTIONS, cats_layers, column_norms, set_cats_thresholds, sparse_layers
 
 FORMAT = "teal-thresholds/1"
@@ -34,6 +37,21 @@ SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 SITE_OF = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
 MODES = ("uniform", "greedy", "weight-aware", "allocated", "cats")
 MAX_SPARSITY = 0.99
+CALIBRATION_NAME = "thresholds.safetensors"  # a calibration's file name in its checkpoint's folder
+SHIPPED = Path(__file__).resolve().parent
+TABLES = {"levels", "site_quantiles", "score_quantiles", "greedy_targets", "greedy_sparsities", "block_kl",
+          "allocation_levels", "allocated_sparsities", "held_targets", "cats_quantiles", *(f"held_{m}" for m in MODES)}
+
+
+def user_calibration(checkpoint_path: Path) -> Path:
+    """Where `python -m thresholds.calibrate` writes a checkpoint's thresholds unless told otherwise: in its folder."""
+    return checkpoint_folder(checkpoint_path) / CALIBRATION_NAME
+
+
+def default_thresholds(checkpoint_path: Path, model_name: str) -> Path:
+    """The checkpoint's own calibration if it has one, else the shipped file of its model name."""
+    own = user_calibration(checkpoint_path)
+    return own if own.exists() else SHIPPED / f"{model_name}.safetensors"
 
 
 @dataclass
@@ -82,6 +100,7 @@ class ThresholdFile:
             raise ValueError(f"{path} is not a readable threshold file ({e})") from e
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        check_tables(tensors, meta, path)
         tf = cls(model=meta["model"], config_hash=meta["config_hash"], levels=tensors["levels"],
                  site_quantiles=tensors["site_quantiles"], score_quantiles=tensors.get("score_quantiles"),
                  greedy_targets=tensors.get("greedy_targets"), greedy_sparsities=tensors.get("greedy_sparsities"),
@@ -112,6 +131,59 @@ class ThresholdFile:
         if self.cats_quantiles is not None:
             out.append("cats")
         return out
+
+
+def check_tables(tensors: dict, meta: dict, path) -> None:
+    """Refuse a threshold file whose tables are missing, unknown, not finite, or disagree in shape or range."""
+    def bad(name, why):
+        raise ValueError(f"{path}: table {name!r} {why}; recalibrate with `python -m thresholds.calibrate`")
+    for key in ("model", "config_hash"):
+        if key not in meta:
+            bad(key, "(metadata) is missing")
+    unknown = sorted(set(tensors) - TABLES)
+    if unknown:
+        bad(unknown[0], f"is not one this code reads (it reads {', '.join(sorted(TABLES))})")
+    for name in ("levels", "site_quantiles"):
+        if name not in tensors:
+            bad(name, "is missing")
+    pairs = (("greedy_sparsities", "greedy_targets"), ("allocated_sparsities", "greedy_targets"),
+             ("block_kl", "allocation_levels"), ("allocation_levels", "block_kl"),
+             *((f"held_{m}", "held_targets") for m in MODES))
+    for name, needs in pairs:
+        if name in tensors and needs not in tensors:
+            bad(needs, f"is missing (the file has {name!r}, which needs it)")
+    if "held_targets" in tensors and not any(f"held_{m}" in tensors for m in MODES):
+        bad("held_targets", "has no held tables with it")
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad(name, "holds NaN or infinite values")
+    levels = tensors["levels"]
+    q = levels.shape[0] if levels.dim() == 1 else 0
+    if q < 2 or float(levels[0]) != 0 or not torch.allclose(levels.diff(), levels.diff()[0].expand(q - 1), atol=1e-6) \
+            or float(levels.diff()[0]) <= 0 or float(levels[-1]) > MAX_SPARSITY + 1e-6:
+        bad("levels", f"must be evenly spaced quantile levels from 0 up to at most {MAX_SPARSITY}")
+    n_layer = tensors["site_quantiles"].shape[0]
+    s = tensors["greedy_targets"].shape[0] if "greedy_targets" in tensors else 0
+    h = tensors["held_targets"].shape[0] if "held_targets" in tensors else 0
+    a = tensors["allocation_levels"].shape[0] if "allocation_levels" in tensors else 0
+    shapes = {"site_quantiles": (n_layer, len(SITES), q), "score_quantiles": (n_layer, len(PROJECTIONS), q),
+              "greedy_targets": (s,), "greedy_sparsities": (s, n_layer, len(PROJECTIONS)), "block_kl": (n_layer, a),
+              "allocation_levels": (a,), "allocated_sparsities": (s, n_layer, len(PROJECTIONS)), "held_targets": (h,),
+              "cats_quantiles": (n_layer, q), **{f"held_{m}": (h, n_layer, len(PROJECTIONS)) for m in MODES},
+              "held_cats": (h, n_layer)}
+    for name, shape in shapes.items():
+        if name in tensors and (tuple(tensors[name].shape) != shape or 0 in shape):
+            bad(name, f"has shape {tuple(tensors[name].shape)}, expected {shape} "
+                      f"({n_layer} layers, {q} levels, {s} greedy / {h} held targets)")
+    for name in ("site_quantiles", "score_quantiles", "cats_quantiles", *(f"held_{m}" for m in MODES)):
+        if name in tensors and (tensors[name] < 0).any():
+            bad(name, "holds negative thresholds")
+    for name in ("greedy_targets", "held_targets", "allocation_levels"):
+        if name in tensors and (tensors[name].numel() > 1 and (tensors[name].diff() <= 0).any()):
+            bad(name, "is not increasing")
+    for name in ("greedy_targets", "greedy_sparsities", "allocated_sparsities", "held_targets", "allocation_levels"):
+        if name in tensors and ((tensors[name] < 0).any() or (tensors[name] > MAX_SPARSITY + 1e-6).any()):
+            bad(name, f"holds sparsities outside [0, {MAX_SPARSITY}]")
 
 
 def check_sparsity(s: float) -> float:
@@ -184,6 +256,8 @@ def apply_thresholds(model, tf: ThresholdFile, sparsity: float, mode: str = "uni
     """Load the thresholds for (sparsity, mode) into a sparsified (cats: catsified) model's buffers; returns the
     table ([L, 7], cats [L])."""
     table = threshold_table(tf, sparsity, mode, held)
+    if not torch.isfinite(table).all():
+        raise ValueError(f"the {mode} thresholds at sparsity {sparsity} are not finite")
     if mode == "cats":
         set_cats_thresholds(model, table)
         return table

@@ -1,0 +1,80 @@
+"""What the command-line scripts share: argparse types that refuse values which cannot work, names read from model
+files made safe to put in a path, and the boundary that turns a bad file or value into a message and exit status 1.
+
+    p.add_argument("--max_new_tokens", type=positive_int)
+    p.add_argument("--sparsity", type=fraction(0, 0.99))
+
+    @user_errors
+    def main(argv=None): ...
+"""
+import argparse
+import functools
+import math
+import re
+
+from safetensors import SafetensorError
+
+# What a bad file or value raises (json and UTF-8 errors are ValueErrors; FloatingPointError: a checkpoint whose
+# logits are not finite): reported in a line or two, not a traceback.
+USER_ERRORS = (OSError, ValueError, FloatingPointError, SafetensorError)
+
+
+def user_errors(main):
+    """Wrap a script's main(argv): a USER_ERRORS exception ends it with its message and exit status 1."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            raise SystemExit(f"error: {e}") from None
+    return wrapped
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def fraction(low: float, high: float, low_open: bool = False):
+    """An argparse type for a number in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
+        return value
+    return parse
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def safe_name(name: str) -> str:
+    """A name read from a model file (GGUF metadata, a folder name, model_config.json) reduced to one safe path
+    component: letters, digits, '.', '_' and '-' only, no leading dot or dash, so never '..', a folder or hidden."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).lstrip(".-")[:100].rstrip(".-")
+    return name or "model"
