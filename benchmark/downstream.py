@@ -24,9 +24,11 @@ import torch
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from cli import fraction, positive_int, user_errors
 from generate import decode_one_token, generate, load_sparse_model, resolve_device
+from model import ModelArgs, checkpoint_folder
 from sparse import set_mask_prefill
-from thresholds.file import MODES
+from thresholds.file import MAX_SPARSITY, MODES
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,20 +141,23 @@ def main_metric(task_result: dict) -> tuple[str, float]:
     return name, float(task_result[name])
 
 
+@user_errors
 def main(argv=None):
     import lm_eval
     from lm_eval.tasks import TaskManager
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5], help="0 is the dense model")
+    p.add_argument("--sparsities", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.0, 0.5],
+                   help="0 is the dense model")
     p.add_argument("--sparsity_mode", default="greedy", choices=MODES)
-    p.add_argument("--thresholds", type=Path, help="threshold file (default: thresholds/<model>.safetensors)")
+    p.add_argument("--thresholds", type=Path, help="threshold file (default: the checkpoint folder's "
+                   "thresholds.safetensors if it has one, else the shipped thresholds/<model>.safetensors)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--include_path", type=Path, help="a folder of lm_eval task YAML files")
     p.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
-    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--max_length", type=positive_int, default=2048)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--compile", action="store_true", help="generation tasks decode in CUDA graphs")
@@ -184,7 +189,7 @@ def main(argv=None):
                          "results": {k: v for k, v in r.items() if isinstance(v, (int, float, str))}})
             print(f"{mode:>12} {s:.2f} {task}: {metric} {value:.4f}", flush=True)
         del lm
-    name = json.loads((Path(a.checkpoint_path) / "model_config.json").read_text())["name"]
+    name = ModelArgs.load(checkpoint_folder(a.checkpoint_path) / "model_config.json").name  # made safe for a path
     result = {"model": name, "tasks": a.tasks, "num_fewshot": a.num_fewshot, "limit": a.limit,
               "sparsity_mode": a.sparsity_mode, "lm_eval": lm_eval.__version__, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(),

@@ -2,6 +2,7 @@
 the converter replaces only what it wrote, threshold files and option values are checked, the kernel launcher checks
 its inputs, and every bad file or value ends the command with a clear message, exit status non-zero and files as they
 were. Models here are tiny and random, written in a temporary folder."""
+import functools
 import hashlib
 import io
 import json
@@ -225,6 +226,27 @@ def test_model_names_from_files_stay_inside_their_folders(tmp_path, monkeypatch)
     finally:
         for p in escapes:
             p.unlink(missing_ok=True)
+
+
+def test_downstream_results_named_safely(tmp_path, monkeypatch):
+    from benchmark import downstream
+    from tests.test_downstream import write_tasks
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    ckpt = convert_gguf(tiny_gguf(tmp_path / "evil.gguf"), tmp_path / "ckpt")
+    config = json.loads((ckpt / "model_config.json").read_text())
+    (ckpt / "model_config.json").write_text(json.dumps({**config, "name": "../../hardening-escape-135m"}))  # by hand
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks")
+    monkeypatch.setattr(downstream, "REPO", tmp_path / "repo")
+    import lm_eval.tasks  # only the local task: indexing all of lm_eval's takes longer
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    run(downstream.main, "--checkpoint_path", ckpt, "--tasks", "teal_mc", "--include_path", tmp_path / "tasks",
+        "--sparsities", 0, "--max_length", 64, "--device", "cpu")
+    results = tmp_path / "repo" / "benchmark" / "results"
+    assert sorted(p.name for p in results.iterdir()) == ["downstream-hardening-escape-135m.json",
+                                                         "downstream-hardening-escape-135m.png"]
 
 
 # 3. The converter replaces only a fresh folder or a checkpoint it wrote.
