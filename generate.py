@@ -3,6 +3,8 @@
     python generate.py --prompt "The capital of France is"                 # default SmolLM2, dense
     python generate.py --sparsity 0.5 --compile                            # sparse decode, CUDA graphs on GPU
     python generate.py --sparsity 0.5 --sparsity_mode greedy --interactive
+    python generate.py --sparsity 0.5 --int4                               # 4-bit weights, groups of 128
+    python generate.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct-Q4_1   # the default GGUF at its own 4 bits
     torchrun --nproc_per_node=2 generate.py --checkpoint_path ... --sparsity 0.5 --compile   # tensor parallel
 """
 import argparse
@@ -19,7 +21,9 @@ import torch._inductor.config
 import sparse_gemv.kernels
 from cli import fraction, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
-from sparse import LAYER_GROUPS, SparsityMeter, cats_layers, catsify, set_mask_prefill, sparse_layers, sparsify
+from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, set_mask_prefill, sparse_layers,
+                    sparsify)
+from sparse_gemv.grouped import GROUP_SIZES
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
 
@@ -34,6 +38,7 @@ torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 COMPACT_FROM = 0.7  # sparsity from which the compact kernel beats the predicated one
 # int8 gate/up: the predicated loop widens every row of its tiles, kept or not, and is bound by instruction issue
 # there, so listing the kept rows first pays from 50%; int8 down gains less and stays predicated.
+# 4-bit weights, which dequantize every row of a predicated tile too, follow the same rule.
 INT8_GATE_UP_COMPACT_FROM = 0.5
 # --interactive sizes the KV caches once for a chat message of up to this many tokens (with the chat template) plus
 # --max_new_tokens, as GPT-Fast fixes its chat caches: a message that needs a larger cache recompiles the decode step.
@@ -42,12 +47,29 @@ SPARSE_KERNELS = {"predicated": (), "compact": tuple(LAYER_GROUPS), "gate-up-com
                   "mlp-compact": ("feed_forward.w13", "feed_forward.w2")}
 
 
-def compact_layers(kernel: str, sparsity: float, int8: bool) -> tuple[str, ...]:
-    """The layers that take the compact kernel variant for --sparse_kernel `kernel` (a SPARSE_KERNELS name or auto)."""
+def compact_layers(kernel: str, sparsity: float, quantized: bool) -> tuple[str, ...]:
+    """The layers that take the compact kernel variant for --sparse_kernel `kernel` (a SPARSE_KERNELS name or auto);
+    quantized: int8 or 4-bit weights."""
     if kernel == "auto":
         kernel = ("compact" if sparsity >= COMPACT_FROM else
-                  "gate-up-compact" if int8 and sparsity >= INT8_GATE_UP_COMPACT_FROM else "predicated")
+                  "gate-up-compact" if quantized and sparsity >= INT8_GATE_UP_COMPACT_FROM else "predicated")
     return SPARSE_KERNELS[kernel]
+
+
+def add_int4_args(p: argparse.ArgumentParser) -> None:
+    """--int4 and its options, shared by generate.py, the benchmarks and calibration."""
+    p.add_argument("--int4", action="store_true", help="group-wise 4-bit weights for the seven projections, rounded to "
+                   "nearest at load (fp16 scales; a quarter of the bytes of bf16)")
+    p.add_argument("--group_size", type=int, default=128, choices=GROUP_SIZES, help="--int4: input channels per scale")
+    p.add_argument("--zero_point", action=argparse.BooleanOptionalAction, default=True,
+                   help="--int4: a zero beside each scale (asymmetric, the default); --no-zero_point: symmetric")
+
+
+def int4_quant(a: argparse.Namespace) -> GroupQuant | None:
+    """The GroupQuant that add_int4_args' flags ask for (None without --int4)."""
+    if a.int4 and getattr(a, "int8", False):
+        raise SystemExit("--int4 and --int8 exclude each other: pick one weight format")
+    return GroupQuant(4, a.group_size, a.zero_point) if a.int4 else None
 
 
 def set_pdl(on: bool) -> None:
@@ -161,8 +183,10 @@ def timed_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int
 
 def weight_bytes(model: Transformer) -> dict:
     """Bytes a dense decode step reads: every weight but the embedding table (one row of it is read); sparse, those
-    of them a sparse step may skip (the sparse layers' weights and CATS's up rows)."""
-    sparse = {id(layer.weight_t) for _, _, layer in sparse_layers(model)}
+    of them a sparse step may skip (the sparse layers' weights, with quantized weights' scales and zeros, and CATS's up
+    rows)."""
+    sparse = {id(t) for _, _, layer in sparse_layers(model) for t in (layer.weight_t, layer.scales, layer.zeros)
+              if t is not None}
     total = sum(t.numel() * t.element_size() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
                 if not name.startswith("tok_embeddings") and "cache" not in name and "threshold" not in name
                 and name not in ("freqs_cis", "causal_mask"))
@@ -191,7 +215,7 @@ def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len:
     moved = 0.0
     for i, path, layer in sparse_layers(model):
         for proj, n in zip(LAYER_GROUPS[path], layer.split_sizes):
-            moved += (1 - skipped.get((i, proj), 0.0)) * n * layer.in_features * layer.weight_t.element_size()
+            moved += (1 - skipped.get((i, proj), 0.0)) * layer.in_features * layer.row_bytes(n)
     for i, ff in cats_layers(model):
         moved += (1 - skipped.get((i, "up"), 0.0)) * (ff.w13.numel() // 2) * ff.w13.element_size()
     return {"model": meter.model_sparsity(), "mlp": meter.mlp_sparsity(), "sparse_bytes_moved": moved}
@@ -219,20 +243,25 @@ def resolve_device(name: str) -> str:
 
 
 def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mode: str, thresholds_path: Path | None,
-                      kernel: str = "auto", int8: bool = False):
+                      kernel: str = "auto", int8: bool = False, group_quant: GroupQuant | None = None):
     """Load a checkpoint and, when sparsity > 0 or a threshold file is named, make its layers sparse.
     kernel: "predicated", "compact" (every layer lists kept rows first), "gate-up-compact" or "mlp-compact" (those
     layers do) or "auto" (compact_layers).
-    int8: the sparse layers keep int8 weights with per-output-channel scales (at sparsity 0 and no threshold file:
-    every input kept, the same kernel).
+    int8: the sparse layers keep int8 weights with per-output-channel scales, group_quant group-wise quantized ones (at
+    sparsity 0 and no threshold file: every input kept, the same kernel). A checkpoint that stores its projections
+    quantized (convert_hf_checkpoint.py --keep_quantization) runs them so, with the sparse kernels.
     mode "cats": the MLPs become CATS MLPs (attention dense), sparsity the share of their intermediate activations
     dropped."""
     check_sparsity(sparsity)
-    if mode == "cats" and int8:
-        raise SystemExit("--sparsity_mode cats keeps the model's weight dtype; drop --int8")
+    if mode == "cats" and (int8 or group_quant is not None):
+        raise SystemExit("--sparsity_mode cats keeps the model's weight dtype; drop --int8 / --int4")
     model = load_model(checkpoint_path, device=device, dtype=dtype)
+    stored = next((layer.group_quant for _, _, layer in sparse_layers(model)), None)
+    if stored is not None and (int8 or group_quant is not None):
+        raise SystemExit(f"{checkpoint_path} stores its projections quantized already ({stored.bits}-bit, groups of "
+                         f"{stored.group_size}): run it without --int4 / --int8")
     if sparsity == 0 and thresholds_path is None:
-        return (sparsify(model, int8=True) if int8 else model), None
+        return (sparsify(model, int8=int8, group_quant=group_quant) if int8 or group_quant else model), None
     path = thresholds_path or default_thresholds(checkpoint_path, model.config.name)
     if not Path(path).exists():
         raise SystemExit(f"no threshold file for model {model.config.name!r} at {path}; calibrate one with "
@@ -246,7 +275,9 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
                              "calibrate on a local text offline)")
         catsify(model)
     else:
-        sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, int8), int8=int8)
+        quantized = int8 or group_quant is not None or stored is not None
+        sparsify(model, per_channel=(mode == "weight-aware"), compact=compact_layers(kernel, sparsity, quantized),
+                 int8=int8, group_quant=group_quant)
     apply_thresholds(model, tf, sparsity, mode)
     return model, tf
 
@@ -280,10 +311,11 @@ def main(argv=None):
     p.add_argument("--thresholds", type=Path, help="threshold file (default: the checkpoint folder's "
                    "thresholds.safetensors if it has one, else the shipped thresholds/<model>.safetensors)")
     p.add_argument("--sparse_kernel", default="auto", choices=["auto", *SPARSE_KERNELS],
-                   help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}, and with --int8 "
+                   help=f"GPU kernel variant; auto: compact from sparsity {COMPACT_FROM}, and with --int8 / --int4 "
                         f"gate-up-compact from {INT8_GATE_UP_COMPACT_FROM}")
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 (per-output-channel scales) for the seven projections: half the bytes")
+    add_int4_args(p)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
@@ -291,6 +323,7 @@ def main(argv=None):
                         "of NCCL's; default: on for sparse decoding, off for dense (each one's faster choice)")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
+    int4_quant(a)  # the flags' errors before any work
     set_pdl(a.pdl)
 
     from tp import maybe_init_dist, set_one_shot, shutdown_dist
@@ -321,7 +354,7 @@ def read_chat_message(rank: int | None) -> str | None:
 
 
 def run(a: argparse.Namespace, rank: int | None) -> None:
-    from convert_hf_checkpoint import DEFAULT_CHECKPOINT, main as convert
+    from convert_hf_checkpoint import DEFAULT_CHECKPOINT, DEFAULT_QUANTIZED_CHECKPOINT, main as convert
     device = resolve_device(a.device) if rank is None else f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -334,13 +367,16 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if not (checkpoint / "model.safetensors").exists() and checkpoint == DEFAULT_CHECKPOINT and is_main:
         log(f"{checkpoint} not found: converting the default model (SmolLM2-135M-Instruct GGUF) once")
         convert([])
+    if not (checkpoint / "model.safetensors").exists() and checkpoint == DEFAULT_QUANTIZED_CHECKPOINT and is_main:
+        log(f"{checkpoint} not found: converting the default model (SmolLM2-135M-Instruct GGUF) at its Q4_1 once")
+        convert(["--keep_quantization"])
     if rank is not None:
         torch.distributed.barrier()
     torch.manual_seed(a.seed)
 
     t0 = time.perf_counter()
     model, _ = load_sparse_model(checkpoint, device, dtype, a.sparsity, a.sparsity_mode, a.thresholds, a.sparse_kernel,
-                                 a.int8)
+                                 a.int8, int4_quant(a))
     if rank is not None:
         from tp import apply_tp
         apply_tp(model)
@@ -349,7 +385,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         tokenizer.chat_prompt("")  # a chat template that cannot be used fails now, not at the first message
     log(f"loaded {model.config.name} ({dtype}, {device}"
         + (f", {torch.get_num_threads()} threads" if device == "cpu" else "") + f") in {time.perf_counter() - t0:.2f}s"
-        + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else ""))
+        + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else "")
+        + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else ""))
 
     if a.compile and device == "cpu":
         log("note: --compile is for CUDA (the decode step as a CUDA graph). On CPU it compiles for a minute or more and "

@@ -314,7 +314,7 @@ def checkpoint_folder(checkpoint_path: Path) -> Path:
 
 def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Load a converted checkpoint (model.safetensors + model_config.json in one folder)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     folder = checkpoint_folder(checkpoint_path)
     weights, config = folder / "model.safetensors", folder / "model_config.json"
@@ -328,8 +328,16 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
     reconvert = "; re-run convert_hf_checkpoint.py"
     try:
         state = load_file(weights, device=str(device) if str(device) != "cpu" else "cpu")
+        with safe_open(weights, framework="pt") as f:
+            group_size = int((f.metadata() or {}).get("group_size", 0))
     except SafetensorError as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}){reconvert}") from e
+    exact = ()  # tensors that keep their dtype
+    if group_size:  # projections stored quantized (convert_hf_checkpoint.py --keep_quantization)
+        from sparse import QUANTIZED_TENSORS, load_quantized_layers
+        load_quantized_layers(model, state, group_size)
+        exact = ("thresholds", *QUANTIZED_TENSORS)
+    state = {k: v if k.rsplit(".", 1)[-1] in exact else v.to(dtype) for k, v in state.items()}
     if args.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     try:
@@ -338,7 +346,7 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
         raise ValueError(f"{weights} does not match {config}: {str(e).splitlines()[-1].strip()}{reconvert}") from e
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
 
 
 def random_model(name: str, device="cpu", dtype=torch.bfloat16, seed: int = 0, shard=None) -> Transformer:

@@ -7,7 +7,9 @@ multiplies densely by the same storage. Thresholds are data: `set_thresholds` co
 the buffers, so a compiled model picks up a new sparsity without recompiling.
 
 With int8=True the layer stores its weight as int8 with one fp32 scale per output channel (weight-only quantization,
-as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped.
+as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped. With a GroupQuant it stores group-wise
+quantized weights (4-bit, or 8-bit as GGUF's Q8_0) with fp16 scales, and optionally zeros, per group of input rows and
+output channel, in sparse_gemv/grouped.py's layout: a quarter of the bytes of bf16 at 4 bits, scales included.
 
 Under torch.compile, layers whose reader can add up the kernel's fp32 partial products over slices of K
 (teal::sparse_gemv_partials) leave that split-K reduction to it, so the sparse kernel ends after one store:
@@ -23,12 +25,15 @@ A layer with a bias thresholds its input as without one and adds the bias to the
 SiLU(x W_gate^T) per layer, computes only the kept channels of up (teal::cats_gate_up) and hands the product to a
 SparseLinear down projection with threshold 0, which skips the rows of its zero inputs. Attention stays dense.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_gemv import add_partials  # importing the package registers the torch.ops.teal ops
 from sparse_gemv.cpu import sparse_gemv_rows
+from sparse_gemv.grouped import GROUP_SIZES, dequantize_grouped, pack_int4, workspace_rows
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
@@ -39,6 +44,20 @@ LAYER_GROUPS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
 # feed a norm, q/k/v the attention op; gate/up keep the kernel's reduction (it does not split their K on an H100).
 DECODE_PARTIALS = {"attention.wqkv": "keep", "attention.wo": "sum", "feed_forward.w13": "reduce",
                    "feed_forward.w2": "sum"}
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    """Group-wise weight-only quantization: `bits` (4, or 8) per weight, one fp16 scale per group of `group_size`
+    input channels and output channel, and with zero_point an fp16 zero (the weight of q = 0) beside it."""
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (4, 8) or self.group_size not in GROUP_SIZES or (self.bits == 8 and self.zero_point):
+            raise ValueError(f"group-wise quantization is 4-bit (with or without zero points) or symmetric 8-bit in "
+                             f"groups of {GROUP_SIZES}, not {self}")
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -54,7 +73,8 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, split_sizes, per_channel: bool = False,
-                 compact: bool = False, int8: bool = False, bias: bool = False, device=None, dtype=None):
+                 compact: bool = False, int8: bool = False, bias: bool = False, device=None, dtype=None,
+                 group_quant: GroupQuant | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         # The layer's tensors are frozen parameters and its Python attributes immutable values (a tuple, not a list),
@@ -63,10 +83,23 @@ class SparseLinear(nn.Module):
         # full on every call.
         self.split_sizes = tuple(int(s) for s in split_sizes)
         self.compact = compact  # kernel variant: list kept rows first (pays off above about 70% sparsity)
-        self.weight_t = frozen(torch.empty(in_features, out_features, device=device,
-                                           dtype=torch.int8 if int8 else dtype))
-        # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the model dtype)
-        self.scales = frozen(torch.ones(out_features, device=device, dtype=torch.float32)) if int8 else None
+        # Group-wise quantized weights (group_size > 0): weight_t, scales and zeros in sparse_gemv/grouped.py's layout.
+        self.group_size, self.zeros = 0, None
+        if group_quant is not None:
+            groups = -(-in_features // group_quant.group_size)
+            self.group_size = group_quant.group_size
+            self.weight_t = frozen(torch.empty(in_features, out_features // 2, device=device, dtype=torch.uint8)
+                                   if group_quant.bits == 4 else
+                                   torch.empty(in_features, out_features, device=device, dtype=torch.int8))
+            self.scales = frozen(torch.ones(groups, out_features, device=device, dtype=torch.float16))
+            if group_quant.zero_point:
+                self.zeros = frozen(torch.zeros(groups, out_features, device=device, dtype=torch.float16))
+        else:
+            self.weight_t = frozen(torch.empty(in_features, out_features, device=device,
+                                               dtype=torch.int8 if int8 else dtype))
+            # int8 weights: W = weight_t.T * scales[:, None], one scale per output channel (None: weights in the
+            # model dtype)
+            self.scales = frozen(torch.ones(out_features, device=device, dtype=torch.float32)) if int8 else None
         self.bias = frozen(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         shape = (len(self.split_sizes), in_features) if per_channel else (len(self.split_sizes),)
         self.thresholds = frozen(torch.zeros(shape, device=device, dtype=torch.float32))
@@ -85,20 +118,29 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes, per_channel: bool = False, compact: bool = False,
-                    int8: bool = False) -> "SparseLinear":
+                    int8: bool = False, group_quant: GroupQuant | None = None) -> "SparseLinear":
         w = linear.weight
         layer = cls(w.shape[1], w.shape[0], split_sizes, per_channel, compact, int8, linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
+                    device=w.device, dtype=w.dtype, group_quant=group_quant)
         if linear.bias is not None:
             layer.bias = frozen(linear.bias.detach().clone())
-        if int8:
+        if group_quant is not None:
+            q, scales, zeros = quantize_groupwise(w.detach(), group_quant)
+            layer.weight_t, layer.scales = frozen(q), frozen(scales)
+            layer.zeros = None if zeros is None else frozen(zeros)
+        elif int8:
             q, scales = quantize_int8(w.detach())
             layer.weight_t, layer.scales = frozen(q.t().contiguous()), frozen(scales)
         else:
             layer.weight_t = frozen(w.detach().t().contiguous())
-        if w.is_cuda:
-            reserve_workspace(w.device, layer.in_features, layer.out_features)
+        layer.reserve_workspace()
         return layer
+
+    def reserve_workspace(self) -> None:
+        """The kernels' workspace on this layer's GPU, before any CUDA-graph capture (kernels.reserve_workspace)."""
+        if self.weight_t.is_cuda:
+            rows = workspace_rows(self.in_features, self.group_size) if self.group_size else self.in_features
+            reserve_workspace(self.weight_t.device, rows, self.out_features)
 
     @property
     def per_channel(self) -> bool:
@@ -106,7 +148,30 @@ class SparseLinear(nn.Module):
 
     @property
     def int8(self) -> bool:
-        return self.scales is not None
+        """int8 weights with one scale per output channel (group-wise formats: group_quant)."""
+        return self.scales is not None and not self.group_size
+
+    @property
+    def group_quant(self) -> GroupQuant | None:
+        if not self.group_size:
+            return None
+        return GroupQuant(4 if self.weight_t.dtype == torch.uint8 else 8, self.group_size, self.zeros is not None)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [K, N] weight this layer multiplies by, in dtype (quantized weights dequantized)."""
+        if self.group_size:
+            return dequantize_grouped(self.weight_t, self.scales, self.zeros, self.group_size, dtype)
+        if self.int8:
+            return self.weight_t.to(dtype) * self.scales.to(dtype)
+        return self.weight_t.to(dtype)
+
+    def row_bytes(self, columns: int) -> float:
+        """Bytes a kept input row moves for `columns` output channels, its share of the groups' scales and zeros
+        included."""
+        if not self.group_size:
+            return columns * self.weight_t.element_size()
+        per_weight = (4 if self.weight_t.dtype == torch.uint8 else 8) / 8
+        return columns * (per_weight + (2 if self.zeros is None else 4) / self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In x's dtype, except in a compiled decode step of a layer that leaves its partial sums to the reader
@@ -118,7 +183,8 @@ class SparseLinear(nn.Module):
             leave = self.decode_partials in ("sum", "add") or (self.decode_partials == "keep" and x.shape[-2] == 1)
             if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
                 parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
-                                                            self.thresholds, self.split_sizes, self.compact, self.scales)
+                                                            self.thresholds, self.split_sizes, self.compact, self.scales,
+                                                            self.zeros, self.group_size)
                 if self.decode_partials == "keep":
                     if self.bias is not None:
                         raise ValueError("a layer with a bias cannot leave its partial sums to the attention op")
@@ -131,8 +197,11 @@ class SparseLinear(nn.Module):
                 y = sparse_gemv_rows(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
             else:
                 y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                               self.split_sizes, self.compact, self.scales)
+                                               self.split_sizes, self.compact, self.scales, self.zeros,
+                                               self.group_size)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+        if self.group_size:  # prefill: dequantize on the fly
+            return self._add_bias(x @ self.dense_weight(x.dtype))
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
             return self._add_bias((x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype))
         return self._add_bias(x @ self.weight_t)
@@ -142,7 +211,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, bias={self.bias is not None}")
+                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, bias={self.bias is not None}"
+                + (f", {self.group_quant}" if self.group_size else ""))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +222,35 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(weight.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
+
+
+def quantize_groupwise(weight: torch.Tensor, quant: GroupQuant) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor | None]:
+    """Round-to-nearest group-wise quantization of weight [N, K] into sparse_gemv/grouped.py's layout: (weights
+    [K, N / 2] uint8 at 4 bits or [K, N] int8 at 8, fp16 scales [ceil(K / group_size), N], fp16 zeros or None).
+    With zero points a group's 16 levels span its minimum to its maximum (scale (max - min) / 15, zero min); without,
+    4 bits are scale * (q - 8) with scale max|w| / 7, 8 bits scale * q with scale max|w| / 127. Scales and zeros are
+    rounded to fp16 first and the weights quantized against the rounded values; an all-equal group gets scale 1."""
+    n, k = weight.shape
+    groups = -(-k // quant.group_size)
+    w = weight.detach().float().t().contiguous()  # [K, N]
+    padded = torch.nn.functional.pad(w, (0, 0, 0, groups * quant.group_size - k), value=float("nan"))
+    grouped = padded.view(groups, quant.group_size, n)
+    if quant.zero_point:
+        low = grouped.nan_to_num(nan=float("inf")).amin(dim=1)
+        high = grouped.nan_to_num(nan=float("-inf")).amax(dim=1)
+        scales, zeros = (high - low) / 15, low.half()
+    else:
+        scales, zeros = grouped.nan_to_num(nan=0.0).abs().amax(dim=1) / (7 if quant.bits == 4 else 127), None
+    scales = scales.half()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    per_row = scales.float().repeat_interleave(quant.group_size, dim=0)[:k]
+    if zeros is not None:
+        q = torch.round((w - zeros.float().repeat_interleave(quant.group_size, dim=0)[:k]) / per_row).clamp(0, 15)
+        return pack_int4(q), scales, zeros
+    if quant.bits == 4:
+        return pack_int4(torch.round(w / per_row).clamp(-8, 7) + 8), scales, None
+    return torch.round(w / per_row).clamp(-127, 127).to(torch.int8), scales, None
 
 
 def sparse_layers(model: nn.Module):
@@ -164,11 +263,50 @@ def sparse_layers(model: nn.Module):
                 yield i, path, layer
 
 
-def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool = False) -> nn.Module:
+def layer_splits(block: nn.Module) -> dict:
+    """The sparse layers of a block (LAYER_GROUPS paths) and their output groups (None: one group)."""
+    return {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
+            "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
+
+
+QUANTIZED_TENSORS = ("weight_t", "scales", "zeros")
+
+
+def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> None:
+    """For a checkpoint that stores projections quantized (convert_hf_checkpoint.py --keep_quantization: a layer's
+    weight_t, fp16 scales and zeros in sparse_gemv/grouped.py's layout instead of its weight), swap SparseLinear
+    layers of that format into the model (built on the meta device, before load_state_dict(assign=True)) and add
+    their thresholds (0: dense) to state."""
+    for i, block in enumerate(model.layers):
+        for path, split in layer_splits(block).items():
+            prefix = f"layers.{i}.{path}."
+            if prefix + "weight_t" not in state:
+                continue
+            owner, attr = path.split(".")
+            parent = getattr(block, owner)
+            linear = getattr(parent, attr)
+            weight_t = state[prefix + "weight_t"]
+            quant = GroupQuant(4 if weight_t.dtype == torch.uint8 else 8, group_size, prefix + "zeros" in state)
+            sparse = SparseLinear(linear.in_features, linear.out_features, split or (linear.out_features,),
+                                  bias=prefix + "bias" in state, device="meta", group_quant=quant)
+            sparse.decode_partials = DECODE_PARTIALS[path]
+            if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
+                sparse.decode_partials = "add"  # as sparsify decides
+            setattr(parent, attr, sparse)
+            state[prefix + "thresholds"] = torch.zeros_like(sparse.thresholds, device=weight_t.device)
+            if weight_t.is_cuda:
+                reserve_workspace(weight_t.device, workspace_rows(sparse.in_features, group_size), sparse.out_features)
+    model.layers[-1].feed_forward.w2.decode_partials = "reduce"
+
+
+def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool = False,
+             group_quant: GroupQuant | None = None) -> nn.Module:
     """Replace the q/k/v, o, gate/up and down linears of every block with SparseLinear (thresholds 0: dense).
     compact: the layers (LAYER_GROUPS paths, e.g. "feed_forward.w2") that take the kernel variant for high sparsity
     (see sparse_gemv/kernels.py), or True / False for all or none; int8 stores the weights as int8 with
-    per-output-channel scales."""
+    per-output-channel scales, group_quant quantizes them group-wise (round to nearest). Layers that are sparse already
+    (a quantized checkpoint's, load_quantized_layers) keep their weights and take the threshold kind and kernel
+    variant asked for, as long as no thresholds were set."""
     if isinstance(compact, bool):  # every layer or none
         compact = tuple(LAYER_GROUPS) if compact else ()
     elif isinstance(compact, str):
@@ -177,18 +315,22 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
     if unknown:
         raise ValueError(f"compact names layers {sorted(unknown)}; the sparse layers are {list(LAYER_GROUPS)}")
     for block in model.layers:
-        splits = {"attention.wqkv": block.attention.qkv_sizes, "attention.wo": None,
-                  "feed_forward.w13": (block.feed_forward.intermediate_size,) * 2, "feed_forward.w2": None}
-        for path, split in splits.items():
+        for path, split in layer_splits(block).items():
             owner, attr = path.split(".")
             parent = getattr(block, owner)
             layer = getattr(parent, attr)
             if isinstance(layer, SparseLinear):
-                if layer.per_channel != per_channel or layer.int8 != int8:
+                if (layer.int8 != int8 or group_quant not in (None, layer.group_quant)
+                        or layer.per_channel != per_channel and bool(layer.thresholds.any())):
                     raise ValueError("model is already sparse with another threshold kind or weight format; "
                                      "sparsify a fresh model")
+                if layer.per_channel != per_channel:
+                    shape = (len(layer.split_sizes), layer.in_features) if per_channel else (len(layer.split_sizes),)
+                    layer.thresholds = frozen(layer.thresholds.new_zeros(shape))
+                layer.compact = path in compact
                 continue
-            sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8)
+            sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8,
+                                              group_quant)
             # tp.py marks row-sharded layers, whose output goes to an all-reduce, "reduce"
             sparse.decode_partials = getattr(layer, "decode_partials", DECODE_PARTIALS[path])
             if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
@@ -220,8 +362,7 @@ def column_norms(layer: SparseLinear) -> list[torch.Tensor]:
     """||W_p[:, i]||_2 for each projection p of the layer: the weight-aware score of input channel i."""
     out, col = [], 0
     for n in layer.split_sizes:
-        w = layer.weight_t[:, col:col + n].float()
-        out.append((w if layer.scales is None else w * layer.scales[col:col + n]).norm(dim=1))
+        out.append(layer.dense_weight(torch.float32)[:, col:col + n].norm(dim=1))
         col += n
     return out
 

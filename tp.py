@@ -62,6 +62,9 @@ def _split(t: torch.Tensor, dim: int, sizes, rank: int, world: int) -> torch.Ten
 
 
 def _shard_linear(layer: nn.Module, style: str, sizes, rank: int, world: int) -> None:
+    if isinstance(layer, SparseLinear) and layer.group_size:
+        raise ValueError("tensor parallelism does not shard group-wise quantized weights (--int4, a checkpoint kept "
+                         "at its GGUF quantization); run them on one GPU, or use --int8")
     if layer.bias is not None:
         if style == "rowwise":  # every rank would add it to its partial output before the all-reduce
             raise ValueError("tensor parallelism does not shard a row-split (o, down) projection with a bias")

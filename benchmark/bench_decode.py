@@ -27,8 +27,8 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
-from generate import (SPARSE_KERNELS, decode_one_token, measure_realized_sparsity, prefill, set_pdl, timed_generate,
-                      weight_bytes)
+from generate import (SPARSE_KERNELS, add_int4_args, decode_one_token, int4_quant, measure_realized_sparsity, prefill,
+                      set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
@@ -318,6 +318,7 @@ def main(argv=None):
                    help="kernel variant: every layer predicated or compact, or compact for gate/up (and down) only")
     p.add_argument("--int8", action="store_true", help="the sparse model's seven projections in int8 (per-output-channel "
                    "scales); the dense baseline stays in --dtype. Output decode-<model>-int8...")
+    add_int4_args(p)  # the sparse model's projections in 4 bits; output decode-<model>-int4-g<group size>...
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch (Hopper+) for the sparse kernel and inductor's kernels")
     p.add_argument("--coordinate_descent", action=argparse.BooleanOptionalAction, default=True,
@@ -334,15 +335,18 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    int4 = int4_quant(a)
     set_pdl(a.pdl)
     torch._dynamo.config.use_recursive_dict_tags_for_guards = a.dict_tags
     one_shot = {"dense": bool(a.one_shot_allreduce), "sparse": a.one_shot_allreduce is not False}
     torch._inductor.config.coordinate_descent_tuning = a.coordinate_descent
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures GPU decode and needs CUDA")
-    if (a.mode == "cats" or a.cats_sparsities) and a.int8:
-        raise SystemExit("CATS rows keep the model's weight dtype; drop --int8")
+    if (a.mode == "cats" or a.cats_sparsities) and (a.int8 or int4):
+        raise SystemExit("CATS rows keep the model's weight dtype; drop --int8 / --int4")
     rank = maybe_init_dist()
+    if rank is not None and int4:
+        raise SystemExit("tensor parallelism does not shard group-wise quantized weights; run --int4 on one GPU")
     if rank is not None and (a.mode == "cats" or a.cats_sparsities):
         raise SystemExit("CATS runs on one GPU; tensor parallelism shards TEAL's layers only")
     world = dist.get_world_size() if rank is not None else 1
@@ -355,7 +359,8 @@ def main(argv=None):
         if a.checkpoint_path:
             from generate import load_sparse_model
             m, tf = load_sparse_model(a.checkpoint_path, device, dtype, 0.0 if not sparse else 0.5,
-                                      "cats" if cats else a.mode, None, a.sparse_kernel, a.int8 and sparse)
+                                      "cats" if cats else a.mode, None, a.sparse_kernel, a.int8 and sparse,
+                                      int4 if sparse else None)
             if rank is not None:
                 apply_tp(m)
             return m, tf
@@ -363,7 +368,7 @@ def main(argv=None):
         m = random_model(a.model, device=device, dtype=dtype, shard=shard)
         if sparse and cats:
             return catsify(m), None
-        return (sparsify(m, compact=SPARSE_KERNELS[a.sparse_kernel], int8=a.int8) if sparse else m), None
+        return (sparsify(m, compact=SPARSE_KERNELS[a.sparse_kernel], int8=a.int8, group_quant=int4) if sparse else m), None
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -469,12 +474,14 @@ def main(argv=None):
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "batch_size": 1, "runs": a.runs,
               "compile": "reduce-overhead", "compile_prefill": a.compile_prefill,
               "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8,
+              "int4": {"group_size": a.group_size, "zero_point": a.zero_point} if a.int4 else None,
               "pdl": a.pdl, "coordinate_descent": a.coordinate_descent, "dict_tags": a.dict_tags, "tp": world,
               "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = (f"tp-{name}" if rank is not None else f"decode-{name}") + ("-int8" if a.int8 else "") + a.tag
+    stem = ((f"tp-{name}" if rank is not None else f"decode-{name}") + ("-int8" if a.int8 else "")
+            + (f"-int4-g{a.group_size}" + ("" if a.zero_point else "-sym") if a.int4 else "") + a.tag)
     path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))

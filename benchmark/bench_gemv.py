@@ -19,6 +19,12 @@ With --int8 the weights are int8 (weight-only quantization, one fp32 scale per o
 --dtypes; the baselines are cuBLAS on the unquantized weights and torch.compile of GPT-Fast's int8 linear
 (F.linear(x, W_int8.to(x.dtype)) * scales). Written to gemv-int8-<device>.json.
 
+    python -m benchmark.bench_gemv --int4 --dtypes bfloat16 --sparsities 0 0.5 0.8   # 4-bit, groups of 128
+
+With --int4 the weights are group-wise 4-bit (sparse_gemv/grouped.py; --group_size, --no-zero_point), the baseline
+cuBLAS on the unquantized weights; kept bytes count the scales (and zeros) of the groups read. Written to
+gemv-int4-g<group size>-<device>.json.
+
 --variants times explicit kernel configurations instead: predicated loads vs kept-row lists
 (COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
 the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config). With --partials the
@@ -37,8 +43,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from sparse import quantize_int8
+from generate import add_int4_args, int4_quant
+from sparse import GroupQuant, quantize_groupwise, quantize_int8
 from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv.grouped import dequantize_grouped
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 
@@ -135,14 +143,24 @@ def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
     return rel
 
 
-def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=False):
+def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=False, int4: GroupQuant | None = None):
     n = sum(groups)
-    bytes_ = n * k * (1 if int8 else dtype.itemsize)
+    if int4 is not None:  # nibbles and the groups' fp16 scales (and zeros)
+        bytes_ = n * k / 2 + n * math.ceil(k / int4.group_size) * (4 if int4.zero_point else 2)
+    else:
+        bytes_ = n * k * (1 if int8 else dtype.itemsize)
     copies = rotating_copies(bytes_, l2_bytes)
     weights = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(copies)]
     x = torch.randn(1, k, dtype=dtype, device="cuda")
     out_cublas = graph_time_us(lambda i: F.linear(x, weights[i]), copies)
-    if int8:
+    quant = [()] * copies  # group-wise formats: (zeros, group_size), the op's arguments after the scales
+    if int4 is not None:
+        quantized = [quantize_groupwise(w, int4) for w in weights]
+        weights_t = [q for q, _, _ in quantized]
+        scales = [sc for _, sc, _ in quantized]
+        quant = [(z, int4.group_size) for _, _, z in quantized]
+        out_compiled = None  # no int4 baseline: cuBLAS on the unquantized weights only
+    elif int8:
         quantized = [quantize_int8(w) for w in weights]
         weights_t = [q.t().contiguous() for q, _ in quantized]
         scales = [sc for _, sc in quantized]
@@ -156,18 +174,27 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=Fa
     del weights
     rows = []
     for s in sparsities:
-        thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
+        if int4 is not None:
+            thr = threshold_for(x, s, groups)
+            w64 = dequantize_grouped(weights_t[0], scales[0], *quant[0], torch.float64)
+            ref = sparse_gemv_reference(x.double(), w64, thr.double(), groups)
+        else:
+            thr, ref = threshold_and_reference(x, weights_t[0], s, groups, scales[0])
         for compact in (False, True):
-            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact, scales[0]), ref,
+            rel = check_result(sparse_gemv(x, weights_t[0], thr, groups, compact, scales[0], *quant[0]), ref,
                                f"{name} {dtype} s={s} compact={compact}")
-        partials = sparse_gemv_partials(x, weights_t[0], thr, groups, False, scales[0])
+        partials = sparse_gemv_partials(x, weights_t[0], thr, groups, False, scales[0], *quant[0])
         check_result(partials.sum(0), ref, f"{name} {dtype} s={s} partials")
-        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, False, scales[i]), copies)
-        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True, scales[i]), copies)
-        partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups, False, scales[i]), copies)
+        us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, False, scales[i], *quant[i]), copies)
+        compact_us = graph_time_us(lambda i: sparse_gemv(x, weights_t[i], thr, groups, True, scales[i], *quant[i]),
+                                   copies)
+        partials_us = graph_time_us(lambda i: sparse_gemv_partials(x, weights_t[i], thr, groups, False, scales[i],
+                                                                   *quant[i]), copies)
         kept = float((x.abs() > float(thr[0])).float().mean())
+        weights_name = (f"int4-g{int4.group_size}" + ("" if int4.zero_point else "-sym") if int4 is not None
+                        else "int8" if int8 else str(dtype).replace("torch.", ""))
         rows.append({"shape": name, "N": n, "K": k, "groups": groups, "dtype": str(dtype).replace("torch.", ""),
-                     "weights": "int8" if int8 else str(dtype).replace("torch.", ""),
+                     "weights": weights_name,
                      "sparsity": s, "kept_fraction": kept, "sparse_us": us, "compact_us": compact_us,
                      "partials_us": partials_us, "partials_splits": partials.shape[0], "cublas_us": out_cublas,
                      "compiled_us": out_compiled, "rel_err": rel,
@@ -175,7 +202,8 @@ def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=Fa
                      "compact_kept_GBps": kept * bytes_ / (compact_us * 1e-6) / 1e9, "weight_copies": copies})
         print(f"{name:18s} {rows[-1]['dtype']:9s} {rows[-1]['weights']:9s} s={s:.2f} sparse {us:7.2f} us  compact {compact_us:7.2f}  "
               f"partials {partials_us:7.2f}  cublas {out_cublas:7.2f}  "
-              f"compiled {out_compiled:7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} GB/s", flush=True)
+              f"compiled {out_compiled or float('nan'):7.2f}  kept-bytes {rows[-1]['kept_GBps']:7.0f} / compact "
+              f"{rows[-1]['compact_kept_GBps']:7.0f} GB/s", flush=True)
     return rows
 
 
@@ -256,10 +284,13 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["sparsity"] for r in rows], [r["partials_us"] for r in rows], "+--", label=f"partials {dt}")
         rows = [r for r in result["rows"] if r["shape"] == name and r["dtype"] == dtypes[0]]
         s = [r["sparsity"] for r in rows]
-        int8 = rows[0].get("weights") == "int8"
-        ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS" + (" (unquantized)" if int8 else ""))
-        ax.axhline(rows[0]["compiled_us"], color="black", ls=":", label="torch.compile" + (" int8" if int8 else ""))
-        ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * (1 if int8 else 2) / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
+        weights = rows[0].get("weights", "")
+        quantized = weights.startswith("int")
+        ax.axhline(rows[0]["cublas_us"], color="gray", ls="--", label="cuBLAS" + (" (unquantized)" if quantized else ""))
+        if rows[0]["compiled_us"] is not None:
+            ax.axhline(rows[0]["compiled_us"], color="black", ls=":", label="torch.compile" + (" int8" if quantized else ""))
+        per_weight = 0.5 if weights.startswith("int4") else 1 if quantized else 2  # scales left out
+        ideal = [(1 - x) * rows[0]["N"] * rows[0]["K"] * per_weight / (result["copy_GBps"] * 1e9) * 1e6 for x in s]
         ax.plot(s, ideal, color="green", ls="-.", label="(1-s) bytes / copy BW")
         ax.set_title(f"{name} (N={rows[0]['N']}, K={rows[0]['K']})", fontsize=9)
         ax.set_ylabel("us")
@@ -273,6 +304,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help="subset of shape names")
     p.add_argument("--variants", action="store_true", help="time the kernel's design space at fixed configs")
     p.add_argument("--int8", action="store_true", help="int8 weights with per-output-column scales")
+    add_int4_args(p)
     p.add_argument("--tiles", nargs="+", help="--variants: BLOCK_NxBLOCK_K tiles, e.g. 64x128")
     p.add_argument("--stages", nargs="+", type=int, help="--variants: pipeline depths of the predicated variant")
     p.add_argument("--compact_stages", nargs="+", type=int, help="--variants: pipeline depths of the compact variant")
@@ -286,6 +318,9 @@ def main(argv=None):
                    help="programmatic dependent launch of the sparse kernel (Hopper+), as the decode step uses it")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    int4 = int4_quant(a)
+    if int4 is not None and a.variants:
+        raise SystemExit("--variants times the bf16 / int8 kernel's configurations; --int4 runs the sweep")
     kernels.PDL = a.pdl
     space = {key: getattr(a, key) for key in ("stages", "compact_stages", "warps", "max_waves", "block_t") if getattr(a, key)}
     sweep = {"sparsities": tuple(a.sparsities)} if a.sparsities else {}
@@ -299,7 +334,8 @@ def main(argv=None):
     print(f"{props.name}: copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB", flush=True)
     rows = []
     device = props.name.replace(" ", "-")
-    kind = ("-variants" if a.variants else "") + ("-partials" if a.partials else "") + ("-int8" if a.int8 else "")
+    kind = (("-variants" if a.variants else "") + ("-partials" if a.partials else "") + ("-int8" if a.int8 else "")
+            + (f"-int4-g{a.group_size}" + ("" if a.zero_point else "-sym") if a.int4 else ""))
     path = a.out / f"gemv{kind}{a.tag}-{device}.json"
     a.out.mkdir(parents=True, exist_ok=True)
     for dt in a.dtypes:
@@ -310,7 +346,7 @@ def main(argv=None):
                 rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, int8=a.int8,
                                        partials=a.partials, **space, **sweep)
             else:
-                rows += bench_shape(name, k, groups, getattr(torch, dt), l2, int8=a.int8, **sweep)
+                rows += bench_shape(name, k, groups, getattr(torch, dt), l2, int8=a.int8, int4=int4, **sweep)
             # written after every shape, so a run cut short still leaves what it measured
             result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
                       "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -3,6 +3,8 @@
     python -m benchmark.perplexity                         # default SmolLM2 on WikiText-2's test split (streamed)
     python -m benchmark.perplexity --data text.txt --methods dense uniform --targets 0.5   # a local text file
     python -m benchmark.perplexity --int8 --methods dense greedy    # int8 weights (per-output-channel scales)
+    python -m benchmark.perplexity --int4 --methods dense greedy    # 4-bit weights, groups of 128, zero points
+    python -m benchmark.perplexity --checkpoint_path checkpoints/SmolLM2-135M-Instruct-Q4_1   # the GGUF's own Q4_1
 
 Protocol: `--windows` non-overlapping windows of `--window` tokens spread evenly over the text (no BOS).
 The first `--prompt` tokens of each window are a dense prefill; the rest are scored, each position
@@ -31,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 from cli import fraction, positive_int, user_errors
+from generate import add_int4_args, int4_quant
 from model import load_model
-from sparse import SparsityMeter, catsify, set_mask_prefill, sparsify
+from sparse import SparsityMeter, catsify, set_mask_prefill, sparse_layers, sparsify
 from thresholds.calibrate import add_text_source, read_tokens
 from thresholds.file import MAX_SPARSITY, ThresholdFile, apply_thresholds, default_thresholds
 from tokenizer import load_tokenizer
@@ -101,17 +104,22 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--int8", action="store_true", help="int8 weights (per-output-channel scales) in the seven projections, "
                    "for every method ('dense' then runs them with thresholds 0)")
+    add_int4_args(p)
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/perplexity-<model>.json; a PNG beside it)")
     a = p.parse_args(argv)
-    if "cats" in a.methods and a.int8:
-        raise SystemExit("method cats keeps the model's weight dtype; drop --int8 or the method")
+    int4 = int4_quant(a)
+    if "cats" in a.methods and (a.int8 or int4):
+        raise SystemExit("method cats keeps the model's weight dtype; drop --int8 / --int4 or the method")
     if not 0 < a.prompt < a.window:
         raise SystemExit(f"--prompt {a.prompt} must be between 0 and --window {a.window}")
     dtype = getattr(torch, a.dtype)
 
     dense = load_model(a.checkpoint_path, device=a.device, dtype=dtype)
-    if a.int8:
-        sparsify(dense, int8=True)
+    stored = next((layer.group_quant for _, _, layer in sparse_layers(dense)), None)  # a quantized checkpoint's format
+    if stored is not None and (a.int8 or int4):
+        raise SystemExit(f"{a.checkpoint_path} stores its projections quantized already: run it without --int4 / --int8")
+    if a.int8 or int4:
+        sparsify(dense, int8=a.int8, group_quant=int4)
     name = dense.config.name
     tf_path = a.thresholds or default_thresholds(a.checkpoint_path, name)
     tf = ThresholdFile.load(tf_path, dense.config) if set(a.methods) - {"dense"} else None
@@ -139,7 +147,7 @@ def main(argv=None):
                 per_channel = method == "weight-aware"
                 if per_channel not in models:
                     models[per_channel] = sparsify(load_model(a.checkpoint_path, device=a.device, dtype=dtype), per_channel,
-                                                   int8=a.int8)
+                                                   int8=a.int8, group_quant=int4)
                 model = models[per_channel]
                 mode = "uniform" if method == "uniform-dense" else method
                 apply_thresholds(model, tf, target, mode, held=method != "uniform-dense")
@@ -151,6 +159,7 @@ def main(argv=None):
 
     result = {"model": name, "data": source, "window": a.window, "prompt_tokens": a.prompt,
               "windows": a.windows, "scored_tokens": a.windows * (a.window - a.prompt), "dtype": a.dtype, "int8": a.int8,
+              "group_quant": vars(int4 or stored) if int4 or stored else None, "quantized_checkpoint": stored is not None,
               "calibration_tokens": tf.provenance.get("tokens") if tf else None,
               "thresholds": str(tf_path) if tf else None, "date": datetime.date.today().isoformat(),
               "command": "python -m benchmark.perplexity " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}

@@ -16,12 +16,12 @@ from triton.compiler import ASTSource
 
 import attention
 import tp
-from sparse_gemv import kernels
+from sparse_gemv import grouped, kernels
 
 # SM count and shared memory a block may use (bytes), as the CUDA driver reports them: A100, A6000, H100 (SXM)
 GPUS = {80: (108, 166912), 86: (84, 101376), 90: (132, 232448)}
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32",
-          torch.int64: "i64"}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.uint8: "u8",
+          torch.int32: "i32", torch.int64: "i64"}
 
 
 class Recorder:
@@ -82,6 +82,31 @@ def sparse_gemv_launches():
             kernels.sparse_gemv_triton(x, w, t, s, compact=c, reduce=r, scales=torch.ones(w.shape[1]) if i8 else None))
 
 
+def grouped_sparse_gemv_launches():
+    """(description, call) for the group-wise quantized sparse GEMV at the Llama-3-8B decode shapes: 4-bit with zero
+    points in groups of 128 (--int4) and 8-bit in groups of 32 (GGUF Q8_0, the tiles of any 32-row group); predicated
+    and compact, one token and four, per-channel thresholds, partial sums."""
+    shapes = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate/up": (4096, (14336, 14336)),
+              "down": (14336, (4096,))}
+    formats = [(4, 128, True), (8, 32, False)]
+    for name, (k, splits) in shapes.items():
+        n = sum(splits)
+        for bits, group_size, zero_point in formats:
+            weight = torch.empty(k, n // 2, dtype=torch.uint8) if bits == 4 else torch.empty(k, n, dtype=torch.int8)
+            scales = torch.empty(-(-k // group_size), n, dtype=torch.float16)
+            zeros = torch.empty_like(scales) if zero_point else None
+            cases = [(compact, tokens, False, True) for compact in (False, True) for tokens in (1, 4)]
+            cases += [(False, 1, True, True), (False, 1, False, False)]  # per-channel thresholds; partial sums
+            for compact, tokens, per_channel, reduce in cases:
+                x = torch.zeros(tokens, k, dtype=torch.bfloat16)
+                thresholds = torch.zeros((len(splits), k) if per_channel else (len(splits),))
+                description = (f"grouped_sparse_gemv {name} {bits}-bit g{group_size}{' zeros' if zero_point else ''} "
+                               f"{'compact' if compact else 'predicated'} T={tokens}"
+                               + (" per-channel" if per_channel else "") + ("" if reduce else " partials"))
+                yield description, lambda x=x, w=weight, s=scales, z=zeros, g=group_size, t=thresholds, sp=splits, \
+                    c=compact, r=reduce: grouped.grouped_sparse_gemv_triton(x, w, s, z, g, t, sp, c, r)
+
+
 def attention_launches():
     """Llama-3-8B heads (32 query, 8 KV, head dim 128), a cache long enough to split, bf16 and fp16, q/k/v whole
     or as a sparse projection's fp32 partial sums."""
@@ -107,7 +132,8 @@ def all_reduce_launches():
 
 def main(capabilities: list[int]) -> None:
     recorders = {}
-    for module, name in ((kernels, "_sparse_gemv_kernel"), (attention, "_decode_attention_kernel"),
+    for module, name in ((kernels, "_sparse_gemv_kernel"), (grouped, "_grouped_sparse_gemv_kernel"),
+                         (attention, "_decode_attention_kernel"),
                          (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel")):
         recorders[name] = Recorder(getattr(module, name))
         setattr(module, name, recorders[name])
@@ -116,7 +142,8 @@ def main(capabilities: list[int]) -> None:
         kernels._sm_count = lambda device: sms
         kernels._max_shared = lambda device: max_shared
         kernels._has_pdl = lambda device: capability >= 90
-        for description, call in [*sparse_gemv_launches(), *attention_launches(), *all_reduce_launches()]:
+        for description, call in [*sparse_gemv_launches(), *grouped_sparse_gemv_launches(), *attention_launches(),
+                                  *all_reduce_launches()]:
             for recorder in recorders.values():
                 recorder.launches.clear()
             call()

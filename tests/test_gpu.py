@@ -208,14 +208,40 @@ def test_int8_weights_match_the_dequantized_product(variant, dtype, tokens, k, g
     assert rel_err(parts.sum(0), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact", "cats"])
+@pytest.mark.parametrize("fmt", ["int4 g128 zeros", "int4 g32", "int8 g32"])
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("k,groups", [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336]),
+                                      (1000, [336, 80])])
+def test_grouped_weights_match_the_dequantized_product(fmt, tokens, compact, k, groups):
+    # Group-wise quantized weights (sparse_gemv/grouped.py) at the decode shapes and at a K that is no multiple of the
+    # group size, with the op's launch configs: against the float64 masked product of the dequantized weight, reduced
+    # and as partial sums; per-channel thresholds for even token counts.
+    from sparse import GroupQuant, quantize_groupwise
+    from sparse_gemv.grouped import dequantize_grouped
+    bits, group_size = int(fmt[3]), int(fmt.split()[1][1:])
+    quant = GroupQuant(bits, group_size, "zeros" in fmt)
+    g = torch.Generator(device="cuda").manual_seed(tokens + k + len(groups))
+    x = torch.randn(tokens, k, dtype=torch.bfloat16, device="cuda", generator=g)
+    q, scales, zeros = quantize_groupwise(torch.randn(sum(groups), k, device="cuda", generator=g) / k ** 0.5, quant)
+    shape = (len(groups), k) if tokens % 2 == 0 else (len(groups),)
+    thr = torch.rand(shape, device="cuda", generator=g) * 1.5
+    ref = sparse_gemv_reference(x.double(), dequantize_grouped(q, scales, zeros, group_size, torch.float64),
+                                thr.double(), groups)
+    y = sparse_gemv(x, q, thr, groups, compact, scales, zeros, group_size)
+    parts = torch.ops.teal.sparse_gemv_partials(x, q, thr, groups, compact, scales, zeros, group_size)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    assert rel_err(parts.sum(0), ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact", "int4", "int4 mlp-compact", "cats"])
 def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     # The whole decode step as generate.py runs it (torch.compile reduce-overhead: CUDA graphs over the attention
     # kernel writing the model's cache buffers, and the sparse GEMVs) against the same model run eagerly, step by
     # step on the same tokens, in fp32 so the two paths differ only by summation order.
     import generate
     from model import ModelArgs, Transformer
-    from sparse import catsify, set_cats_thresholds, set_thresholds, sparsify
+    from sparse import GroupQuant, catsify, set_cats_thresholds, set_thresholds, sparsify
     torch.manual_seed(0)
     args = ModelArgs(n_layer=2, n_head=8, n_local_heads=2, dim=256, intermediate_size=512, vocab_size=512, block_size=64)
     models = []
@@ -226,8 +252,9 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
             catsify(m)
             set_cats_thresholds(m, torch.full((2,), 0.1))
         elif sparse:
-            compact = generate.SPARSE_KERNELS["mlp-compact"] if sparse == "int8 mlp-compact" else ()
-            sparsify(m, int8=str(sparse).startswith("int8"), compact=compact)
+            compact = generate.SPARSE_KERNELS["mlp-compact"] if str(sparse).endswith("mlp-compact") else ()
+            group_quant = GroupQuant() if str(sparse).startswith("int4") else None
+            sparsify(m, int8=str(sparse).startswith("int8"), compact=compact, group_quant=group_quant)
             set_thresholds(m, torch.full((2, 7), 0.5))
         m.setup_caches(1, 64)
         models.append(m)

@@ -311,9 +311,10 @@ def test_every_kernel_launch_builds_for_ampere_and_hopper():
     names = {cap: sorted((r["launch"], r["kernel"]) for r in rows) for cap, rows in launches.items()}
     assert names[80] == names[86] == names[90]
     kernels = {kernel for _, kernel in names[80]}
-    assert kernels == {"_sparse_gemv_kernel", "_decode_attention_kernel", "_attention_combine_kernel",
-                       "_one_shot_all_reduce_rmsnorm_kernel"}
+    assert kernels == {"_sparse_gemv_kernel", "_grouped_sparse_gemv_kernel", "_decode_attention_kernel",
+                       "_attention_combine_kernel", "_one_shot_all_reduce_rmsnorm_kernel"}
     assert sum(kernel == "_sparse_gemv_kernel" for _, kernel in names[80]) == 72  # 4 shapes x 18 variants
+    assert sum(kernel == "_grouped_sparse_gemv_kernel" for _, kernel in names[80]) == 48  # 4 shapes x 2 formats x 6
     for cap, rows in launches.items():
         for r in rows:
             assert r["shared"] <= r["max_shared"], r

@@ -290,13 +290,13 @@ def test_int8_sparse_decode_matches_the_masked_dequantized_model():
 def test_kernel_variant_is_chosen_per_layer():
     # --sparse_kernel auto: bf16 stays predicated below COMPACT_FROM; int8 gate/up lists kept rows from 0.5
     from generate import COMPACT_FROM, INT8_GATE_UP_COMPACT_FROM, compact_layers
-    assert compact_layers("auto", 0.5, int8=False) == ()
-    assert compact_layers("auto", INT8_GATE_UP_COMPACT_FROM, int8=True) == ("feed_forward.w13",)
-    assert compact_layers("auto", 0.45, int8=True) == ()
-    assert compact_layers("auto", COMPACT_FROM, int8=False) == tuple(LAYER_GROUPS)
-    assert compact_layers("predicated", 0.9, int8=True) == ()
-    assert compact_layers("compact", 0.1, int8=False) == tuple(LAYER_GROUPS)
-    model = sparsify(tiny_model(), compact=compact_layers("mlp-compact", 0.0, int8=False))
+    assert compact_layers("auto", 0.5, quantized=False) == ()
+    assert compact_layers("auto", INT8_GATE_UP_COMPACT_FROM, quantized=True) == ("feed_forward.w13",)
+    assert compact_layers("auto", 0.45, quantized=True) == ()
+    assert compact_layers("auto", COMPACT_FROM, quantized=False) == tuple(LAYER_GROUPS)
+    assert compact_layers("predicated", 0.9, quantized=True) == ()
+    assert compact_layers("compact", 0.1, quantized=False) == tuple(LAYER_GROUPS)
+    model = sparsify(tiny_model(), compact=compact_layers("mlp-compact", 0.0, quantized=False))
     for block in model.layers:
         assert (block.attention.wqkv.compact, block.attention.wo.compact) == (False, False)
         assert (block.feed_forward.w13.compact, block.feed_forward.w2.compact) == (True, True)

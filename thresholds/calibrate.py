@@ -425,9 +425,10 @@ def new_threshold_file(model, batch: torch.Tensor, greedy: bool, greedy_tokens: 
 def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=20480, seq_len=2048,
               greedy=True, greedy_tokens=256, greedy_step=0.04, allocation=True, allocation_tokens=1024,
               held_targets=(), held_tokens=4096, held_seq_len=1024, device="cpu", command="",
-              base: Path | None = None) -> ThresholdFile:
+              base: Path | None = None, group_quant=None) -> ThresholdFile:
     """base: an existing threshold file of this model whose statistics and greedy tables are kept (stages 1 and
-    2 are skipped, as are held tables it already has for the same targets); the missing stages are added."""
+    2 are skipped, as are held tables it already has for the same targets); the missing stages are added.
+    group_quant: calibrate the model with its projections quantized so (sparse.GroupQuant, generate.py --int4)."""
     dtype = torch.float32
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     args = model.config
@@ -446,7 +447,7 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
         raise ValueError(f"--held_tokens {held_tokens} must be between one held sequence ({held_seq_len} tokens) "
                          f"and --tokens {tokens}")
     model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len, allocation_tokens))
-    sparsify(model)
+    sparsify(model, group_quant=group_quant)
     if base is not None:
         tf = ThresholdFile.load(base, args)
         if greedy and tf.greedy_sparsities is None:
@@ -478,7 +479,8 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
         work = [(m, t) for m in tf.modes() if m not in results for t in targets.tolist()]
         for mode, target in tqdm(work, desc="held calibration"):
             if mode == "weight-aware" and pc_model is None:
-                pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True)
+                pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True,
+                                    group_quant=group_quant)
                 pc_model.setup_caches(held_ids.shape[0], held_seq_len)
             if mode == "cats":
                 if cats_model is None:
@@ -519,11 +521,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--from_file", type=Path, help="keep this threshold file's statistics, greedy and held tables; "
                    "add what it lacks (e.g. the allocation across blocks) and write --out")
+    from generate import add_int4_args, int4_quant
+    add_int4_args(p)
     a = p.parse_args(argv)
     out = a.out or user_calibration(a.checkpoint_path)
     calibrate(a.checkpoint_path, out, a.data, a.dataset, a.tokens, a.seq_len, not a.no_greedy, a.greedy_tokens,
               a.greedy_step, not a.no_allocation, a.allocation_tokens, a.held_targets, a.held_tokens, device=a.device, command="python -m thresholds.calibrate " + " ".join(sys.argv[1:]),
-              base=a.from_file)
+              base=a.from_file, group_quant=int4_quant(a))
 
 
 if __name__ == "__main__":

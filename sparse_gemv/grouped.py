@@ -1,0 +1,311 @@
+"""Sparse GEMV for group-wise quantized weights: 4-bit (RTN, GGUF Q4_0 / Q4_1) and 8-bit (GGUF Q8_0).
+
+Layout, as for the other weights, is [K, N] with input channels as rows, so a skipped input skips one contiguous
+strip of bytes:
+- 4 bits: uint8 [K, N / 2]; byte j of row k holds column 2j in its low nibble and 2j + 1 in its high nibble, so an
+  int32 word holds eight consecutive columns (nibble i = column 8j + i, bits 4i..4i+3). Nibbles are unsigned
+  (0..15); without zero points the weight is scale * (q - 8), with them scale * q + zero.
+- 8 bits: int8 [K, N] (signed); the weight is scale * q (+ zero).
+Scales (and zeros, the value of q = 0) are fp16 [ceil(K / group_size), N]: one per group of group_size input rows and
+output channel, the precision GGUF stores them in, so its blocks repack into this layout without any rounding.
+
+The kernel walks a program's K range one group at a time. Predicated: a group's tile of rows loads only the rows over
+threshold, and its scales only when one of them is. Compact: the kept rows of the K range are listed first, with
+where each group's kept rows start in the list; each group with a kept row loads its scales once and then only its
+kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantized in registers: each nibble (byte) is
+written into the low mantissa bits of 2^23 by one logic op, which reads as the float 2^23 + q exactly, and a
+subtraction leaves q (as the int8 kernel widens its bytes); then q * scale (+ zero). One token accumulates
+elementwise products over the tile and reduces once at the end; several tokens take a tensor-core product per tile.
+Split-K and the partial-sum output work as in kernels.py.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from sparse_gemv import kernels
+from sparse_gemv.kernels import INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fp32_products, k_range, pdl_launch
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] integers in 0..15 -> uint8 [K, N / 2], columns 2j and 2j + 1 in byte j's low and high nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [K, N / 2] -> uint8 [K, N] in 0..15 (pack_int4's inverse)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def out_features(weight_t: torch.Tensor) -> int:
+    """Output channels of a group-wise quantized weight: two per byte at 4 bits."""
+    return weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
+
+
+def dequantize_grouped(weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [K, N] weight a group-wise quantized one stands for, in dtype (computed in fp32, as the kernel does)."""
+    k = weight_t.shape[0]
+    groups, n = scales.shape
+    q = unpack_int4(weight_t) if weight_t.dtype == torch.uint8 else weight_t
+    q = torch.nn.functional.pad(q, (0, 0, 0, groups * group_size - k)).view(groups, group_size, n).float()
+    if weight_t.dtype == torch.uint8 and zeros is None:
+        q -= 8
+    w = q * scales.float()[:, None]
+    if zeros is not None:
+        w += zeros.float()[:, None]
+    return w.view(groups * group_size, n)[:k].to(dtype)
+
+
+@triton.jit
+def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_ptr,
+                                T, K, N, N0, N1, stride_xt, stride_yt,
+                                BITS: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr,
+                                PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                                COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+                                EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr):
+    PER_WORD: tl.constexpr = 32 // BITS  # columns per int32 word
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    s0 = tl.cdiv(N0, BLOCK_N)
+    s1 = tl.cdiv(N1, BLOCK_N)
+    g = (pid_n >= s0).to(tl.int32) + (pid_n >= s0 + s1).to(tl.int32)
+    g_start = tl.where(g == 0, 0, tl.where(g == 1, N0, N0 + N1))
+    g_end = tl.where(g == 0, N0, tl.where(g == 1, N0 + N1, N))
+    strip = pid_n - tl.where(g == 0, 0, tl.where(g == 1, s0, s0 + s1))
+    offs_n = g_start + strip * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = (g_start + strip * BLOCK_N) // PER_WORD + tl.arange(0, BLOCK_N // PER_WORD)
+    if EVEN_N:
+        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
+        w_mask = tl.full((BLOCK_N // PER_WORD,), 1, tl.int1)
+    else:
+        n_mask = offs_n < g_end
+        w_mask = offs_w < g_end // PER_WORD
+    w_words = w_ptr.to(tl.pointer_type(tl.int32))
+    row_words = N // PER_WORD
+    offs_t = tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+
+    # Every split's K range is a whole number of groups.
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), GROUP) * GROUP
+    k_begin = pid_k * k_per_split
+    k_stop = tl.minimum(k_begin + k_per_split, K)
+    if PER_CHANNEL:
+        thr_row = thr_ptr + g * K
+    else:
+        thr = tl.load(thr_ptr + g)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if BLOCK_T == 1:
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+
+    if COMPACT:
+        # Pass 1: list the kept rows of this split (as kernels.py does) and, for each group, where its kept rows
+        # start in the list (chunks start on group boundaries, since splits do and LIST_CHUNK is a multiple of GROUP).
+        slots = rows_ptr + g * K + k_begin
+        starts = rows_ptr + 3 * K + g * tl.cdiv(K, GROUP)  # indexed by group number
+        count = k_begin * 0
+        for c0 in range(k_begin, k_stop, LIST_CHUNK):
+            offs_c = c0 + tl.arange(0, LIST_CHUNK)
+            in_range = offs_c < k_stop
+            if PER_CHANNEL:
+                thr_c = tl.load(thr_row + offs_c, mask=in_range, other=float("inf"))
+            else:
+                thr_c = thr
+            keep = tl.zeros((LIST_CHUNK,), dtype=tl.int32)
+            for t in range(T):
+                xt = tl.load(x_ptr + t * stride_xt + offs_c, mask=in_range, other=0.0).to(tl.float32)
+                keep = keep | (tl.abs(xt) > thr_c).to(tl.int32)
+            pos = count + tl.cumsum(keep, 0) - 1
+            tl.store(slots + pos, offs_c, mask=keep != 0)
+            per_group = tl.sum(tl.reshape(keep, (LIST_CHUNK // GROUP, GROUP)), axis=1)
+            offs_g = c0 // GROUP + tl.arange(0, LIST_CHUNK // GROUP)
+            tl.store(starts + offs_g, count + tl.cumsum(per_group, 0) - per_group, mask=offs_g * GROUP < k_stop)
+            count += tl.sum(keep, 0)
+        tl.debug_barrier()  # the lists are visible to every thread of this program before they are read
+        g_first = k_begin // GROUP
+        g_last = tl.cdiv(k_stop, GROUP)
+        for grp in range(g_first, g_last):
+            first = tl.load(starts + grp)
+            last = tl.load(starts + grp + 1, mask=grp + 1 < g_last, other=count)
+            scale, zero = _group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
+            for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
+                offs_j = j + tl.arange(0, BLOCK_K)
+                valid = offs_j < last
+                rows = tl.load(rows_ptr + g * K + k_begin + offs_j, mask=valid, other=0)
+                words = tl.load(w_words + rows[:, None] * row_words + offs_w[None, :],
+                                mask=valid[:, None] & w_mask[None, :], other=0)
+                w = _dequantize(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
+                if BLOCK_T == 1:
+                    xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+                    acc2 += xv[:, None] * w
+                else:
+                    xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
+                                 mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
+                    if PER_CHANNEL:
+                        thr = tl.load(thr_row + rows, mask=valid, other=float("inf"))[None, :]
+                    xv = tl.where(tl.abs(xv) > thr, xv, 0.0)
+                    acc = _dot(xv, w, acc, DOT_FP32, x_ptr)
+    else:
+        # Predicated: one group per tile; rows under threshold are masked out of the weight load, and a group's
+        # scales are loaded only when one of its rows is kept.
+        for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_stop
+            if PER_CHANNEL:
+                thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+            if BLOCK_T == 1:
+                x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                keep = tl.abs(x) > thr
+                x = tl.where(keep, x, 0.0)
+            else:
+                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                            mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                if PER_CHANNEL:
+                    x = tl.where(tl.abs(x) > thr[None, :], x, 0.0)
+                else:
+                    x = tl.where(tl.abs(x) > thr, x, 0.0)
+                keep = tl.max(tl.abs(x), axis=0) > 0
+            words = tl.load(w_words + offs_k[:, None] * row_words + offs_w[None, :],
+                            mask=keep[:, None] & w_mask[None, :], other=0)
+            scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, N, offs_n, n_mask,
+                                        tl.sum(keep.to(tl.int32), 0), ZERO)
+            w = _dequantize(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
+            if BLOCK_T == 1:
+                acc2 += x[:, None] * w
+            else:
+                acc = _dot(x, w, acc, DOT_FP32, x_ptr)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    if BLOCK_T == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+
+    out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
+    out_mask = t_mask[:, None] & n_mask[None, :]
+    part_ptrs = part_ptr + offs_t[:, None] * N + offs_n[None, :]
+    if REDUCE and SPLIT_K == 1:
+        tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptrs + pid_k * T * N, acc, mask=out_mask)
+        if REDUCE:
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(part_ptrs + s * T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + out_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, kept, ZERO: tl.constexpr):
+    """One group's fp16 scales (and zeros) for the strip's columns, as fp32; nothing is read unless kept > 0 (the
+    group's kept rows)."""
+    mask = n_mask & (tl.zeros_like(offs_n) + kept > 0)  # a block comparison: the interpreter mishandles scalar masks
+    scale = tl.load(scale_ptr + grp * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    if ZERO:
+        zero = tl.load(zero_ptr + grp * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    else:
+        zero = scale  # unused
+    return scale, zero
+
+
+@triton.jit
+def _dequantize(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """int32 words [BLOCK_K, BLOCK_N / PER_WORD] -> fp32 weights [BLOCK_K, BLOCK_N] in column order."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER_WORD) * BITS
+    q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    if BITS == 8:
+        # signed bytes: b ^ 0x80 is b + 128 as an unsigned byte
+        value = ((q ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+    elif ZERO:
+        value = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        value = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8
+    if ZERO:
+        return value * scale[None, :] + zero[None, :]
+    return value * scale[None, :]
+
+
+@triton.jit
+def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
+    """Several tokens: the tile's product on tensor cores, in the activations' dtype with fp32 accumulation."""
+    if DOT_FP32:
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
+
+
+def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, bits: int) -> dict:
+    """Tile and K split, by rule. A predicated tile is one group of rows; the strip width keeps a tile's dequantized
+    weights at 8192 fp32 values (64 registers a thread with four warps), so 128-row groups take 64-column strips.
+    Compact tiles are 32 kept rows of one group. The K split is doubled until the grid gives every SM about two
+    programs, while each split keeps at least two groups."""
+    bn = max(8192 // group_size, 64) if not compact else 128
+    bk = 32 if compact else group_size
+    strips = sum(triton.cdiv(s, bn) for s in split_sizes)
+    split = 1
+    while strips * split < 2 * sms and split < MAX_SPLIT_K and k // (2 * split) >= 2 * group_size:
+        split *= 2
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
+
+
+def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, bits: int) -> dict:
+    """The launch's meta-parameters (its SPLIT_K is how many partials reduce=False returns)."""
+    if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
+        return {"BLOCK_N": 32, "BLOCK_K": 16 if compact else group_size,
+                "SPLIT_K": 2 if k >= 2 * group_size else 1, "COMPACT": compact, "STAGES": 1}
+    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size, bits)
+
+
+def workspace_rows(k: int, group_size: int) -> int:
+    """The K to reserve kernels.py's workspace for: its row lists (3 K) and, after them, the groups' list starts."""
+    return k + triton.cdiv(k, group_size)
+
+
+def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor,
+                               zeros: torch.Tensor | None, group_size: int, thresholds: torch.Tensor, split_sizes,
+                               compact: bool = False, reduce: bool = True, config: dict | None = None) -> torch.Tensor:
+    """Launch the kernel. x: [T<=8, K]; weight_t: uint8 [K, N / 2] (4 bits) or int8 [K, N]; scales, zeros: fp16
+    [ceil(K / group_size), N] (zeros None: symmetric); thresholds fp32 [G] or [G, K]. Returns y [T, N] in x's dtype,
+    or with reduce=False the split-K partial sums, fp32 [SPLIT_K, T, N]."""
+    from sparse_gemv.ops import check_inputs  # ops imports this module
+    check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
+    kernels.check_launch(x, weight_t, thresholds, scales, None, config)
+    t, k = x.shape
+    n = scales.shape[1]
+    bits = 4 if weight_t.dtype == torch.uint8 else 8
+    n0, n1 = (list(split_sizes) + [0, 0])[:2]
+    if len(split_sizes) == 1:
+        n0, n1 = n, 0
+    elif len(split_sizes) == 2:
+        n1 = n - n0
+    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size, bits))
+    warps = meta.pop("num_warps", 4)
+    block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
+    if block_t < t:
+        raise ValueError(f"sparse_gemv: BLOCK_T={block_t} is fewer than the {t} tokens")
+    if config is None and not INTERPRET:
+        meta["STAGES"] = int(fit_stages(meta, block_t, bits / 8, x.element_size(), kernels._max_shared(x.device)))
+    use_pdl = pdl_launch(x.device)
+    partials = torch.empty((meta["SPLIT_K"], t, n), dtype=torch.float32, device=x.device)
+    counters, rows = kernels._workspace(x.device, workspace_rows(k, group_size), n)
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device) if reduce else partials[0]
+    args = (x, weight_t, scales, scales if zeros is None else zeros, thresholds, y, partials, counters, rows,
+            t, k, n, n0, n1, x.stride(0), y.stride(0))
+    flags = {"BITS": bits, "GROUP": group_size, "ZERO": zeros is not None, "PER_CHANNEL": thresholds.dim() == 2,
+             "BLOCK_T": block_t, "DOT_FP32": fp32_products(x.dtype), "USE_PDL": use_pdl,
+             "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce,
+             "LIST_CHUNK": min(MAX_LIST_CHUNK, max(group_size, triton.next_power_of_2(
+                 k_range(k, meta["SPLIT_K"], group_size)))) if meta["COMPACT"] else 1}
+    grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
+    _grouped_sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
+    return y if reduce else partials

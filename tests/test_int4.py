@@ -1,0 +1,220 @@
+"""Group-wise quantized weights (4-bit RTN and GGUF Q4_0 / Q4_1 / Q8_0): quantization against a float64 reference,
+the sparse GEMV under TRITON_INTERPRET against the dequantized weight's PyTorch product, GGUF repacking, and the
+default model at its own Q4_1."""
+import numpy as np
+import pytest
+import torch
+
+from sparse import GroupQuant, SparseLinear, quantize_groupwise
+from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv.grouped import dequantize_grouped, grouped_sparse_gemv_triton, pack_int4, unpack_int4
+
+# Relative Frobenius error of the kernels against the float64 product of the same dequantized weights: fp32
+# accumulation; bf16 activations (and, with several tokens, the tensor-core product's bf16 operands) round to 8 bits.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+FORMATS = {"int4 zero points": GroupQuant(4, 32, True), "int4 symmetric": GroupQuant(4, 64, False),
+           "int8 (Q8_0)": GroupQuant(8, 128, False)}
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def test_int4_packing_round_trips_and_keeps_rows_contiguous():
+    q = torch.randint(0, 16, (5, 24), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 12) and packed.is_contiguous() and torch.equal(unpack_int4(packed), q)
+    # column 2j in byte j's low nibble, 2j + 1 in its high nibble: a row's columns are that row's bytes alone
+    assert int(packed[2, 3]) == int(q[2, 6]) + 16 * int(q[2, 7])
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits,zero_point", [(4, True), (4, False), (8, False)])
+def test_quantize_dequantize_against_float64_reference(group_size, bits, zero_point):
+    # K = 300 is no multiple of any group size: the last group is short. One channel is constant (range 0).
+    g = torch.Generator().manual_seed(group_size + bits + zero_point)
+    w = torch.randn(24, 300, generator=g) * torch.logspace(-2, 1, 24)[:, None]
+    w[5] = 0.25
+    quant = GroupQuant(bits, group_size, zero_point)
+    q, scales, zeros = quantize_groupwise(w, quant)
+    groups = -(-300 // group_size)
+    assert scales.dtype == torch.float16 and scales.shape == (groups, 24)
+    assert q.shape == ((300, 12) if bits == 4 else (300, 24)) and q.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert (zeros is not None) == zero_point
+    deq = dequantize_grouped(q, scales, zeros, group_size)  # [K, N] float32
+
+    # float64 reference, group by group: the scale (and zero) from the group's range, rounded to fp16 as stored;
+    # every weight rounded to the nearest of its group's levels.
+    w64 = w.double().t()
+    for gi in range(groups):
+        rows = slice(gi * group_size, min((gi + 1) * group_size, 300))
+        block = w64[rows]
+        s = scales[gi].double()
+        if zero_point:
+            low, high = block.min(0).values, block.max(0).values
+            expect_s = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
+            assert torch.allclose(zeros[gi].double(), low, rtol=2 ** -10, atol=1e-7)
+            levels = torch.clamp(torch.round((block - zeros[gi].double()) / s), 0, 15)
+            ref = levels * s + zeros[gi].double()
+        else:
+            top = 7 if bits == 4 else 127
+            amax = block.abs().max(0).values
+            expect_s = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+            levels = torch.clamp(torch.round(block / s), -8 if bits == 4 else -127, top)
+            ref = levels * s
+        assert torch.allclose(s, expect_s, rtol=2 ** -10, atol=0)  # fp16 rounding of the exact scale
+        assert torch.allclose(deq[rows].double(), ref, rtol=1e-6, atol=1e-7)
+        # round to nearest: within half a level of the weight (levels rounded to fp16 may cut a hair off the range)
+        assert ((deq[rows].double() - block).abs() <= s / 2 * (1 + 2 ** -9) + 1e-7).all()
+    if zero_point:
+        assert (deq[:, 5] == 0.25).all()  # a constant channel is exact
+
+
+def problem(fmt: str, tokens: int, dtype, seed: int = 0, k: int = 140):
+    """x [tokens, K]; the quantized weight of a three-group layer (q/k/v-like, groups in whole words) and its
+    float64 dequantization. K = 140 is no multiple of the group sizes."""
+    quant = FORMATS[fmt]
+    g = torch.Generator().manual_seed(seed)
+    splits = [40, 8, 16]
+    w = torch.randn(sum(splits), k, generator=g) / k ** 0.5
+    q, scales, zeros = quantize_groupwise(w, quant)
+    x = torch.randn(tokens, k, generator=g).to(dtype)
+    return x, q, scales, zeros, quant.group_size, splits, dequantize_grouped(q, scales, zeros, quant.group_size,
+                                                                               torch.float64)
+
+
+def thresholds_for(x, sparsity, groups, per_channel, seed=1):
+    """Per-tensor thresholds at x's |x| quantile, or per-channel ones spread around it."""
+    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    if not per_channel:
+        return torch.full((groups,), t)
+    g = torch.Generator().manual_seed(seed)
+    return t * (0.5 + torch.rand(groups, x.shape[1], generator=g))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (3, torch.float32), (8, torch.bfloat16)])
+def test_grouped_kernel_matches_the_dequantized_product(fmt, tokens, dtype):
+    # Both variants (predicated: a group's rows masked; compact: kept rows listed per group) at 0 / 0.5 / 0.9
+    # sparsity, per-tensor thresholds at 0 and 0.9 and per-channel ones at 0.5; K split in two where it holds two
+    # groups (under the interpreter), reduced in the kernel and returned as partial sums.
+    x, q, scales, zeros, group_size, splits, w64 = problem(fmt, tokens, dtype)
+    for sparsity in (0.0, 0.5, 0.9):
+        thr = thresholds_for(x, sparsity, len(splits), per_channel=sparsity == 0.5)
+        ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+        for compact in (False, True):
+            y = grouped_sparse_gemv_triton(x, q, scales, zeros, group_size, thr, splits, compact)
+            assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype], (sparsity, compact)
+    parts = grouped_sparse_gemv_triton(x, q, scales, zeros, group_size, thr, splits, reduce=False)
+    assert parts.shape[0] == (2 if x.shape[1] >= 2 * group_size else 1) and rel_err(parts.sum(0), ref) < TOL[dtype]
+    # the op's CPU path (the reference, dequantizing on the fly) agrees
+    assert rel_err(sparse_gemv(x, q, thr, splits, False, scales, zeros, group_size), ref) < TOL[dtype]
+
+
+def test_grouped_kernel_skips_the_rows_and_scales_of_dropped_inputs():
+    # Rows under threshold are never loaded: poisoning their nibbles and every scale of groups with no kept row
+    # (NaN) must leave the output unchanged.
+    x, q, scales, zeros, group_size, splits, w64 = problem("int4 zero points", 1, torch.float32)
+    x[:, 64:128] = 0.01  # groups 2 and 3 (of 32 rows) wholly under threshold
+    thr = torch.full((3,), 0.5)
+    dropped = (x.abs() <= 0.5)[0]
+    q_bad, scales_bad, zeros_bad = q.clone(), scales.clone(), zeros.clone()
+    q_bad[dropped] = 0xFF
+    scales_bad[2:4], zeros_bad[2:4] = float("nan"), float("nan")
+    ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+    for compact in (False, True):
+        y = grouped_sparse_gemv_triton(x, q_bad, scales_bad, zeros_bad, group_size, thr, splits, compact)
+        assert torch.isfinite(y).all() and rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_grouped_op_checks_its_inputs_and_compiles_on_cpu():
+    x, q, scales, zeros, group_size, splits, w64 = problem("int4 zero points", 1, torch.float32)
+    thr = torch.full((3,), 0.3)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        sparse_gemv(x, q, thr, splits, False, scales, zeros, 48)
+    with pytest.raises(ValueError, match="multiple of 8 columns"):
+        sparse_gemv(x, q, thr, [36, 12, 16], False, scales, zeros, group_size)
+    with pytest.raises(TypeError, match="fp16 scales"):
+        sparse_gemv(x, q, thr, splits, False, scales.float(), zeros, group_size)
+    with pytest.raises(TypeError, match="zeros go with group-wise"):
+        sparse_gemv(x, q, thr, splits, False, None, zeros)
+    ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+    args = (q, thr, splits, False, scales, zeros, group_size)
+    f = torch.compile(lambda a: torch.ops.teal.sparse_gemv(a, *args), fullgraph=True)
+    assert rel_err(f(x), ref) < TOL[torch.float32]
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, (x, *args))
+    torch.library.opcheck(torch.ops.teal.sparse_gemv_partials.default, (x, *args))
+
+
+def test_sparse_linear_with_int4_weights_decodes_as_it_prefills():
+    # A layer quantized at load: its single-token steps (the sparse op) and its prefill (dequantized matmul) multiply
+    # by the same weights, which are the layer's dequantized ones.
+    linear = torch.nn.Linear(200, 96, bias=False)
+    layer = SparseLinear.from_linear(linear, (64, 32), group_quant=GroupQuant(4, 64, True))
+    assert layer.weight_t.shape == (200, 48) and layer.scales.shape == (4, 96) and not layer.int8
+    assert layer.row_bytes(96) == 96 * (0.5 + 4 / 64)
+    x = torch.randn(1, 5, 200)
+    w = layer.dense_weight(torch.float64)
+    assert (w - linear.weight.detach().double().t()).abs().max() <= layer.scales.double().max() / 2 * 1.01
+    prefill = layer(x)
+    steps = torch.cat([layer(x[:, i:i + 1]) for i in range(5)], dim=1)
+    assert torch.allclose(prefill, steps, atol=1e-5) and torch.allclose(prefill.double(), x.double() @ w, atol=1e-5)
+
+
+GGUF_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+@pytest.mark.parametrize("kind", GGUF_TYPES)
+def test_gguf_tensors_repack_bit_exactly(kind, tmp_path):
+    # Tensors quantized and written by the gguf package, read back, repacked: the repacked weight dequantizes to
+    # exactly gguf's own dequantization, and its scales (and zeros) are the blocks' fp16 d (and m) bit for bit.
+    import gguf
+    from convert_hf_checkpoint import repack_gguf
+    qtype = gguf.GGMLQuantizationType[kind]
+    w = (np.random.default_rng(0).standard_normal((40, 96)) * 0.1).astype(np.float32)  # [N, K]
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tensor("w", gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
+    assert tensor.tensor_type == qtype
+    weight_t, scales, zeros = repack_gguf(tensor.data, kind)
+    expect = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype).copy())  # [N, K]
+    assert torch.equal(dequantize_grouped(weight_t, scales, zeros, 32).t(), expect)
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    blocks = np.asarray(tensor.data).reshape(40, 3, size)
+    assert np.array_equal(scales.t().contiguous().numpy().view(np.uint8).reshape(40, 3, 2), blocks[..., :2])
+    assert (zeros is not None) == (kind == "Q4_1")
+    if zeros is not None:
+        assert np.array_equal(zeros.t().contiguous().numpy().view(np.uint8).reshape(40, 3, 2), blocks[..., 2:4])
+
+
+def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_tokens(default_checkpoint):
+    # The default GGUF converted twice: dequantized to fp32 (the default checkpoint) and with its Q4_1 projections
+    # repacked. Their weights are equal, and so are their greedy tokens, dense and at 50% sparsity (the quantized
+    # one runs its projections through the sparse op, which dequantizes on the fly on CPU).
+    from convert_hf_checkpoint import DEFAULT_QUANTIZED_CHECKPOINT, main as convert
+    from generate import generate, load_sparse_model
+    from model import load_model
+    from tokenizer import load_tokenizer
+    if not (DEFAULT_QUANTIZED_CHECKPOINT / "model.safetensors").exists():
+        convert(["--keep_quantization"])
+    quantized = load_model(DEFAULT_QUANTIZED_CHECKPOINT, dtype=torch.float32)
+    dense = load_model(default_checkpoint, dtype=torch.float32)
+    assert (DEFAULT_QUANTIZED_CHECKPOINT / "model.safetensors").stat().st_size * 2.5 < \
+        (default_checkpoint / "model.safetensors").stat().st_size
+    layer = quantized.layers[7].feed_forward.w13
+    assert layer.group_quant == GroupQuant(4, 32, True)
+    assert torch.equal(layer.dense_weight(torch.float32), dense.layers[7].feed_forward.w13.weight.detach().t())
+    tok = load_tokenizer(default_checkpoint)
+    prompt = torch.tensor(tok.encode("The capital of France is"), dtype=torch.int)
+    for sparsity in (0.0, 0.5):
+        a, _ = load_sparse_model(default_checkpoint, "cpu", torch.float32, sparsity, "greedy", None)
+        b, _ = load_sparse_model(DEFAULT_QUANTIZED_CHECKPOINT, "cpu", torch.float32, sparsity, "greedy", None)
+        new = [generate(m, prompt, 8, temperature=0)[0, prompt.numel():].tolist() for m in (a, b)]
+        assert new[0] == new[1], (sparsity, new)
+    with pytest.raises(SystemExit, match="stores its projections quantized already"):
+        load_sparse_model(DEFAULT_QUANTIZED_CHECKPOINT, "cpu", torch.float32, 0.5, "greedy", None,
+                          group_quant=GroupQuant())
