@@ -113,7 +113,8 @@ def attention_tensors(i: int, t: dict, args: ModelArgs, permute: bool) -> dict:
     expected = {"q.weight", "k.weight", "v.weight"} | ({"q.bias", "k.bias", "v.bias"} if args.qkv_bias else set()) \
         | ({"q_norm", "k_norm"} if args.qk_norm else set())
     if set(t) != expected:
-        raise ValueError(f"layer {i}: attention tensors {sorted(t)} do not match the config (expected {sorted(expected)})")
+        raise ValueError(f"layer {i}: attention tensors {sorted(t)} do not match the config "
+                         f"(expected {sorted(expected)})")
     out = {}
     for kind in ("weight", "bias") if args.qkv_bias else ("weight",):
         out[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([qk(t[f"q.{kind}"], args.n_head),
@@ -411,7 +412,8 @@ def write_checkpoint(out_dir: Path, state: dict, args: ModelArgs, dtype: torch.d
 def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]))
+        patterns = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, gated or misspelled: all leave the user needing the same alternatives
         raise SystemExit(f"could not download {repo_id!r} ({type(e).__name__}: {e}).\nOffline, convert a local copy "
                          "instead: --checkpoint_dir HF_FOLDER, --gguf FILE.gguf, or no arguments for the default SmolLM2.")

@@ -33,7 +33,7 @@ class ModelArgs:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     rope_scaling: dict | None = None  # Llama-3.1 style {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
-    rope_freq_factors: list[float] | None = None  # the same scaling as GGUF files store it: each frequency divided by one
+    rope_freq_factors: list[float] | None = None  # that scaling as GGUF files store it: a divisor per frequency
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2/2.5: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3: a per-head RMSNorm on q and k before RoPE
@@ -76,8 +76,8 @@ class ModelArgs:
         family = HF_ARCHITECTURES[arch]
         if config.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window) is not supported")
-        if config.get("attention_bias"):  # Llama's and Qwen3's flag puts a bias on the output projection too
-            raise ValueError(f"{arch} with attention_bias is not supported (biases only on Qwen2's q, k and v)")
+        if config.get("attention_bias") or config.get("mlp_bias"):  # Llama's and Qwen3's put one on o too
+            raise ValueError(f"{arch} with attention_bias or mlp_bias is not supported (biases only on Qwen2's q, k, v)")
         rope_base = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return cls(
@@ -128,9 +128,11 @@ CONFIGS = {
                           intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_SCALING),
     "mistral-7b": dict(block_size=32768, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
     "llama-3.2-1b": dict(block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_local_heads=8, dim=2048,
-                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING,
+                         tie_embeddings=True),
     "llama-3.2-3b": dict(block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_local_heads=8, dim=3072,
-                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+                         intermediate_size=8192, rope_base=500000.0, rope_scaling=_LLAMA32_SCALING,
+                         tie_embeddings=True),
     "qwen2.5-7b": dict(block_size=32768, vocab_size=152064, n_layer=28, n_head=28, n_local_heads=4, dim=3584,
                        intermediate_size=18944, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True),
     "qwen3-8b": dict(block_size=40960, vocab_size=151936, n_layer=36, n_head=32, n_local_heads=8, dim=4096,
@@ -181,8 +183,8 @@ class Transformer(nn.Module):
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads,
                                            self.config.head_dim, dtype).to(device)
-        freqs = precompute_freqs_cis(max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling,
-                                     self.config.rope_freq_factors)
+        c = self.config
+        freqs = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling, c.rope_freq_factors)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
         mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -246,7 +248,8 @@ class Attention(nn.Module):
 
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [B, S, (H + 2 H_kv) D] with each head of q and k RMS-normalised over D (before RoPE, which the
-        attention applies). A sparse wqkv of such a model returns its q, k and v summed (sparse.py), never as partials."""
+        attention applies). A sparse wqkv of such a model returns its q, k and v summed (sparse.py), not as
+        partials."""
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         heads = (*qkv.shape[:-1], -1, self.head_dim)
         q = self.q_norm(q.reshape(heads))[0].flatten(-2)

@@ -211,8 +211,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
-                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, bias={self.bias is not None}"
-                + (f", {self.group_quant}" if self.group_size else ""))
+                f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, "
+                f"bias={self.bias is not None}" + (f", {self.group_quant}" if self.group_size else ""))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

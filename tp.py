@@ -5,9 +5,9 @@ keeps whole heads); o and down are split by input channels, and the norm that re
 it first (AllReduceRMSNorm, swapped in for the model's norms). Sparse layers shard like dense ones:
 column-sharded layers threshold the full input with the full thresholds, row-sharded layers threshold their
 input slice with the matching slice of per-channel thresholds. q/k/v biases split with their rows; Qwen3's q/k norm
-weights (one per head size, shared by all heads) stay whole on every rank. On NCCL groups the decode step's all-reduces are
-one-shot all-reduces over symmetric memory fused with the residual add and the norm, unless set_one_shot(False)
-sends them through NCCL.
+weights (one per head size, shared by all heads) stay whole on every rank. On NCCL groups the decode step's
+all-reduces are one-shot all-reduces over symmetric memory fused with the residual add and the norm, unless
+set_one_shot(False) sends them through NCCL.
 """
 import datetime
 import gc

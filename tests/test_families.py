@@ -15,12 +15,13 @@ import torch.multiprocessing as mp
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder
 from generate import generate
 from model import ModelArgs, Transformer, load_model
-from sparse import LAYER_GROUPS, PROJECTIONS, set_thresholds, sparse_layers, sparsify
+from sparse import LAYER_GROUPS, PROJECTIONS, set_thresholds, sparsify
 from tests.test_sparse import thresholds_at
 from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, load_tokenizer
 
 VOCAB = 320  # the 256 byte symbols, some merges and the special tokens of the test tokenizers
-SPECIAL = {"qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL = {"qwen2": CHATML_SPECIAL, "qwen3": CHATML_SPECIAL,
            "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -166,7 +167,8 @@ def write_gguf(folder, path, family: str):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         for x in "qkv":
             t = hf[f"{p}self_attn.{x}_proj.weight"]
-            add(f"{b}attn_{x}.weight", permute_for_interleaved_rope(t, heads[x]) if family == "llama" and x != "v" else t)
+            permute = family == "llama" and x != "v"
+            add(f"{b}attn_{x}.weight", permute_for_interleaved_rope(t, heads[x]) if permute else t)
             if family == "qwen2":
                 add(f"{b}attn_{x}.bias", hf[f"{p}self_attn.{x}_proj.bias"])
         if family == "qwen3":
@@ -274,10 +276,24 @@ def test_sparse_decode_matches_masked_reference_eager_and_compiled(family):
             want = ref(tok, p)
             assert (step(sparse, tok, p) - want).abs().max() < 1e-4  # fp32, compiled: the order of additions differs
     torch._dynamo.reset()
+    # int8 weights (per-output-channel scales, the bias kept in the model's dtype) against the masked reference of the
+    # dense model holding the dequantized weights
+    from sparse import quantize_int8
+    dequantized = copy.deepcopy(dense)
+    with torch.no_grad():
+        for block in dequantized.layers:
+            for lin in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2):
+                q, scales = quantize_int8(lin.weight)
+                lin.weight.copy_(q.float() * scales[:, None])
+    int8 = sparsify(copy.deepcopy(dense), int8=True)
+    set_thresholds(int8, table)
+    assert torch.equal(generate(int8, prompt, 24, temperature=0),
+                       generate(masked_reference(dequantized, table), prompt, 24, temperature=0))
     # and the masking is real: the sparse model's logits differ from the dense model's
     dense.setup_caches(1, 64)
     with torch.no_grad():
-        assert (sparse(tokens[:, :8], torch.arange(8)) - dense(tokens[:, :8], torch.arange(8))).abs().max() < 1e-5  # prefill stays dense
+        prefill = sparse(tokens[:, :8], torch.arange(8)) - dense(tokens[:, :8], torch.arange(8))
+        assert prefill.abs().max() < 1e-5  # prefill stays dense
         sparse.setup_caches(1, 64)
         dense.setup_caches(1, 64)
         sparse(tokens[:, :4], torch.arange(4))
@@ -322,8 +338,8 @@ def test_sparse_tensor_parallel_matches_masked_reference(tmp_path, family):
 
 def test_qwen25_7b_widths_on_the_h100_tiles_with_masked_columns():
     # Qwen2.5-7B's widths (3584 = 7 x 512, 18944 = 37 x 512) are whole numbers of the H100 configs' K slices; each
-    # layer's real K and H100 config (132 SMs; the predicated kernel, the default below 70%) runs under the interpreter, its column groups cut to a strip and a part
-    # so the column mask is taken too, against the float64 masked product.
+    # layer's real K and H100 config (132 SMs; the predicated kernel, the default below 70%) runs under the interpreter,
+    # its column groups cut to a strip and a part so the column mask is taken too, against the float64 masked product.
     from sparse_gemv import sparse_gemv_triton
     from sparse_gemv.kernels import pick_config
     from sparse_gemv.ops import sparse_gemv_reference
@@ -357,8 +373,8 @@ def test_calibrate_perplexity_and_chat_on_each_family(tmp_path, family, monkeypa
     _, folder = tiny_hf(tmp_path, family)
     ckpt = convert_hf_folder(folder, tmp_path / "ckpt", "float32")
     tf = tmp_path / "thresholds.safetensors"
-    calibrate.main(["--checkpoint_path", str(ckpt), "--out", str(tf), "--data", str(SHARED_DATA / "wiki-calibration.txt"),
-                    "--tokens", "1024", "--seq_len", "128",
+    calibrate.main(["--checkpoint_path", str(ckpt), "--out", str(tf),
+                    "--data", str(SHARED_DATA / "wiki-calibration.txt"), "--tokens", "1024", "--seq_len", "128",
                     "--greedy_tokens", "32", "--greedy_step", "0.1", "--allocation_tokens", "128",
                     "--held_targets", "0.5", "--held_tokens", "1024"])
     out = tmp_path / "ppl.json"
@@ -368,7 +384,8 @@ def test_calibrate_perplexity_and_chat_on_each_family(tmp_path, family, monkeypa
                      "--out", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert all(np.isfinite(r["ppl"]) for r in rows.values()) and rows["dense"]["realized_sparsity"] == 0
-    assert abs(rows["uniform"]["realized_sparsity"] - 0.5) < 0.1 and abs(rows["allocated"]["realized_sparsity"] - 0.5) < 0.1
+    for method in ("uniform", "allocated"):
+        assert abs(rows[method]["realized_sparsity"] - 0.5) < 0.1, method
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nWhat is 2+2?\n"))
     generate_main(["--checkpoint_path", str(ckpt), "--interactive", "--max_new_tokens", "6", "--temperature", "0",
@@ -381,7 +398,8 @@ def test_calibrate_perplexity_and_chat_on_each_family(tmp_path, family, monkeypa
 def test_named_configs_are_the_published_config_json():
     # The shapes of Qwen2.5-7B, Qwen3-8B and Llama-3.2-1B/3B as their config.json files publish them
     llama32 = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-                   tie_word_embeddings=True, max_position_embeddings=131072, num_key_value_heads=8, intermediate_size=8192,
+                   tie_word_embeddings=True, max_position_embeddings=131072, num_key_value_heads=8,
+                   intermediate_size=8192,
                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     published = {
@@ -389,7 +407,8 @@ def test_named_configs_are_the_published_config_json():
                            intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
                            max_position_embeddings=32768),
-        "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096,
+                         intermediate_size=12288,
                          num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
                          max_position_embeddings=40960),

@@ -293,6 +293,37 @@ def test_cats_kernel_matches_the_formula(dtype, tokens, d, inter):
     assert rel_err(torch.where(clear, h, 0), torch.where(clear, ref, 0)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_compiled_sparse_decode_of_each_family_matches_the_masked_reference(family):
+    # Qwen2's biased q/k/v and Qwen3's normed q/k summed in the graph ("add") ahead of the attention kernel, Llama-3.2's
+    # handed to it as partials: the compiled step (CUDA graphs, the Triton kernels) against the masked PyTorch
+    # reference run eagerly on the same tokens, fp32.
+    import copy
+    import generate
+    from sparse import set_thresholds, sparsify
+    from tests.test_families import masked_reference, tiny_family_model
+    from tests.test_sparse import thresholds_at
+    dense = tiny_family_model(family)
+    table = thresholds_at(dense, 0.5)
+    ref = masked_reference(dense, table).cuda()
+    sparse = sparsify(copy.deepcopy(dense).cuda())
+    set_thresholds(sparse, table)
+    step = torch.compile(generate.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    prompt = torch.tensor([[5, 17, 42, 7]], device="cuda")
+    with torch.no_grad():
+        for m in (ref, sparse):
+            m.setup_caches(1, 64)
+            m(prompt, torch.arange(4, device="cuda"))
+        token = prompt[:, -1:]
+        for pos in range(4, 30):
+            input_pos = torch.tensor([pos], device="cuda")
+            want = ref(token, input_pos)
+            got = step(sparse, token, input_pos, temperature=0)
+            assert int(got) == int(want.argmax()), f"position {pos}"
+            token = got.view(1, 1).clone()
+    torch._dynamo.reset()
+
+
 def one_shot_worker(rank, world, port, result_dir):
     """Many consecutive fused all-reduce + residual add + RMSNorm calls on distinct inputs (both buffer slots, several
     sizes, 1-8 tokens), eager and replayed from a CUDA graph: the sum against the float64 sum of every rank's input
