@@ -180,6 +180,8 @@ def gguf_tokenizer_json(reader) -> tuple[str, dict]:
     tok.decoder = decoders.ByteLevel()
     control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(control)
+    # user-defined tokens (Qwen's <think>, <tool_call>) are matched whole in text too, but are not special
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
     bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
     config = {
         "bos_token": tokens[bos] if bos is not None else None,

@@ -21,6 +21,7 @@ from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, load_tokenizer
 
 VOCAB = 320  # the 256 byte symbols, some merges and the special tokens of the test tokenizers
 CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK = ["<think>", "</think>"]  # Qwen3's added tokens that are not special (user-defined in a GGUF)
 SPECIAL = {"qwen2": CHATML_SPECIAL, "qwen3": CHATML_SPECIAL,
            "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -41,7 +42,8 @@ TEXT = ("The capital of France is Paris. In 1889 the Eiffel Tower opened; it is 
 def make_tokenizer(family: str):
     """A small byte-level BPE trained on TEXT with the family's pre-tokenizer, as its real tokenizer.json has it
     (Qwen: the Qwen2 split pattern and NFC; Llama-3: its pattern and a BOS token added by the post-processor)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_PATTERN if family == "llama" else QWEN2_PATTERN), behavior="isolated"),
@@ -49,9 +51,11 @@ def make_tokenizer(family: str):
     if family != "llama":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    added = [] if family == "llama" else THINK
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(added), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=SPECIAL[family], show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if family == "llama":
         tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                            special_tokens=[("<|begin_of_text|>", 0)])
@@ -128,11 +132,12 @@ def write_gguf(folder, path, family: str):
         w.add_value_length(cfg["head_dim"])
     vocab = sorted({**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}.items(),
                    key=lambda kv: kv[1])
-    special = {t["content"] for t in tok["added_tokens"]}
+    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    user_defined = {t["content"] for t in tok["added_tokens"] if not t["special"]}
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe" if family == "llama" else "qwen2")
     w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_types([3 if t in special else 4 if t in user_defined else 1 for t, _ in vocab])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     names = [t for t, _ in vocab]
     if family == "llama":
@@ -191,13 +196,14 @@ def test_hf_folder_and_gguf_convert_and_decode_as_transformers(tmp_path, family)
     hf, folder = tiny_hf(tmp_path, family)
     write_gguf(folder, tmp_path / "tiny.gguf", family)
     reference_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    text = "In 1889 the tower's 330 metres: don't split  numbers 12345!\nCafe\u0301 {}"
+    text = "In 1889 the tower's 330 metres: don't split  numbers 12345!\nCafe\u0301 {}<think>\n\n</think>\n<|im_end|>"
     for out in (convert_hf_folder(folder, tmp_path / "from-hf", "float32"),
                 convert_gguf(tmp_path / "tiny.gguf", tmp_path / "from-gguf", "float32")):
         tok = load_tokenizer(out)
         # the same ids as the tokenizer.json transformers runs (Llama-3's BOS included, from its post-processor)
         assert tok.encode(text) == reference_tok.encode(text).ids
-        assert tok.decode(tok.encode(text, bos=False)) == reference_tok.decode(reference_tok.encode(text).ids)
+        plain = reference_tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(tok.encode(text, bos=False)) == reference_tok.decode(plain, skip_special_tokens=False)
         stop = {"llama": ["<|end_of_text|>", "<|eot_id|>"], "qwen2": ["<|endoftext|>", "<|im_end|>"]}
         assert set(tok.stop_ids) >= {reference_tok.token_to_id(t) for t in stop.get(family, stop["qwen2"])} - \
             ({reference_tok.token_to_id("<|end_of_text|>"), reference_tok.token_to_id("<|endoftext|>")}
