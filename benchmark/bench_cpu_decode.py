@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from cli import fraction, positive_int
 from generate import cpu_threads, load_sparse_model, measure_realized_sparsity, timed_generate, weight_bytes
+from thresholds.file import MAX_SPARSITY, MODES
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,12 +53,12 @@ def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
-    p.add_argument("--sparsity_mode", default="uniform")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--sparsity", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.5])
+    p.add_argument("--sparsity_mode", default="uniform", choices=MODES)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--max_new_tokens", type=positive_int, default=100)
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--threads", type=int, help="default: as generate.py picks them")
+    p.add_argument("--threads", type=positive_int, help="default: as generate.py picks them")
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/cpu-decode-<model>.json; PNG beside)")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.max_new_tokens < 2:

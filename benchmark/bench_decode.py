@@ -27,12 +27,13 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
+from cli import fraction, positive_int
 from generate import (SPARSE_KERNELS, add_int4_args, decode_one_token, int4_quant, measure_realized_sparsity, prefill,
                       set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
-from thresholds.file import MODES
+from thresholds.file import MAX_SPARSITY, MODES
 from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
@@ -305,15 +306,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS), help="named config with random weights")
     p.add_argument("--checkpoint_path", type=Path, help="a converted checkpoint (uses its threshold file)")
-    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    p.add_argument("--sparsities", type=fraction(0, MAX_SPARSITY), nargs="+", default=list(SPARSITIES))
     p.add_argument("--mode", default="uniform", choices=MODES,
                    help="threshold allocation of the sparse model (cats: CATS's MLP-only sparsity)")
-    p.add_argument("--cats_sparsities", type=float, nargs="*", default=[],
+    p.add_argument("--cats_sparsities", type=fraction(0, MAX_SPARSITY), nargs="*", default=[],
                    help="after the --mode rows, a CATS model in the same process at these MLP sparsities")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--prompt_tokens", type=int, default=5)
-    p.add_argument("--new_tokens", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt_tokens", type=positive_int, default=5)
+    p.add_argument("--new_tokens", type=positive_int, default=200)
+    p.add_argument("--runs", type=positive_int, default=3)
     p.add_argument("--sparse_kernel", default="predicated", choices=list(SPARSE_KERNELS),
                    help="kernel variant: every layer predicated or compact, or compact for gate/up (and down) only")
     p.add_argument("--int8", action="store_true", help="the sparse model's seven projections in int8 (per-output-channel "

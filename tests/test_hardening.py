@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_hf_checkpoint
 import generate
-from benchmark import perplexity
+from benchmark import bench_cpu_decode, bench_decode, perplexity
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder, write_checkpoint
 from model import ModelArgs, config_hash, load_model
 from sparse_gemv import sparse_gemv_reference, sparse_gemv_triton
@@ -199,7 +199,7 @@ def test_chat_template_from_gguf_runs_no_code(tmp_path):
 
 def test_model_names_from_files_stay_inside_their_folders(tmp_path, monkeypatch):
     evil = "../../hardening-escape"
-    escapes = [SHIPPED / f"{evil}-135m.safetensors", tmp_path / "repo" / "benchmark" / "hardening-escape-135m.json"]
+    escapes = [SHIPPED / f"{evil}-135m.safetensors"]  # where the unfixed calibrate wrote
     monkeypatch.chdir(tmp_path)
     try:
         convert_hf_checkpoint.main(["--gguf", str(tiny_gguf(tmp_path / "evil.gguf", basename=evil))])
@@ -518,6 +518,8 @@ CLI_CASES = {
         perplexity.main, lambda t, d: ["--checkpoint_path", t["ckpt"], "--methods", "dense", "--out", d / "p.json",
                                        "--data", (d / "bin.txt", (d / "bin.txt").write_bytes(BINARY))[0]],
         "bin.txt is not UTF-8"),
+    "bench_decode: --runs 0": (bench_decode.main, lambda t, d: ["--runs", "0"], "--runs"),
+    "bench_cpu_decode: --sparsity 1": (bench_cpu_decode.main, lambda t, d: ["--sparsity", "1"], "--sparsity"),
     "convert: truncated safetensors in an HF folder": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: _truncate(
             f / "model.safetensors")), "--out_dir", d / "out"], "model.safetensors is not a readable weight file"),
