@@ -221,6 +221,12 @@ def measure_realized_sparsity(model: Transformer, seq: torch.Tensor, prompt_len:
     return {"model": meter.model_sparsity(), "mlp": meter.mlp_sparsity(), "sparse_bytes_moved": moved}
 
 
+def median_sample(results: list[dict]) -> dict:
+    """The sample with the median tokens/s (the upper one of an even count), reported whole: its other figures are
+    its own, not the medians of each figure taken separately."""
+    return sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]
+
+
 def cpu_threads(requested: int | None = None) -> int:
     """Threads for CPU decoding: `requested`, else OMP_NUM_THREADS when set, else the cores the 1-minute load average
     leaves free (at least one). A decode step is hundreds of small operations, each a parallel region whose OpenMP
@@ -299,8 +305,8 @@ def main(argv=None):
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes, no CUDA graphs): a shorter time to the first token")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: OMP_NUM_THREADS if set, else the cores the load "
-                   "average leaves free)")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads (default: OMP_NUM_THREADS if set, else the cores the load average leaves free)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--sparsity", type=fraction(0, MAX_SPARSITY), default=0.0,
@@ -389,9 +395,9 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else ""))
 
     if a.compile and device == "cpu":
-        log("note: --compile is for CUDA (the decode step as a CUDA graph). On CPU it compiles for a minute or more and "
-            "decodes slower than without it, since eager CPU decoding already skips weight rows without the op "
-            "overhead a compiled graph keeps; it runs here to check the compiled path. Leave it out for speed.")
+        log("note: --compile is made for CUDA graphs. On CPU it compiles for a minute or more first, then speeds a dense "
+            "model up by fusing its small operations; a sparse model gains little, since its layers stay custom ops "
+            "that run the same CPU path as without it.")
     decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile else decode_one_token
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
 
@@ -438,9 +444,9 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if not results:
         return
 
-    mid = sorted(results, key=lambda r: r["tok_s"])[len(results) // 2]  # the median sample, by tokens/s
+    mid = median_sample(results)
     log("=" * 60)
-    log(f"median over {len(results)} samples: {mid['tok_s']:.2f} tokens/s, "
+    log(f"median sample of {len(results)}: {mid['tok_s']:.2f} tokens/s, "
         f"{sizes['total'] * mid['steps_s'] / 1e9:.2f} GB/s dense-equivalent, "
         f"first token after {1e3 * mid['to_first']:.1f} ms (sample {results.index(mid) + 1})")
     if a.sparsity > 0:  # over the last sample

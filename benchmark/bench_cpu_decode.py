@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from cli import fraction, positive_int
-from generate import cpu_threads, load_sparse_model, measure_realized_sparsity, timed_generate, weight_bytes
+from generate import (cpu_threads, decode_one_token, load_sparse_model, measure_realized_sparsity, timed_generate,
+                      weight_bytes)
 from thresholds.file import MAX_SPARSITY, MODES
 from tokenizer import load_tokenizer
 
@@ -59,7 +60,9 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=positive_int, default=100)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--threads", type=positive_int, help="default: as generate.py picks them")
-    p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/cpu-decode-<model>.json; PNG beside)")
+    p.add_argument("--compile", action="store_true", help="decode steps compiled (generate.py --compile)")
+    p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/cpu-decode-<model>[-compiled].json; "
+                   "PNG beside)")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.max_new_tokens < 2:
         raise SystemExit("--rounds must be at least 1 and --max_new_tokens at least 2")
@@ -70,14 +73,16 @@ def main(argv=None):
         models[s] = load_sparse_model(a.checkpoint_path, "cpu", torch.float32, s, a.sparsity_mode, None)[0]
     tokenizer = load_tokenizer(a.checkpoint_path)
     prompt = torch.tensor(tokenizer.encode(a.prompt), dtype=torch.int)
-    for model in models.values():  # warm-up
-        timed_generate(model, prompt, 8, temperature=0)
+    decode_fns = {s: torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile
+                  else decode_one_token for s in models}
+    for s, model in models.items():  # warm-up (and compilation)
+        timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
     samples = {s: [] for s in models}
     copies = []
     for _ in range(a.rounds):
         copies.append(copy_bandwidth())
         for s, model in models.items():
-            seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0)
+            seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
             new = seq.shape[1] - prompt.numel()
             samples[s].append({"tok_s": new / times["total"],
                                "decode_tok_s": (new - 1) / (times["total"] - times["to_first"]), "seq": seq})
@@ -110,14 +115,15 @@ def main(argv=None):
     print(f"copy bandwidth {copy / 1e9:.2f} GB/s (median of rounds {[round(c / 1e9, 2) for c in copies]}), "
           f"{torch.get_num_threads()} threads, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     result = {"model": models[0.0].config.name, "device": cpu_name(), "cores": os.cpu_count(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32", "compile": a.compile,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmark.bench_cpu_decode " + " ".join(sys.argv[1:] if argv is None else argv),
               "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "rounds": a.rounds,
               "sparsity_mode": a.sparsity_mode, "copy_gb_s": copy / 1e9, "copy_gb_s_rounds": [c / 1e9 for c in copies],
               "dense_weight_bytes": dense_bytes, "load_average_before": load_before, "load_average_after": load_after,
               "rows": rows}
-    out = a.out or REPO / "benchmark" / "results" / f"cpu-decode-{result['model']}.json"
+    stem = f"cpu-decode-{result['model']}" + ("-compiled" if a.compile else "")
+    out = a.out or REPO / "benchmark" / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.partial")
     tmp.write_text(json.dumps(result, indent=1))
@@ -138,7 +144,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{result['model']} on CPU, {result['threads']} threads; copy {result['copy_gb_s']:.1f} GB/s")
+    ax.set_title(f"{result['model']} on CPU{', compiled' if result['compile'] else ''}, {result['threads']} threads; "
+                 f"copy {result['copy_gb_s']:.1f} GB/s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

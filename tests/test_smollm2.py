@@ -113,3 +113,24 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
         apply_thresholds(model, tf, s, mode)
         real = evaluate(model, windows, 512, f"{mode} {s}")["realized_sparsity"]
         assert abs(real - s) < 0.02, (mode, s, real)
+
+
+def test_median_sample_is_one_sample_whole():
+    from generate import median_sample
+    samples = [{"tok_s": 1.0, "to_first": 0.001}, {"tok_s": 2.0, "to_first": 0.009}, {"tok_s": 3.0, "to_first": 0.005}]
+    # the per-figure medians would pair 2.0 tokens/s with 5 ms; the median sample took 9 ms
+    assert median_sample(samples) is samples[1]
+    assert median_sample(samples[:2]) is samples[1]
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+    from generate import cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, want in ((0.2, 4), (1.4, 3), (3.6, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert cpu_threads() == want, load
+    assert cpu_threads(6) == 6  # asked for
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == torch.get_num_threads()  # the user's setting, which torch took at start

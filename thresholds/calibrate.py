@@ -2,7 +2,7 @@
 
     python -m thresholds.calibrate                       # default model, calibrated on C4 (allenai/c4, streamed)
     python -m thresholds.calibrate --checkpoint_path checkpoints/X --data text.txt --tokens 20480 --out x.safetensors
-    python -m thresholds.calibrate --dataset Salesforce/wikitext:wikitext-2-raw-v1:train   # another Hugging Face dataset
+    python -m thresholds.calibrate --dataset Salesforce/wikitext:wikitext-2-raw-v1:train   # another HF dataset
 
 The file goes into the checkpoint's folder (thresholds.safetensors), where generate.py and the benchmarks find it
 before the shipped thresholds/<model>.safetensors; --out writes elsewhere (also over a shipped file, when asked).
