@@ -168,7 +168,10 @@ def main(argv=None):
     if not (Path(a.checkpoint_path) / "model.safetensors").exists() and a.checkpoint_path == DEFAULT_CHECKPOINT:
         from convert_hf_checkpoint import main as convert
         convert([])
-    task_manager = TaskManager(include_path=str(a.include_path) if a.include_path else None)
+    # lm_eval's own tasks are indexed only when a task needs them (indexing them takes about half a minute)
+    task_manager = TaskManager(include_path=str(a.include_path), include_defaults=False) if a.include_path else None
+    if task_manager is None or set(a.tasks) - set(task_manager.all_tasks):
+        task_manager = TaskManager(include_path=str(a.include_path) if a.include_path else None)
     unknown = [t for t in a.tasks if t not in task_manager.all_tasks]
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; `lm_eval ls tasks` lists them, --include_path adds local YAML ones")

@@ -114,3 +114,19 @@ def test_rolling_loglikelihood_covers_every_token_once_decode_faithfully(default
         ctx = full[max(0, start + n - 16): start + 1]
         want += direct_logprob(lm.model, ctx, ids[start:start + n])
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_cli_writes_json_and_plot_for_local_tasks(tmp_path, default_checkpoint, monkeypatch):
+    from benchmark.downstream import main
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    write_tasks(tmp_path)
+    out = tmp_path / "downstream.json"
+    main(["--checkpoint_path", str(default_checkpoint), "--include_path", str(tmp_path), "--tasks", "teal_mc",
+          "--sparsities", "0", "0.5", "--sparsity_mode", "cats", "--max_length", "256", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["task"], r["mode"], r["sparsity"], r["metric"]) for r in rows] == [
+        ("teal_mc", "dense", 0.0, "acc,none"), ("teal_mc", "cats", 0.5, "acc,none")]
+    assert rows[0]["value"] == 1.0  # the dense model knows all three (as in the test above)
+    assert out.with_suffix(".png").stat().st_size > 0
