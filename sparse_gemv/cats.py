@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_gemv.kernels import MAX_TOKENS, fp32_products, INTERPRET, pdl_launch
+from sparse_gemv.kernels import INTERPRET, MAX_TOKENS, fp32_products, pdl_launch
 
 
 @triton.jit
