@@ -263,6 +263,9 @@ def load_sparse_model(checkpoint_path: Path, device, dtype, sparsity: float, mod
         raise SystemExit("--sparsity_mode cats keeps the model's weight dtype; drop --int8 / --int4")
     model = load_model(checkpoint_path, device=device, dtype=dtype)
     stored = next((layer.group_quant for _, _, layer in sparse_layers(model)), None)
+    if mode == "cats" and stored is not None:
+        raise SystemExit(f"{checkpoint_path} stores its projections quantized; --sparsity_mode cats needs a checkpoint "
+                         "in a float dtype (convert it without --keep_quantization)")
     if stored is not None and (int8 or group_quant is not None):
         raise SystemExit(f"{checkpoint_path} stores its projections quantized already ({stored.bits}-bit, groups of "
                          f"{stored.group_size}): run it without --int4 / --int8")
