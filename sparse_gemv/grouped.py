@@ -244,7 +244,7 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
     return tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
 
 
-def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, bits: int) -> dict:
+def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int) -> dict:
     """Tile and K split, by rule. A predicated tile is one group of rows; the strip width keeps a tile's dequantized
     weights at 8192 fp32 values (64 registers a thread with four warps), so 128-row groups take 64-column strips.
     Compact tiles are 32 kept rows of one group. The K split is doubled until the grid gives every SM about two
@@ -258,12 +258,12 @@ def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
 
-def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, bits: int) -> dict:
+def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int) -> dict:
     """The launch's meta-parameters (its SPLIT_K is how many partials reduce=False returns)."""
     if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
         return {"BLOCK_N": 32, "BLOCK_K": 16 if compact else group_size,
                 "SPLIT_K": 2 if k >= 2 * group_size else 1, "COMPACT": compact, "STAGES": 1}
-    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size, bits)
+    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size)
 
 
 def workspace_rows(k: int, group_size: int) -> int:
@@ -288,7 +288,7 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size, bits))
+    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size))
     warps = meta.pop("num_warps", 4)
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:

@@ -157,8 +157,7 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
 @sparse_gemv_partials.register_fake
 def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None, zeros=None, group_size=0):
     if _on_kernel(x) and group_size:  # as many partials as the launch's K split
-        bits = 4 if weight_t.dtype == torch.uint8 else 8
-        splits = grouped_config(x.device, x.shape[1], split_sizes, compact, group_size, bits)["SPLIT_K"]
+        splits = grouped_config(x.device, x.shape[1], split_sizes, compact, group_size)["SPLIT_K"]
     elif _on_kernel(x):
         int8 = weight_t.dtype == torch.int8
         splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False, int8=int8)["SPLIT_K"]
