@@ -19,8 +19,8 @@ def check_inputs(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
                  scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, group_size: int = 0) -> None:
     if x.dim() != 2:
         raise ValueError(f"sparse_gemv: x must be [tokens, K], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"sparse_gemv: x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES and not (x.dtype == torch.float64 and x.device.type == "cpu"):
+        raise TypeError(f"sparse_gemv: x must be one of {SUPPORTED_DTYPES} (or float64 on CPU), got {x.dtype}")
     if group_size:
         check_grouped(x, weight_t, scales, zeros, group_size, split_sizes)
     else:

@@ -103,7 +103,10 @@ def test_harness_scores_match_the_models_own(tmp_path, default_checkpoint, monke
 
 def test_rolling_loglikelihood_covers_every_token_once_decode_faithfully(default_checkpoint):
     from lm_eval.api.instance import Instance
-    lm = TealFastLM(default_checkpoint, 0.5, "cats", max_length=16)  # CATS here, TEAL through the harness above
+    # CATS here, TEAL through the harness above. In float64: the harness scores a window in one masked forward, the
+    # reference below token by token, and on the CPU the two add their products in different orders; in float32 a
+    # last-bit difference can move an activation across its threshold, in float64 that is vanishingly rare.
+    lm = TealFastLM(default_checkpoint, 0.5, "cats", max_length=16, dtype="float64")
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the dark forest."
     ids = lm.tokenizer.encode(text, bos=False)
     assert len(ids) > 16  # several windows
