@@ -20,33 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_gemv.attention_tiles import attend, load_qkv, rope
 from sparse_gemv.kernels import fp32_products, pdl_launch
 from sparse_gemv.ops import add_partials
 
 CHUNK = 256  # positions per split; a cache of up to this many positions is one launch
 MAX_SPLITS = 64
-
-
-@triton.jit
-def _load_qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
-    """Elements of the token's qkv row, in fp32 holding dtype values. With PARTS > 0 the row arrives as that many fp32
-    partial sums over slices of K (a sparse projection's, teal::sparse_gemv_partials, part_stride apart): added in
-    order and rounded to dtype once, as the projection's own reduction rounds its output."""
-    if PARTS == 0:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    total = tl.load(ptrs, mask=mask, other=0.0)
-    for part in tl.static_range(1, PARTS):
-        total += tl.load(ptrs + part * part_stride, mask=mask, other=0.0)
-    return total.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
-    """Load interleaved (even, odd) pairs at ptrs (even elements) and rotate them by the position's angles in fp32,
-    rounded to dtype, as apply_rotary_emb does; returned as [..., pairs, 2] (reshaped by the caller)."""
-    even = _load_qkv(ptrs, mask, part_stride, PARTS, dtype)
-    odd = _load_qkv(ptrs + 1, mask, part_stride, PARTS, dtype)
-    return tl.join((even * cos - odd * sin).to(dtype), (odd * cos + even * sin).to(dtype))
 
 
 @triton.jit
@@ -76,44 +55,21 @@ def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, p
     length = pos + 1  # causal: the token at position p sees positions 0..p
     dtype = o_ptr.dtype.element_ty
     row = qkv_ptr + b * stride_qkv  # [q heads | k heads | v heads] x D
-    q = _rope(row + heads[:, None] * D + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :], cos[None, :],
+    q = rope(row + heads[:, None] * D + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :], cos[None, :],
               sin[None, :], stride_part, PARTS, dtype).reshape(BLOCK_H, BLOCK_D)
     if split == pos // SPLIT_LEN:
         # The one program whose positions include the new token writes its k and v into the cache, then reads
         # them back with the rest (the barrier makes the row visible to all of this program's threads).
-        k_new = _rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, stride_part, PARTS,
+        k_new = rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, stride_part, PARTS,
                       dtype).reshape(BLOCK_D)
         tl.store(k_base + pos * stride_ks + offs_d, k_new, mask=d_mask)
-        v_new = _load_qkv(row + (HKV * REP + HKV + kvh) * D + offs_d, d_mask, stride_part, PARTS, dtype).to(dtype)
+        v_new = load_qkv(row + (HKV * REP + HKV + kvh) * D + offs_d, d_mask, stride_part, PARTS, dtype).to(dtype)
         tl.store(v_base + pos * stride_ks + offs_d, v_new, mask=d_mask)
         tl.debug_barrier()
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, length)
-    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < end
-        kv_off = offs_s[:, None] * stride_ks + offs_d[None, :]
-        kv_mask = s_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        # Query heads padded to BLOCK_H >= 16 rows make both products tensor-core shaped.
-        if DOT_FP32:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(s_mask[None, :], scores * sm_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: every block holds at least one position
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+    m, l, acc = attend(q, k_base, v_base, start, end, stride_ks, offs_d, d_mask, sm_scale, BLOCK_H, BLOCK_D, BLOCK_S,
+                       DOT_FP32)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     out = acc / tl.where(l > 0, l, 1.0)[:, None]

@@ -8,6 +8,7 @@
     torchrun --nproc_per_node=2 generate.py --checkpoint_path ... --sparsity 0.5 --compile   # tensor parallel
 """
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -21,9 +22,10 @@ import torch._inductor.config
 import sparse_gemv.kernels
 from cli import fraction, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
-from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, set_mask_prefill, sparse_layers,
-                    sparsify)
+from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, frozen, set_mask_prefill,
+                    sparse_layers, sparsify)
 from sparse_gemv.grouped import GROUP_SIZES
+from sparse_gemv.persistent import DecodeLayers
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
 
@@ -45,6 +47,7 @@ INT8_GATE_UP_COMPACT_FROM = 0.5
 CHAT_PROMPT_TOKENS = 512
 SPARSE_KERNELS = {"predicated": (), "compact": tuple(LAYER_GROUPS), "gate-up-compact": ("feed_forward.w13",),
                   "mlp-compact": ("feed_forward.w13", "feed_forward.w2")}
+ENGINES = ("per-layer", "persistent", "persistent-stepped")
 
 
 def compact_layers(kernel: str, sparsity: float, quantized: bool) -> tuple[str, ...]:
@@ -112,6 +115,87 @@ def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **samp
 
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling_kwargs) -> torch.Tensor:
     return sample(model(x, input_pos), **sampling_kwargs)
+
+
+def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = False) -> DecodeLayers:
+    """The decoder layers as one persistent kernel's input (sparse_gemv/persistent.py): each kind of layer tensor
+    stacked into one [n_layer, ...] tensor, and the layers' own tensors made views of it, so there is one copy in
+    memory and prefill, the per-layer path and set_thresholds all use the stacked tensors. The model must be sparse
+    (sparsify; thresholds 0 for dense decoding). programs: the persistent grid (0: every program the GPU holds at
+    once); stepped: one launch per phase (the CPU's mode, and a debugging switch on a GPU)."""
+    blocks = model.layers
+    if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
+        raise ValueError("the persistent engine runs sparse layers: sparsify the model first (thresholds 0 decode "
+                         "densely)")
+    if any(layer.group_size for _, _, layer in sparse_layers(model)):
+        raise ValueError("the persistent engine runs bf16/fp16/fp32 or int8 weights; 4-bit and Q8_0 group-wise weights "
+                         "run on --engine per-layer")
+    kinds = {(layer.per_channel, layer.int8) for _, _, layer in sparse_layers(model)}
+    if len(kinds) != 1:
+        raise ValueError("the persistent engine needs every layer's thresholds of one kind and weights of one format")
+
+    def stack(get, put):
+        first = get(blocks[0])
+        stacked = torch.empty((len(blocks), *first.shape), dtype=first.dtype, device=first.device)
+        for i, block in enumerate(blocks):  # one layer at a time, so memory holds one extra layer's tensor at most
+            stacked[i].copy_(get(block))
+            put(block, frozen(stacked[i]))
+        return stacked
+
+    def layer_tensors(path, name):
+        owner, attr = path.split(".")
+        return stack(lambda b: getattr(getattr(getattr(b, owner), attr), name),
+                     lambda b, t: setattr(getattr(getattr(b, owner), attr), name, t))
+    with torch.no_grad():
+        norms = torch.empty((len(blocks), 2, model.config.dim), dtype=blocks[0].attention_norm.weight.dtype,
+                            device=blocks[0].attention_norm.weight.device)
+        for i, block in enumerate(blocks):
+            for j, norm in enumerate((block.attention_norm, block.ffn_norm)):
+                norms[i, j].copy_(norm.weight)
+                norm.weight = frozen(norms[i, j])
+        paths = tuple(LAYER_GROUPS)
+        weights = [layer_tensors(p, "weight_t") for p in paths]
+        thresholds = [layer_tensors(p, "thresholds") for p in paths]
+        scales = [layer_tensors(p, "scales") for p in paths] if blocks[0].attention.wqkv.int8 else []
+    return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped)
+
+
+def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: DecodeLayers,
+                                **sampling_kwargs) -> torch.Tensor:
+    """decode_one_token with every decoder layer in one kernel (persistent_layers); the final norm, the LM head and
+    sampling as before."""
+    h = layers(x, input_pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+    return sample(model.output(model.norm(h)[0]), **sampling_kwargs)
+
+
+def check_engine(engine: str, rank: int | None, batch_size: int, device: str, mode: str = "uniform",
+                 int4: bool = False) -> None:
+    """Refuse what the persistent engine does not run, before anything is loaded."""
+    if engine == "per-layer":
+        return
+    if int4:
+        raise SystemExit(f"--engine {engine} runs bf16/fp16/fp32 or --int8 weights; --int4 runs on --engine per-layer")
+    if mode == "cats":
+        raise SystemExit(f"--engine {engine} runs TEAL's thresholded projections; CATS's MLP (--sparsity_mode cats) "
+                         "runs on --engine per-layer")
+    if rank is not None:
+        raise SystemExit(f"--engine {engine} runs on one GPU: tensor parallel (torchrun) is not supported; use "
+                         "--engine per-layer")
+    if batch_size != 1:
+        raise SystemExit(f"--engine {engine} decodes batch 1 only, got --batch_size {batch_size}")
+    if not device.startswith("cuda") and not sparse_gemv.kernels.INTERPRET:
+        raise SystemExit(f"--engine {engine} runs a Triton kernel: it needs --device cuda (or TRITON_INTERPRET=1 on the "
+                         "CPU, slowly)")
+
+
+def decode_step(model: Transformer, engine: str):
+    """The decode step function for --engine (and the stacked layers it runs, None for per-layer)."""
+    if engine == "per-layer":
+        return decode_one_token, None
+    if not any(True for _ in sparse_layers(model)):
+        sparsify(model)  # thresholds 0: the dense model through the same kernel
+    layers = persistent_layers(model, stepped=engine == "persistent-stepped")
+    return functools.partial(decode_one_token_persistent, layers=layers), layers
 
 
 def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=lambda _: None,
@@ -327,6 +411,10 @@ def main(argv=None):
     add_int4_args(p)
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
+    p.add_argument("--engine", default="per-layer", choices=ENGINES,
+                   help="decode step: a kernel per layer and projection (per-layer), every decoder layer in one "
+                        "persistent kernel (persistent; batch 1, one GPU; at sparsity 0 the dense model runs through "
+                        "it with zero thresholds), or that kernel one launch per phase (persistent-stepped: debugging)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
                    help="tensor parallel: decode all-reduces as one-shot all-reduces over symmetric memory instead "
                         "of NCCL's; default: on for sparse decoding, off for dense (each one's faster choice)")
@@ -341,6 +429,8 @@ def main(argv=None):
     rank = maybe_init_dist(timeout_s=86400 if a.interactive else 120)
     if rank is not None and a.sparsity_mode == "cats":
         raise SystemExit("--sparsity_mode cats runs on one GPU; tensor parallelism shards TEAL's layers only")
+    check_engine(a.engine, rank, a.batch_size, resolve_device(a.device) if rank is None else "cuda", a.sparsity_mode,
+                 a.int4)
     run(a, rank)
     if rank is not None:  # on an error, leave as before: torchrun ends the other ranks
         shutdown_dist()
@@ -395,13 +485,15 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     log(f"loaded {model.config.name} ({dtype}, {device}"
         + (f", {torch.get_num_threads()} threads" if device == "cpu" else "") + f") in {time.perf_counter() - t0:.2f}s"
         + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else "")
-        + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else ""))
+        + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else "")
+        + (f", {a.engine} engine" if a.engine != "per-layer" else ""))
 
     if a.compile and device == "cpu":
         log("note: --compile is made for CUDA graphs. On CPU it compiles for a minute or more first, then speeds a dense "
             "model up by fusing its small operations; a sparse model gains little, since its layers stay custom ops "
             "that run the same CPU path as without it.")
-    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile else decode_one_token
+    step, layers = decode_step(model, a.engine)
+    decode_fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if a.compile else step
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
 
     sizes = weight_bytes(model)
@@ -444,6 +536,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         log(f"sample {i + 1}: {new} tokens in {dt:.2f} s (the first after {1e3 * times['to_first']:.1f} ms), "
             f"{tok_s:.2f} tokens/s, {sizes['total'] * new / dt / 1e9:.2f} GB/s dense-equivalent")
         results.append({"tok_s": tok_s, "steps_s": new / dt, "to_first": times["to_first"]})
+    if layers is not None:
+        layers.check()
     if not results:
         return
 

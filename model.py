@@ -153,11 +153,11 @@ def config_hash(args: ModelArgs) -> str:
 
 
 class KVCache(nn.Module):
-    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """One layer's caches [max_batch_size, n_heads, max_seq_length, head_dim]: views of the model's stacked ones."""
         super().__init__()
-        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k_cache", k_cache, persistent=False)
+        self.register_buffer("v_cache", v_cache, persistent=False)
 
 
 class Transformer(nn.Module):
@@ -181,9 +181,14 @@ class Transformer(nn.Module):
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype = self.output.weight.dtype
         device = self.output.weight.device
-        for b in self.layers:
-            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads,
-                                           self.config.head_dim, dtype).to(device)
+        # One [n_layer, ...] tensor for all layers' caches (the persistent decode kernel takes them whole), each
+        # layer's cache a view of it.
+        shape = (len(self.layers), max_batch_size, self.layers[0].attention.n_local_heads, max_seq_length,
+                 self.config.head_dim)
+        self.register_buffer("k_caches", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_caches", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for i, b in enumerate(self.layers):
+            b.attention.kv_cache = KVCache(self.k_caches[i], self.v_caches[i])
         c = self.config
         freqs = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling, c.rope_freq_factors)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)

@@ -128,7 +128,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             if PACK > 1:
                 w = tl.load(w_words + rows[:, None] * (N // PACK) + offs_w[None, :], mask=valid[:, None] & w_mask[None, :], other=0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-                acc_0, acc_1, acc_2, acc_3 = _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK)
+                acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK)
             elif BLOCK_T == 1:
                 w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -158,7 +158,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 if PACK > 1:
                     w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None] & w_mask[None, :], other=0)
                     xs = tl.where(keep, x, 0.0)[:, None]
-                    acc_0, acc_1, acc_2, acc_3 = _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+                    acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
                 else:
                     w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
                     acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -180,14 +180,8 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                     acc = tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # weights are all read: let the next kernel launch and wait
-    if PACK == 2:
-        # Reduce over K once, at the end, and interleave the even and odd columns back into order.
-        acc = tl.reshape(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_1, axis=0)), (BLOCK_N,))[None, :]
-    elif PACK == 4:
-        # [j, p, q] = column 4j + 2p + q: byte 2p + q of word j
-        acc = tl.join(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_2, axis=0)),
-                      tl.join(tl.sum(acc_1, axis=0), tl.sum(acc_3, axis=0)))
-        acc = tl.reshape(acc, (BLOCK_N,))[None, :]
+    if PACK > 1:
+        acc = sum_word_columns(acc_0, acc_1, acc_2, acc_3, PACK, BLOCK_N)[None, :]
     elif BLOCK_T == 1:
         # One token: products were accumulated elementwise; reduce over K once, at the end.
         acc = tl.sum(acc2, axis=0)[None, :]
@@ -215,7 +209,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
 
 
 @triton.jit
-def _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
+def add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
     """acc_b += xv * column b of the int32 words w: PACK 2 reads bf16 pairs (acc_2, acc_3 untouched), 4 int8 quads."""
     if PACK == 2:
         w_lo, w_hi = _widen_bf16_pairs(w)
@@ -228,6 +222,18 @@ def _add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
         acc_2 += xv * w2
         acc_3 += xv * w3
     return acc_0, acc_1, acc_2, acc_3
+
+
+@triton.jit
+def sum_word_columns(acc_0, acc_1, acc_2, acc_3, PACK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The products add_word_products accumulated, reduced over K once, at the end, and put back in column order:
+    [BLOCK_N] fp32."""
+    if PACK == 2:  # interleave the even and odd columns
+        acc = tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_1, axis=0))
+    else:  # [j, p, q] = column 4j + 2p + q: byte 2p + q of word j
+        acc = tl.join(tl.join(tl.sum(acc_0, axis=0), tl.sum(acc_2, axis=0)),
+                      tl.join(tl.sum(acc_1, axis=0), tl.sum(acc_3, axis=0)))
+    return tl.reshape(acc, (BLOCK_N,))
 
 
 @triton.jit

@@ -1,0 +1,606 @@
+"""Every decoder layer of a one-token decode step in one persistent Triton kernel: the `teal::decode_layers` op.
+
+The per-layer step is some 290 kernels (a sparse GEMV per projection, the norms, attention, SwiGLU), each paying a
+launch, a wake-up and a tail. Here one launch of as many programs as the GPU holds at once runs them all, layer after
+layer, in phases:
+
+    embed (layer 0): the token's embedding row starts the residual stream; the first attention norm
+    qkv:  sparse GEMV of the attention norm's output (q, k and v thresholds), strips ordered by KV head
+    attn: per KV head: RoPE, the cache write, attention over positions 0..pos
+    o:    sparse GEMV of the attention output; the strip's epilogue adds it to the residual stream, and the last
+          strip normalises the stream (the FFN norm)
+    gu:   gate and up strips of the same columns, side by side; the epilogue writes silu(gate) * up
+    down: sparse GEMV of that; the epilogue adds it to the stream, and the last strip writes the next layer's
+          attention norm (the last layer leaves the stream, which the model's final norm and LM head read)
+
+A GEMV phase is cut into tiles (a strip of output columns by a slice of input rows) handed out by an atomic ticket per
+phase, so SMs that get more bandwidth take more tiles. A tile stores its fp32 partial sum; the strip's last tile (an
+atomic count) adds the strip's partials in order and runs the epilogue. Dependencies are counters in global memory
+(release on the producer's side, acquire on the waiter's), and a tile waits only for what it reads: an attention tile
+for its KV head's q/k/v strips, an o tile for the heads of its row slice, a down tile for the gate/up strips of its
+row slice; only the norms need the whole vector, and one program (the last strip's) writes each.
+
+Tiles are taken in order and only wait for tiles handed out before them, so the launch cannot deadlock while every
+program is resident at once: the launch checks its grid against what the compiled kernel's registers and shared memory
+let the GPU hold before it starts. Each wait is bounded: past MAX_SPIN polls it sets an error flag and gives up, so a
+bug ends the launch with garbage and a flag (DecodeLayers.check) rather than a hung GPU.
+
+Stepped mode runs the same tile code as one launch per phase with one program per tile and no waits: the kernel
+boundary is the dependency. Under TRITON_INTERPRET (CPU tests) programs run one after another, where a spin-wait
+would never return, so there it is the only mode; on a GPU it is a debugging switch.
+
+The math and its roundings are the model's eager decode step (model.py, sparse.py, attention.py): projections
+rounded to the activations' dtype, residual adds and norms as model.RMSNorm does them, RoPE and attention as
+teal::decode_attention. The kernel knows layer shapes and weight layouts only: the caller stacks every layer's tensors
+([n_layer, ...], generate.persistent_layers) and passes the caches, the RoPE table and the embedding table.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_gemv.attention_tiles import attend, load_qkv, rope
+from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum_word_columns
+
+EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
+PHASES = ("embed", "qkv", "attn", "o", "gu", "down")
+MAX_SPIN = 1 << 22  # polls of one wait before it gives up and flags an error (seconds on an H100)
+TILE_BYTES = 64 << 10  # weight bytes per GEMV tile: the granularity at which a phase's last SM finishes
+MAX_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _wait(flag_ptr, expected, err_ptr, MAX_SPIN: tl.constexpr):
+    """Spin until the counter at flag_ptr reaches expected, then acquire what its producers released. At most MAX_SPIN
+    polls, fewer once another wait has failed: then it sets the error flag and returns."""
+    seen = tl.load(flag_ptr, volatile=True)
+    spins = 0
+    while (seen < expected) & (spins < MAX_SPIN):
+        seen = tl.load(flag_ptr, volatile=True)
+        failed = tl.load(err_ptr, volatile=True)
+        spins = tl.where(failed != 0, MAX_SPIN, spins + 1)
+    if seen < expected:
+        tl.atomic_xchg(err_ptr, 1)
+    tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _signal(flag_ptr):
+    """Count this program's stores (all of its threads', hence the barrier) as done for whoever waits on flag_ptr."""
+    tl.debug_barrier()
+    tl.atomic_add(flag_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _gemv_rows(x_ptr, w_ptr, thr_ptr, col, group, k_begin, k_stop, K: tl.constexpr, N: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, PACK: tl.constexpr,
+               STAGES: tl.constexpr):
+    """fp32 [BLOCK_N]: x[k] * w[k, col:col + BLOCK_N] summed over the rows k in [k_begin, k_stop) whose |x[k]| is over
+    the group's threshold (the other rows' weights are not loaded). x: the [K] activations, written by another program
+    of this launch (read past L1); w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads)."""
+    if PER_CHANNEL:
+        thr_row = thr_ptr + group * K
+    else:
+        thr = tl.load(thr_ptr + group)
+    if PACK > 1:
+        w_words = w_ptr.to(tl.pointer_type(tl.int32))
+        offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
+        acc_0 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_1 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_2 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_3 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+    else:
+        offs_n = col + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_stop
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if PER_CHANNEL:
+            keep = tl.abs(x) > tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+        else:
+            keep = tl.abs(x) > thr
+        xs = tl.where(keep, x, 0.0)[:, None]
+        if PACK > 1:
+            w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
+            acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+        else:
+            w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
+            acc += xs * w.to(tl.float32)
+    if PACK > 1:
+        total = sum_word_columns(acc_0, acc_1, acc_2, acc_3, PACK, BLOCK_N)
+    else:
+        total = tl.sum(acc, axis=0)
+    return total
+
+
+@triton.jit
+def _scaled(acc, scale_ptr, col, SCALED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int8 weights: the columns' scales, applied to the sum over K once."""
+    if SCALED:
+        acc *= tl.load(scale_ptr + col + tl.arange(0, BLOCK_N))
+    return acc
+
+
+@triton.jit
+def _strip_sum(part_ptr, col, N: tl.constexpr, KS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The KS partial sums [KS, N] of a strip's columns, added in order (the same sum whichever tile came last)."""
+    offs = col + tl.arange(0, BLOCK_N)
+    total = tl.load(part_ptr + offs, cache_modifier=".cg")
+    for s in range(1, KS):
+        total += tl.load(part_ptr + s * N + offs, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _add_to_stream(total, resid_ptr, stats_ptr, strip, col, BLOCK_N: tl.constexpr):
+    """The epilogue of o and down: the projection rounded to the stream's dtype, added to the residual stream (rounded
+    once more), and the strip's sum of squares of the new stream for the norm after it. Returns the new stream."""
+    offs = col + tl.arange(0, BLOCK_N)
+    dtype = resid_ptr.dtype.element_ty
+    h = (tl.load(resid_ptr + offs, cache_modifier=".cg").to(tl.float32) + total.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(resid_ptr + offs, h)
+    hf = h.to(tl.float32)
+    tl.store(stats_ptr + strip, tl.sum(hf * hf, axis=0))
+    return h
+
+
+@triton.jit
+def _rms_norm(src_ptr, sum_sq, w_ptr, dst_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = (src * rsqrt(mean(src^2) + eps)), rounded to the dtype, times the norm weight: model.RMSNorm, given the
+    fp32 sum of squares of src."""
+    dtype = dst_ptr.dtype.element_ty
+    rs = tl.math.rsqrt(sum_sq / D + eps)
+    for d0 in tl.static_range(0, D, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        mask = offs < D
+        h = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + offs, ((h * rs).to(dtype).to(tl.float32) * w).to(dtype), mask=mask)
+
+
+@triton.jit
+def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
+          tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
+          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
+          xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
+          eps, sm_scale, stride_cl, stride_ch, stride_cs,
+          L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
+          BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr, KR_O: tl.constexpr,
+          BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr, KR_D: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr,
+          BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
+          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads)."""
+    dtype = resid_ptr.dtype.element_ty
+    REP: tl.constexpr = H // HKV
+    NQKV: tl.constexpr = (H + 2 * HKV) * HD
+    # per-layer counters: phase tickets, norm tickets, norms done, strip tickets, KV heads ready, attention done,
+    # gate/up strips ready per row slice of down
+    NS_QKV: tl.constexpr = NQKV // BN_QKV
+    NS_O: tl.constexpr = D // BN_O
+    NS_GU: tl.constexpr = I // BN_GU
+    NS_D: tl.constexpr = D // BN_D
+    KS_QKV: tl.constexpr = (D + KR_QKV - 1) // KR_QKV
+    KS_O: tl.constexpr = (H * HD + KR_O - 1) // KR_O
+    KS_GU: tl.constexpr = (D + KR_GU - 1) // KR_GU
+    KS_D: tl.constexpr = (I + KR_D - 1) // KR_D
+    C_NORM_TICKET: tl.constexpr = 6
+    C_NORM_DONE: tl.constexpr = 8
+    C_STRIP_QKV: tl.constexpr = 10
+    C_STRIP_O: tl.constexpr = C_STRIP_QKV + NS_QKV
+    C_STRIP_GU: tl.constexpr = C_STRIP_O + NS_O
+    C_STRIP_D: tl.constexpr = C_STRIP_GU + NS_GU
+    C_QKV_READY: tl.constexpr = C_STRIP_D + NS_D
+    C_ATTN_DONE: tl.constexpr = C_QKV_READY + HKV
+    C_GU_READY: tl.constexpr = C_ATTN_DONE + HKV
+    C_SIZE: tl.constexpr = C_GU_READY + KS_D
+    ctr = ctr_ptr + layer * C_SIZE
+    layer64 = layer.to(tl.int64)
+    if PH == EMBED:
+        # h = the token's embedding row (the stream starts there: no residual yet), then the first attention norm
+        tok = tl.load(tok_ptr).to(tl.int64)
+        sum_sq = 0.0
+        for d0 in tl.static_range(0, D, BLOCK_NORM):
+            offs = d0 + tl.arange(0, BLOCK_NORM)
+            h = tl.load(emb_ptr + tok * D + offs, mask=offs < D, other=0.0)
+            tl.store(resid_ptr + offs, h, mask=offs < D)
+            sum_sq += tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0)
+        tl.debug_barrier()
+        _rms_norm(resid_ptr, sum_sq, normw_ptr, xa_ptr, eps, D, BLOCK_NORM)
+        _signal(ctr + C_NORM_DONE)
+    elif PH == QKV:
+        # strips ordered by KV head: head g's q strips, its k strips, its v strips, so attention of the first heads
+        # can start while the last heads' strips load
+        PER_Q: tl.constexpr = REP * HD // BN_QKV
+        PER_HEAD: tl.constexpr = (REP + 2) * HD // BN_QKV
+        strip = tile // KS_QKV
+        split = tile % KS_QKV
+        g = strip // PER_HEAD
+        r = strip % PER_HEAD
+        group = (r >= PER_Q).to(tl.int32) + (r >= PER_Q + HD // BN_QKV).to(tl.int32)
+        col = tl.where(group == 0, g * REP * HD + r * BN_QKV,
+                       tl.where(group == 1, H * HD + g * HD + (r - PER_Q) * BN_QKV,
+                                (H + HKV) * HD + g * HD + (r - PER_Q - HD // BN_QKV) * BN_QKV))
+        if WAIT:
+            _wait(ctr + C_NORM_DONE, 1, err_ptr, MAX_SPIN)
+        k_begin = split * KR_QKV
+        acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * NQKV, tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1),
+                         col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV, BN_QKV, BLOCK_K,
+                         PER_CHANNEL, PACK, STAGES)
+        acc = _scaled(acc, sqkv_ptr + layer * NQKV, col, SCALED, BN_QKV)
+        tl.store(pqkv_ptr + split * NQKV + col + tl.arange(0, BN_QKV), acc)
+        tl.debug_barrier()
+        if tl.atomic_add(ctr + C_STRIP_QKV + strip, 1, sem="acq_rel", scope="gpu") == KS_QKV - 1:
+            total = _strip_sum(pqkv_ptr, col, NQKV, KS_QKV, BN_QKV)
+            tl.store(qkv_ptr + col + tl.arange(0, BN_QKV), total.to(dtype))
+            _signal(ctr + C_QKV_READY + g)
+    elif PH == ATTN:
+        kvh = tile
+        if WAIT:
+            _wait(ctr + C_QKV_READY + kvh, (REP + 2) * HD // BN_QKV, err_ptr, MAX_SPIN)
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < REP
+        heads = kvh * REP + offs_h
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HD
+        offs_p = tl.arange(0, BLOCK_D // 2)
+        p_mask = offs_p < HD // 2
+        pos = tl.load(pos_ptr)
+        cos = tl.load(freqs_ptr + pos * HD + 2 * offs_p, mask=p_mask, other=0.0)
+        sin = tl.load(freqs_ptr + pos * HD + 2 * offs_p + 1, mask=p_mask, other=0.0)
+        q = rope(qkv_ptr + heads[:, None] * HD + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :],
+                 cos[None, :], sin[None, :], 0, 0, dtype, ".cg").reshape(BLOCK_H, BLOCK_D)
+        k_base = kc_ptr + layer64 * stride_cl + kvh * stride_ch
+        v_base = vc_ptr + layer64 * stride_cl + kvh * stride_ch
+        k_new = rope(qkv_ptr + (H + kvh) * HD + 2 * offs_p, p_mask, cos, sin, 0, 0, dtype, ".cg").reshape(BLOCK_D)
+        tl.store(k_base + pos * stride_cs + offs_d, k_new, mask=d_mask)
+        v_new = load_qkv(qkv_ptr + (H + HKV + kvh) * HD + offs_d, d_mask, 0, 0, dtype, ".cg").to(dtype)
+        tl.store(v_base + pos * stride_cs + offs_d, v_new, mask=d_mask)
+        tl.debug_barrier()  # the new row is visible to every thread of this program before it is read back
+        m, l, acc = attend(q, k_base, v_base, 0, pos + 1, stride_cs, offs_d, d_mask, sm_scale, BLOCK_H, BLOCK_D,
+                           BLOCK_S, DOT_FP32)
+        out = acc / l[:, None]  # l > 0: position 0..pos always holds the new token
+        tl.store(y_ptr + heads[:, None] * HD + offs_d[None, :], out.to(dtype), mask=h_mask[:, None] & d_mask[None, :])
+        _signal(ctr + C_ATTN_DONE + kvh)
+    elif PH == O:
+        # split-major: the first tiles read the first heads' outputs
+        split = tile // NS_O
+        strip = tile % NS_O
+        col = strip * BN_O
+        k_begin = split * KR_O
+        k_stop = tl.minimum(k_begin + KR_O, H * HD)
+        if WAIT:
+            for kvh in range(k_begin // HD // REP, (k_stop - 1) // HD // REP + 1):
+                _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, MAX_SPIN)
+        acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * D, to_ptr + layer * (H * HD if PER_CHANNEL else 1),
+                         col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL, PACK, STAGES)
+        acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
+        tl.store(po_ptr + split * D + col + tl.arange(0, BN_O), acc)
+        tl.debug_barrier()
+        if tl.atomic_add(ctr + C_STRIP_O + strip, 1, sem="acq_rel", scope="gpu") == KS_O - 1:
+            total = _strip_sum(po_ptr, col, D, KS_O, BN_O)
+            _add_to_stream(total, resid_ptr, stats_ptr, strip, col, BN_O)
+            tl.debug_barrier()
+            if tl.atomic_add(ctr + C_NORM_TICKET, 1, sem="acq_rel", scope="gpu") == NS_O - 1:
+                offs = tl.arange(0, BLOCK_STATS)
+                sum_sq = tl.sum(tl.load(stats_ptr + offs, mask=offs < NS_O, other=0.0, cache_modifier=".cg"), axis=0)
+                _rms_norm(resid_ptr, sum_sq, normw_ptr + (2 * layer + 1) * D, xa_ptr + D, eps, D, BLOCK_NORM)
+                _signal(ctr + C_NORM_DONE + 1)
+    elif PH == GU:
+        # gate strip j and up strip j side by side: the epilogue has both halves of silu(gate) * up
+        strip = tile // KS_GU
+        split = tile % KS_GU
+        col = strip * BN_GU
+        if WAIT:
+            _wait(ctr + C_NORM_DONE + 1, 1, err_ptr, MAX_SPIN)
+        k_begin = split * KR_GU
+        k_stop = tl.minimum(k_begin + KR_GU, D)
+        w = w13_ptr + layer64 * D * 2 * I
+        thr = t13_ptr + layer * 2 * (D if PER_CHANNEL else 1)
+        gate = _gemv_rows(xa_ptr + D, w, thr, col, 0, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK,
+                          STAGES)
+        up = _gemv_rows(xa_ptr + D, w, thr, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK,
+                        STAGES)
+        gate = _scaled(gate, s13_ptr + layer * 2 * I, col, SCALED, BN_GU)
+        up = _scaled(up, s13_ptr + layer * 2 * I, I + col, SCALED, BN_GU)
+        tl.store(pgu_ptr + split * 2 * I + col + tl.arange(0, BN_GU), gate)
+        tl.store(pgu_ptr + split * 2 * I + I + col + tl.arange(0, BN_GU), up)
+        tl.debug_barrier()
+        if tl.atomic_add(ctr + C_STRIP_GU + strip, 1, sem="acq_rel", scope="gpu") == KS_GU - 1:
+            gate = _strip_sum(pgu_ptr, col, 2 * I, KS_GU, BN_GU).to(dtype).to(tl.float32)
+            up = _strip_sum(pgu_ptr, I + col, 2 * I, KS_GU, BN_GU).to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            tl.store(g_ptr + col + tl.arange(0, BN_GU), (silu * up).to(dtype))
+            _signal(ctr + C_GU_READY + col // KR_D)
+    else:  # DOWN, split-major like o
+        split = tile // NS_D
+        strip = tile % NS_D
+        col = strip * BN_D
+        k_begin = split * KR_D
+        k_stop = tl.minimum(k_begin + KR_D, I)
+        if WAIT:
+            _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, MAX_SPIN)
+        acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * D, t2_ptr + layer * (I if PER_CHANNEL else 1), col, 0,
+                         k_begin, k_stop, I, D, BN_D, BLOCK_K, PER_CHANNEL, PACK, STAGES)
+        acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
+        tl.store(pd_ptr + split * D + col + tl.arange(0, BN_D), acc)
+        tl.debug_barrier()
+        if tl.atomic_add(ctr + C_STRIP_D + strip, 1, sem="acq_rel", scope="gpu") == KS_D - 1:
+            total = _strip_sum(pd_ptr, col, D, KS_D, BN_D)
+            h = _add_to_stream(total, resid_ptr, stats_ptr + NS_O, strip, col, BN_D)
+            if layer == L - 1:
+                tl.store(out_ptr + col + tl.arange(0, BN_D), h)
+            else:
+                tl.debug_barrier()
+                if tl.atomic_add(ctr + C_NORM_TICKET + 1, 1, sem="acq_rel", scope="gpu") == NS_D - 1:
+                    offs = tl.arange(0, BLOCK_STATS)
+                    sum_sq = tl.sum(tl.load(stats_ptr + NS_O + offs, mask=offs < NS_D, other=0.0,
+                                            cache_modifier=".cg"), axis=0)
+                    _rms_norm(resid_ptr, sum_sq, normw_ptr + 2 * (layer + 1) * D, xa_ptr, eps, D, BLOCK_NORM)
+                    _signal(ctr + C_SIZE + C_NORM_DONE)  # the next layer's attention norm
+
+
+@triton.jit
+def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
+                          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
+                          stats_ptr, ctr_ptr, err_ptr, step_layer, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+                          L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+                          I: tl.constexpr, BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr,
+                          KR_O: tl.constexpr, BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr,
+                          KR_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr, BLOCK_STATS: tl.constexpr,
+                          PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, STAGES: tl.constexpr,
+                          DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
+                          NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
+                          PHASE: tl.constexpr):
+    """PHASE >= 0 (stepped): tile program_id of that phase of layer step_layer. PHASE < 0 (persistent): every phase
+    of every layer, each phase's tiles taken from its ticket (NT_*: tiles per phase, C_SIZE: counters per layer)."""
+    if PHASE >= 0:
+        _tile(PHASE, step_layer, tl.program_id(0), False,
+              tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
+              tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
+              xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
+              eps, sm_scale, stride_cl, stride_ch, stride_cs,
+              L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
+              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN)
+    else:
+        for layer in range(L):
+            for ph in tl.static_range(6):
+                if ph == EMBED:
+                    n = tl.where(layer == 0, 1, 0)
+                elif ph == QKV:
+                    n = NT_QKV
+                elif ph == ATTN:
+                    n = HKV
+                elif ph == O:
+                    n = NT_O
+                elif ph == GU:
+                    n = NT_GU
+                else:
+                    n = NT_D
+                t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
+                while t < n:
+                    _tile(ph, layer, t, True,
+                          tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
+                          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
+                          stats_ptr, ctr_ptr, err_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+                          L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
+                          BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES,
+                          DOT_FP32, MAX_SPIN)
+                    t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
+
+
+def _divisor_block(n: int, most: int) -> int:
+    """The largest power of two up to `most` that divides n (a GEMV strip never straddles a head or a group)."""
+    block = most
+    while n % block:
+        block //= 2
+    if block < 4:
+        raise ValueError(f"persistent decode: {n} has no power-of-two divisor of at least 4 for a strip of columns")
+    return block
+
+
+def tile_config(dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int, weight_bytes: int) -> dict:
+    """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile, its rows a whole number of
+    BLOCK_K rows (a down tile's also of gate/up strips, which it waits for). Under the interpreter, where every
+    program costs milliseconds, tiles of whole columns except down's, split in two so the partial sums are added."""
+    strip, block_k = (64, 64) if INTERPRET else (64, 64)
+    bn_qkv, bn_o, bn_gu, bn_d = (_divisor_block(head_dim, strip), _divisor_block(dim, strip),
+                                 _divisor_block(inter, strip), _divisor_block(dim, strip))
+
+    def rows(bn, k, align=block_k):
+        wanted = k if INTERPRET else TILE_BYTES // (bn * weight_bytes)
+        return min(max(align, wanted // align * align), triton.cdiv(k, align) * align)
+    kr_d = rows(bn_d, triton.cdiv(inter, 2) if INTERPRET else inter, max(block_k, bn_gu))
+    return {"BN_QKV": bn_qkv, "KR_QKV": rows(bn_qkv, dim), "BN_O": bn_o, "KR_O": rows(bn_o, n_head * head_dim),
+            "BN_GU": bn_gu, "KR_GU": rows(2 * bn_gu, dim), "BN_D": bn_d, "KR_D": kr_d, "BLOCK_K": block_k}
+
+
+def layout(cfg: dict, dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int) -> dict:
+    """Tiles per phase and counters per layer for a tile_config (the counters _tile lays out)."""
+    nqkv = (n_head + 2 * n_kv_heads) * head_dim
+    ks = {p: triton.cdiv(k, cfg[f"KR_{p}"]) for p, k in
+          (("QKV", dim), ("O", n_head * head_dim), ("GU", dim), ("D", inter))}
+    strips = {"QKV": nqkv // cfg["BN_QKV"], "O": dim // cfg["BN_O"], "GU": inter // cfg["BN_GU"],
+              "D": dim // cfg["BN_D"]}
+    return {**{f"NT_{p}": strips[p] * ks[p] for p in ks},
+            "C_SIZE": 10 + sum(strips.values()) + 2 * n_kv_heads + ks["D"],
+            "BLOCK_STATS": triton.next_power_of_2(max(strips["O"], strips["D"])), "stats": strips["O"] + strips["D"],
+            "splits": ks}
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int, int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, p.regs_per_multiprocessor, p.shared_memory_per_multiprocessor, \
+        p.max_threads_per_multi_processor
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def resident_programs(n_regs: int, shared: int, num_warps: int, device: torch.device) -> int:
+    """How many programs of a compiled kernel the GPU holds at once: per SM the fewest that its registers (allocated
+    per warp in units of 256), shared memory (plus the 1 KB the driver reserves per block) and threads allow."""
+    sms, regs, smem, threads = _device_limits(_index(device))
+    regs_per_warp = triton.cdiv(n_regs * 32, 256) * 256
+    per_sm = min(regs // (regs_per_warp * num_warps), smem // (shared + 1024), threads // (32 * num_warps), 32)
+    return sms * per_sm
+
+
+@torch.library.custom_op("teal::decode_layers", mutates_args=("k_caches", "v_caches", "errors"))
+def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor, embedding: torch.Tensor,
+                  norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
+                  scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
+                  eps: float, programs: int, stepped: bool) -> torch.Tensor:
+    """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
+
+    token [1, 1] at input_pos [1]; freqs_cis: the RoPE table [positions, head_dim / 2, 2] fp32; embedding [vocab, dim];
+    norm_weights [n_layer, 2, dim] (attention norm, FFN norm); weights: wqkv [n_layer, dim, (H + 2 H_kv) head_dim],
+    wo [n_layer, H head_dim, dim], w13 [n_layer, dim, 2 inter], w2 [n_layer, inter, dim], in the kernels' [K, N] layout,
+    in the activations' dtype or int8 with scales (fp32 [n_layer, N] each); thresholds fp32 [n_layer, groups] or
+    [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
+    input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
+    resident); stepped: one launch per phase instead."""
+    check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches)
+    if not (token.is_cuda or INTERPRET):
+        raise RuntimeError("teal::decode_layers runs Triton kernels: it needs a CUDA device, or TRITON_INTERPRET=1 "
+                           "on the CPU (stepped mode)")
+    return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
+                  v_caches, errors, eps, programs, stepped or INTERPRET)
+
+
+@decode_layers.register_fake
+def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches, errors,
+      eps, programs, stepped):
+    return embedding.new_empty((1, 1, embedding.shape[1]))
+
+
+def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
+                 v_caches) -> None:
+    if token.numel() != 1 or k_caches.dim() != 5 or k_caches.shape[1] != 1:
+        raise ValueError(f"decode_layers: one token of one sequence (batch 1), got token {tuple(token.shape)} and "
+                         f"caches {tuple(k_caches.shape)}; the persistent engine decodes batch 1 only")
+    if len(weights) != 4 or len(thresholds) != 4 or len(scales) not in (0, 4):
+        raise ValueError("decode_layers: weights and thresholds are (wqkv, wo, w13, w2), scales those four or none")
+    n_layer, dim = norm_weights.shape[0], embedding.shape[1]
+    hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
+    wqkv, wo, w13, w2 = weights
+    inter = w13.shape[2] // 2
+    n_head = wqkv.shape[2] // head_dim - 2 * hkv
+    shapes = [(wqkv, (n_layer, dim, (n_head + 2 * hkv) * head_dim)), (wo, (n_layer, n_head * head_dim, dim)),
+              (w13, (n_layer, dim, 2 * inter)), (w2, (n_layer, inter, dim)), (norm_weights, (n_layer, 2, dim)),
+              (v_caches, tuple(k_caches.shape))]
+    for t, shape in shapes:
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"decode_layers: expected a contiguous {shape}, got {tuple(t.shape)} (the layers' tensors "
+                             f"stacked: [n_layer, K, N] weights, [n_layer, 2, dim] norms, equal caches)")
+    if n_head <= 0 or n_head % hkv or head_dim % 2 or wqkv.shape[2] % head_dim:
+        raise ValueError(f"decode_layers: q/k/v width {wqkv.shape[2]} does not fit {hkv} KV heads of {head_dim}")
+    int8 = wqkv.dtype == torch.int8
+    dtype = embedding.dtype
+    if any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
+            bool(scales) != int8 or k_caches.dtype != dtype or norm_weights.dtype != dtype:
+        raise TypeError("decode_layers: weights in the embedding's dtype, or all int8 with scales; caches and norms "
+                        "in the embedding's dtype")
+    for t, w, g in zip(thresholds, weights, (3, 1, 2, 1)):
+        if t.dtype != torch.float32 or tuple(t.shape) not in ((n_layer, g), (n_layer, g, w.shape[1])) \
+                or t.dim() != thresholds[0].dim():
+            raise ValueError(f"decode_layers: thresholds fp32 [n_layer, {g}] or [n_layer, {g}, K], all of one kind, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    for s, w in zip(scales, weights):
+        if s.dtype != torch.float32 or tuple(s.shape) != (n_layer, w.shape[2]):
+            raise ValueError(f"decode_layers: int8 scales fp32 [n_layer, N], got {tuple(s.shape)} {s.dtype}")
+    if tuple(freqs_cis.shape) != (k_caches.shape[3], head_dim // 2, 2) or freqs_cis.dtype != torch.float32:
+        raise ValueError(f"decode_layers: freqs_cis must be the fp32 RoPE table [{k_caches.shape[3]}, "
+                         f"{head_dim // 2}, 2], got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
+
+
+_resident: dict = {}  # compiled kernel's key -> programs resident at once
+
+
+def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
+           errors, eps: float, programs: int, stepped: bool) -> torch.Tensor:
+    device = embedding.device
+    n_layer, dim = norm_weights.shape[0], embedding.shape[1]
+    hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
+    wqkv, wo, w13, w2 = weights
+    inter = w13.shape[2] // 2
+    n_head = wqkv.shape[2] // head_dim - 2 * hkv
+    dtype = embedding.dtype
+    cfg = tile_config(dim, n_head, hkv, head_dim, inter, wqkv.element_size())
+    lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
+    ks = lay["splits"]
+    f32 = dict(dtype=torch.float32, device=device)
+    counters = torch.zeros(n_layer * lay["C_SIZE"], dtype=torch.int32, device=device)
+    out = torch.empty((1, 1, dim), dtype=dtype, device=device)
+    xa = torch.empty(2 * dim, dtype=dtype, device=device)  # the attention norm's and the FFN norm's outputs
+    qkv = torch.empty(wqkv.shape[2], dtype=dtype, device=device)
+    y = torch.empty(n_head * head_dim, dtype=dtype, device=device)
+    g = torch.empty(inter, dtype=dtype, device=device)
+    resid = torch.empty(dim, dtype=dtype, device=device)
+    parts = [torch.empty((ks[p], n), **f32) for p, n in (("QKV", wqkv.shape[2]), ("O", dim), ("GU", 2 * inter),
+                                                           ("D", dim))]
+    stats = torch.empty(lay["stats"], **f32)
+    scale_args = scales if scales else thresholds
+    pack = 2 if wqkv.dtype == torch.bfloat16 else 4 if wqkv.dtype == torch.int8 else 1
+    args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args, k_caches,
+            v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors)
+    meta = dict(L=n_layer, D=dim, H=n_head, HKV=hkv, HD=head_dim, I=inter, **cfg, BLOCK_S=64 if INTERPRET else 32,
+                BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
+                BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
+                PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales), PACK=pack, STAGES=1 if INTERPRET else 2,
+                DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"],
+                **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
+    runtime = (eps, head_dim ** -0.5, k_caches.stride(0), k_caches.stride(2), k_caches.stride(3))
+    if stepped:
+        tiles = (1, lay["NT_QKV"], hkv, lay["NT_O"], lay["NT_GU"], lay["NT_D"])  # per phase, EMBED to DOWN
+        for layer in range(n_layer):
+            for phase in range(0 if layer == 0 else 1, len(PHASES)):
+                _decode_layers_kernel[(tiles[phase],)](*args, layer, *runtime, **meta, PHASE=phase, num_warps=4)
+        return out
+    key = (device, tuple(sorted(meta.items())))
+    if key not in _resident:
+        compiled = _decode_layers_kernel.warmup(*args, 0, *runtime, **meta, PHASE=-1, num_warps=4, grid=(1,))
+        compiled._init_handles()
+        _resident[key] = resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                                           device)
+    resident = _resident[key]
+    if programs > resident:
+        raise ValueError(f"decode_layers: a persistent grid of {programs} programs, but the GPU holds only {resident} "
+                         f"of this kernel at once (its registers and shared memory); more would deadlock in the "
+                         f"kernel's waits. Use at most {resident}, or 0 for that many")
+    grid = programs or min(resident, MAX_PROGRAMS_PER_SM * _device_limits(_index(device))[0])
+    _decode_layers_kernel[(grid,)](*args, 0, *runtime, **meta, PHASE=-1, num_warps=4)
+    return out
+
+
+class DecodeLayers:
+    """The decoder layers' tensors stacked for teal::decode_layers, and the call that runs one decode step through
+    them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
+    layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
+    layers hold (their views), so a new sparsity is a copy into them."""
+
+    def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
+                 stepped: bool = False):
+        self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
+        self.scales = list(scales or ())
+        self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
+        self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
+
+    def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches) -> torch.Tensor:
+        return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,
+                                            self.thresholds, self.scales, k_caches, v_caches, self.errors, self.eps,
+                                            self.programs, self.stepped)
+
+    def check(self) -> None:
+        """Raise if a wait of an earlier step gave up (a dependency never came: a bug, never a slow GPU); syncs."""
+        if int(self.errors.item()):
+            raise RuntimeError("persistent decode: a wait for another program's output timed out; the steps since "
+                               "are wrong (rerun with stepped=True to debug)")
