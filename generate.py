@@ -117,12 +117,13 @@ def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tenso
     return sample(model(x, input_pos), **sampling_kwargs)
 
 
-def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = False) -> DecodeLayers:
+def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = False, **tuning) -> DecodeLayers:
     """The decoder layers as one persistent kernel's input (sparse_gemv/persistent.py): each kind of layer tensor
     stacked into one [n_layer, ...] tensor, and the layers' own tensors made views of it, so there is one copy in
     memory and prefill, the per-layer path and set_thresholds all use the stacked tensors. The model must be sparse
     (sparsify; thresholds 0 for dense decoding). programs: the persistent grid (0: every program the GPU holds at
-    once); stepped: one launch per phase (the CPU's mode, and a debugging switch on a GPU)."""
+    once); stepped: one launch per phase (the CPU's mode, and a debugging switch on a GPU); tuning: DecodeLayers'
+    tile_bytes, num_warps, max_registers."""
     blocks = model.layers
     if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
         raise ValueError("the persistent engine runs sparse layers: sparsify the model first (thresholds 0 decode "
@@ -133,6 +134,9 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     kinds = {(layer.per_channel, layer.int8) for _, _, layer in sparse_layers(model)}
     if len(kinds) != 1:
         raise ValueError("the persistent engine needs every layer's thresholds of one kind and weights of one format")
+    if model.config.qkv_bias or model.config.qk_norm:
+        raise ValueError(f"the persistent engine runs Llama/Mistral decoder layers; {model.config.name}'s q/k/v biases "
+                         "or q/k norms (Qwen2, Qwen3) are not in it: use --engine per-layer")
 
     def stack(get, put):
         first = get(blocks[0])
@@ -157,7 +161,7 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         weights = [layer_tensors(p, "weight_t") for p in paths]
         thresholds = [layer_tensors(p, "thresholds") for p in paths]
         scales = [layer_tensors(p, "scales") for p in paths] if blocks[0].attention.wqkv.int8 else []
-    return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped)
+    return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped, **tuning)
 
 
 def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: DecodeLayers,

@@ -15,6 +15,7 @@ recorded (it should be 0).
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -28,8 +29,8 @@ import torch.distributed as dist
 import triton
 
 from cli import fraction, positive_int
-from generate import (SPARSE_KERNELS, add_int4_args, decode_one_token, int4_quant, measure_realized_sparsity, prefill,
-                      set_pdl, timed_generate, weight_bytes)
+from generate import (SPARSE_KERNELS, add_int4_args, decode_one_token, decode_one_token_persistent, int4_quant,
+                      measure_realized_sparsity, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
@@ -129,6 +130,7 @@ def timing_line(timing: dict) -> str:
 
 
 SPARSE_KERNEL = "_sparse_gemv_kernel"
+PERSISTENT_KERNEL = "_decode_layers_kernel"
 CATS_KERNEL = "_cats_gate_up_kernel"
 LAYER_ORDER = ("qkv", "o", "gate/up", "down")  # sparse launches per block, in forward order
 CATS_LAYER_ORDER = ("down",)  # a CATS block's one sparse GEMV launch (its gate/up is the CATS kernel)
@@ -140,6 +142,8 @@ def category(name: str) -> str:
     n = name.lower()
     if SPARSE_KERNEL in name:
         return "sparse_gemv"
+    if PERSISTENT_KERNEL in name:
+        return "persistent (all decoder layers)"
     if CATS_KERNEL in name:
         return "cats gate/up"
     if not n.startswith("triton_"):
@@ -198,8 +202,26 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20, layer_orde
                             for n, (ms, cnt) in top]}
 
 
+def copy_bandwidth(gib: int = 2, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), median of `repeats` copies of a
+    `gib` GiB buffer after a warm-up: the most a decode step that reads its bytes once can reach."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * (gib << 30) / sorted(times)[repeats // 2] / 1e9
+
+
 @torch.no_grad()
-def host_costs(model, decode_fn, prompt_len: int, calls: int = 100) -> dict:
+def host_costs(model, decode_fn, prompt_len: int, calls: int = 100, layers=None) -> dict:
     """The host's share of a decode step: call_ms, the median host time of one compiled call made with the GPU idle
     (dynamo's guard check, the CUDA-graph tree's bookkeeping and the graph launch); guard_us, the guard check alone
     (of the compiled entry that accepts this model, timed through dynamo's cache-entry debug API, best of 5)."""
@@ -214,7 +236,10 @@ def host_costs(model, decode_fn, prompt_len: int, calls: int = 100) -> dict:
         times.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     frame = {"model": model, "x": token, "input_pos": pos, "sampling_kwargs": kwargs}  # decode_one_token's locals
-    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(decode_one_token.__code__)
+    code = decode_one_token.__code__
+    if layers is not None:  # the persistent step (generate.decode_one_token_persistent) and its stacked layers
+        frame["layers"], code = layers, decode_one_token_persistent.__code__
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)
     guards = next(e.guard_manager for e in entries if e.guard_manager.check(frame))
     best = float("inf")
     for _ in range(5):
@@ -333,6 +358,16 @@ def main(argv=None):
     p.add_argument("--dict_tags", action=argparse.BooleanOptionalAction, default=True,
                    help="dynamo's recursive dict tags for guards (generate.py's setting): skip the guards of modules "
                         "whose __dict__ is unchanged since the compiled entry's first call")
+    p.add_argument("--engines", nargs="+", default=["per-layer"], choices=["per-layer", "persistent"],
+                   help="decode steps to time on the TEAL-sparse model at each sparsity (generate.py --engine): a kernel "
+                        "per layer and projection, and/or every decoder layer in one persistent kernel (one GPU)")
+    p.add_argument("--persistent_programs", type=int, default=0,
+                   help="persistent grid (0: every program the GPU holds at once, up to 4 per SM)")
+    p.add_argument("--persistent_tile_kb", type=positive_int, default=64,
+                   help="persistent kernel: weight KB per GEMV tile")
+    p.add_argument("--persistent_warps", type=positive_int, default=4, help="persistent kernel: warps per program")
+    p.add_argument("--persistent_max_registers", type=int, default=0,
+                   help="persistent kernel: register cap per thread (0: the compiler's choice)")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
@@ -351,6 +386,9 @@ def main(argv=None):
     if rank is not None and (a.mode == "cats" or a.cats_sparsities):
         raise SystemExit("CATS runs on one GPU; tensor parallelism shards TEAL's layers only")
     world = dist.get_world_size() if rank is not None else 1
+    if "persistent" in a.engines and (rank is not None or a.mode == "cats" or int4):
+        raise SystemExit("--engines persistent runs TEAL's layers on one GPU in bf16/fp16/fp32 or int8: no tensor "
+                         "parallel, CATS or --int4")
     dtype = getattr(torch, a.dtype)
     device = f"cuda:{rank or 0}"
     torch.cuda.set_device(device)
@@ -373,6 +411,7 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(0)
     rows = []
+    copy_GBps = copy_bandwidth()  # before any model takes memory
     set_one_shot(one_shot["dense"])
     model, _ = build(sparse=False)
     dim = model.config.dim
@@ -382,8 +421,8 @@ def main(argv=None):
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if a.compile_prefill else prefill
     timing, _ = time_decode(model, dense_fn, prompt, a.new_tokens, a.runs, prefill_fn)
     tok_s = timing["tok_s"]
-    rows.append({"sparsity": 0.0, "mode": "dense", "dtype": a.dtype, **timing, "ms_per_token": 1e3 / tok_s,
-                 "realized_sparsity": 0.0, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
+    rows.append({"sparsity": 0.0, "mode": "dense", "engine": "per-layer", "dtype": a.dtype, **timing,
+                 "ms_per_token": 1e3 / tok_s, "realized_sparsity": 0.0, "bytes_per_token": sizes["total"], "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
                  "profile": profile_steps(model, dense_fn, a.prompt_tokens),
                  "host": host_costs(model, dense_fn, a.prompt_tokens),
                  "prefill": profile_prefill(model, prompt, prefill_fn)})
@@ -408,7 +447,14 @@ def main(argv=None):
         # The calibration prefill left 512-position caches; decode over caches of the dense run's size, as it did
         # (a longer cache makes the attention kernel split its reads and launch a combine kernel).
         model.setup_caches(1, a.prompt_tokens + a.new_tokens, exact=True)
-        sparse_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        fns = {"per-layer": torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)}
+        layers = None
+        engines = ["per-layer"] if cats else a.engines
+        if "persistent" in engines:  # stacks the layers' tensors; the per-layer path then reads the same (views)
+            layers = persistent_layers(model, a.persistent_programs, tile_bytes=a.persistent_tile_kb << 10,
+                                       num_warps=a.persistent_warps, max_registers=a.persistent_max_registers)
+            fns["persistent"] = torch.compile(functools.partial(decode_one_token_persistent, layers=layers),
+                                              mode="reduce-overhead", fullgraph=True)
         frames_before = None
 
         def use_sparsity(m, s):
@@ -423,32 +469,45 @@ def main(argv=None):
         seqs, first = [], len(rows)
         for s in sparsities:
             use_sparsity(model, s)
-            timing, seq = time_decode(model, sparse_fn, prompt, a.new_tokens, a.runs, prefill_fn)
-            seqs.append(seq)
-            tok_s = timing["tok_s"]
-            if frames_before is None:
+            for engine in engines:
+                fn = fns[engine]
+                timing, seq = time_decode(model, fn, prompt, a.new_tokens, a.runs, prefill_fn)
+                seqs.append(seq)
+                tok_s = timing["tok_s"]
+                row = {"sparsity": s, "mode": mode if tf or cats else "uniform", "engine": engine, "dtype": a.dtype,
+                       **timing, "ms_per_token": 1e3 / tok_s, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
+                       "profile": profile_steps(model, fn, a.prompt_tokens,
+                                                layer_order=CATS_LAYER_ORDER if cats else LAYER_ORDER),
+                       "host": host_costs(model, fn, a.prompt_tokens,
+                                          layers=layers if engine == "persistent" else None)}
+                if engine == "persistent":  # where the kernel's time goes, by phase (its own timers, one eager step)
+                    layers.check()
+                    pos = torch.tensor([a.prompt_tokens], dtype=torch.int, device=device)
+                    row["phases"] = layers.profile(prompt[:1].view(1, 1).int(), pos, model.freqs_cis,
+                                                   model.tok_embeddings.weight, model.k_caches, model.v_caches)
+                else:
+                    row["prefill"] = profile_prefill(model, prompt, prefill_fn)
+                rows.append(row)
+                if rank in (None, 0):
+                    print(f"{mode} {engine} {s:.2f}: {tok_s:.1f} tok/s, {tok_s / rows[0]['tok_s']:.2f}x dense, "
+                          f"{timing_line(timing)}", flush=True)
+                    print(json.dumps({k: row[k] for k in ("profile", "host", "prefill", "phases") if k in row},
+                                     indent=1), flush=True)
+            if frames_before is None:  # every engine compiled once
                 frames_before = counters["stats"]["unique_graphs"]
-            rows.append({"sparsity": s, "mode": mode if tf or cats else "uniform", "dtype": a.dtype, **timing,
-                         "ms_per_token": 1e3 / tok_s, "dense_equiv_GBps": sizes["total"] * tok_s / 1e9,
-                         "profile": profile_steps(model, sparse_fn, a.prompt_tokens,
-                                                  layer_order=CATS_LAYER_ORDER if cats else LAYER_ORDER),
-                         "host": host_costs(model, sparse_fn, a.prompt_tokens),
-                         "prefill": profile_prefill(model, prompt, prefill_fn)})
-            if rank in (None, 0):
-                print(f"{mode} {s:.2f}: {tok_s:.1f} tok/s, {tok_s / rows[0]['tok_s']:.2f}x dense, {timing_line(timing)}",
-                      flush=True)
-                print(json.dumps({k: rows[-1][k] for k in ("profile", "host", "prefill")}, indent=1), flush=True)
         recompiles += counters["stats"]["unique_graphs"] - frames_before
         # Measured after every timing: the measurement's hooks and flags change the layers' __dict__s, after which
         # dynamo no longer skips their guards (recursive dict tags) and every later compiled call checks them all.
-        for s, seq, row in zip(sparsities, seqs, rows[first:]):
-            use_sparsity(model, s)
+        for seq, row in zip(seqs, rows[first:]):
+            use_sparsity(model, row["sparsity"])
             real = measure_realized_sparsity(model, seq, a.prompt_tokens)
             moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]  # per GPU, like dense_equiv
-            row.update(realized_sparsity=real["model"], mlp_sparsity=real["mlp"], moved_GBps=moved * row["tok_s"] / 1e9)
+            row.update(realized_sparsity=real["model"], mlp_sparsity=real["mlp"], moved_GBps=moved * row["tok_s"] / 1e9,
+                       bytes_per_token=moved)
             if rank in (None, 0):
-                print(f"{mode} {s:.2f}: realised {real['model']:.3f} model-wide, {real['mlp']:.3f} MLP", flush=True)
-        del model, sparse_fn
+                print(f"{mode} {row['engine']} {row['sparsity']:.2f}: realised {real['model']:.3f} model-wide, "
+                      f"{real['mlp']:.3f} MLP", flush=True)
+        del model, fns, layers
         torch._dynamo.reset()
         torch.cuda.empty_cache()
 
@@ -462,6 +521,10 @@ def main(argv=None):
             ar["one-shot" if on else "nccl"] = allreduce_us(dim, dtype)
     for r in rows:
         r["speedup_vs_dense"] = r["tok_s"] / rows[0]["tok_s"]
+        r["decode_speedup_vs_dense"] = rows[0]["decode_ms_per_token"] / r["decode_ms_per_token"]
+        # the bytes a decode token reads (weights: the kept rows of the sparse layers, all others) at the decode
+        # step's rate, against what a device-to-device copy reaches in this run
+        r["share_of_copy_bandwidth"] = r["bytes_per_token"] / (r["decode_ms_per_token"] / 1e3) / (copy_GBps * 1e9)
         if rank is not None:
             r["tp"] = world
             r["allreduce"] = "one-shot" if one_shot["dense" if r["mode"] == "dense" else "sparse"] else "nccl"
@@ -477,7 +540,10 @@ def main(argv=None):
               "recompiles_on_sparsity_change": recompiles, "sparse_kernel": a.sparse_kernel, "int8": a.int8,
               "int4": {"group_size": a.group_size, "zero_point": a.zero_point} if a.int4 else None,
               "pdl": a.pdl, "coordinate_descent": a.coordinate_descent, "dict_tags": a.dict_tags, "tp": world,
-              "allreduce_us": ar, "weight_bytes": sizes["total"], "torch": torch.__version__, "triton": triton.__version__,
+              "allreduce_us": ar, "weight_bytes": sizes["total"], "copy_GBps": copy_GBps, "engines": a.engines,
+              "persistent": {"programs": a.persistent_programs, "tile_kb": a.persistent_tile_kb,
+                             "warps": a.persistent_warps, "max_registers": a.persistent_max_registers},
+              "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -497,9 +563,9 @@ def plot(result: dict, path: Path) -> None:
     dense = rows[0]
     sparse = rows[1:]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r["mode"] for r in sparse):
-        rs = [r for r in sparse if r["mode"] == mode]
-        label = "CATS (MLP only)" if mode == "cats" else f"TEAL {mode}"
+    for mode, engine in dict.fromkeys((r["mode"], r.get("engine", "per-layer")) for r in sparse):
+        rs = [r for r in sparse if r["mode"] == mode and r.get("engine", "per-layer") == engine]
+        label = "CATS (MLP only)" if mode == "cats" else f"TEAL {mode}, {engine}"
         ax.plot([r["realized_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=label)
     ax.axhline(dense["tok_s"], color="gray", ls="--", label=f"dense {dense['tok_s']:.0f} tok/s")
     ax.set_xlabel("realised activation sparsity (model-wide, parameter-weighted)")

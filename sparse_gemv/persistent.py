@@ -35,6 +35,7 @@ teal::decode_attention. The kernel knows layer shapes and weight layouts only: t
 ([n_layer, ...], generate.persistent_layers) and passes the caches, the RoPE table and the embedding table.
 """
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -51,9 +52,12 @@ MAX_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _wait(flag_ptr, expected, err_ptr, MAX_SPIN: tl.constexpr):
+def _wait(flag_ptr, expected, err_ptr, prof_ptr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr):
     """Spin until the counter at flag_ptr reaches expected, then acquire what its producers released. At most MAX_SPIN
-    polls, fewer once another wait has failed: then it sets the error flag and returns."""
+    polls, fewer once another wait has failed: then it sets the error flag and returns. PROFILE: add the nanoseconds
+    waited to prof_ptr[2] (the tile's phase's slot)."""
+    if PROFILE:
+        start = tl.extra.cuda.globaltimer()
     seen = tl.load(flag_ptr, volatile=True)
     spins = 0
     while (seen < expected) & (spins < MAX_SPIN):
@@ -64,6 +68,8 @@ def _wait(flag_ptr, expected, err_ptr, MAX_SPIN: tl.constexpr):
         tl.atomic_xchg(err_ptr, 1)
     tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+    if PROFILE:
+        tl.atomic_add(prof_ptr + 2, tl.extra.cuda.globaltimer() - start, sem="relaxed")
 
 
 @triton.jit
@@ -166,14 +172,15 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
           tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
           xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
-          eps, sm_scale, stride_cl, stride_ch, stride_cs,
+          prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
           BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr, KR_O: tl.constexpr,
           BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr, KR_D: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr,
           BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
-          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr):
-    """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads)."""
+          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr):
+    """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
+    prof_ptr's slot of the layer and phase)."""
     dtype = resid_ptr.dtype.element_ty
     REP: tl.constexpr = H // HKV
     NQKV: tl.constexpr = (H + 2 * HKV) * HD
@@ -198,6 +205,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     C_GU_READY: tl.constexpr = C_ATTN_DONE + HKV
     C_SIZE: tl.constexpr = C_GU_READY + KS_D
     ctr = ctr_ptr + layer * C_SIZE
+    prof = prof_ptr + (layer * 6 + PH) * 4
     layer64 = layer.to(tl.int64)
     if PH == EMBED:
         # h = the token's embedding row (the stream starts there: no residual yet), then the first attention norm
@@ -225,7 +233,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
                        tl.where(group == 1, H * HD + g * HD + (r - PER_Q) * BN_QKV,
                                 (H + HKV) * HD + g * HD + (r - PER_Q - HD // BN_QKV) * BN_QKV))
         if WAIT:
-            _wait(ctr + C_NORM_DONE, 1, err_ptr, MAX_SPIN)
+            _wait(ctr + C_NORM_DONE, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         k_begin = split * KR_QKV
         acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * NQKV, tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1),
                          col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV, BN_QKV, BLOCK_K,
@@ -240,7 +248,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     elif PH == ATTN:
         kvh = tile
         if WAIT:
-            _wait(ctr + C_QKV_READY + kvh, (REP + 2) * HD // BN_QKV, err_ptr, MAX_SPIN)
+            _wait(ctr + C_QKV_READY + kvh, (REP + 2) * HD // BN_QKV, err_ptr, prof, MAX_SPIN, PROFILE)
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < REP
         heads = kvh * REP + offs_h
@@ -274,7 +282,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         k_stop = tl.minimum(k_begin + KR_O, H * HD)
         if WAIT:
             for kvh in range(k_begin // HD // REP, (k_stop - 1) // HD // REP + 1):
-                _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, MAX_SPIN)
+                _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * D, to_ptr + layer * (H * HD if PER_CHANNEL else 1),
                          col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL, PACK, STAGES)
         acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
@@ -295,7 +303,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         split = tile % KS_GU
         col = strip * BN_GU
         if WAIT:
-            _wait(ctr + C_NORM_DONE + 1, 1, err_ptr, MAX_SPIN)
+            _wait(ctr + C_NORM_DONE + 1, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         k_begin = split * KR_GU
         k_stop = tl.minimum(k_begin + KR_GU, D)
         w = w13_ptr + layer64 * D * 2 * I
@@ -322,7 +330,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         k_begin = split * KR_D
         k_stop = tl.minimum(k_begin + KR_D, I)
         if WAIT:
-            _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, MAX_SPIN)
+            _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, prof, MAX_SPIN, PROFILE)
         acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * D, t2_ptr + layer * (I if PER_CHANNEL else 1), col, 0,
                          k_begin, k_stop, I, D, BN_D, BLOCK_K, PER_CHANNEL, PACK, STAGES)
         acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
@@ -347,7 +355,8 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
 def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
                           tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
                           out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
-                          stats_ptr, ctr_ptr, err_ptr, step_layer, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+                          stats_ptr, ctr_ptr, err_ptr, prof_ptr, step_layer, eps, sm_scale, stride_cl, stride_ch,
+                          stride_cs,
                           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
                           I: tl.constexpr, BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr,
                           KR_O: tl.constexpr, BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr,
@@ -356,17 +365,19 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                           PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, STAGES: tl.constexpr,
                           DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
                           NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
-                          PHASE: tl.constexpr):
+                          PROFILE: tl.constexpr, PHASE: tl.constexpr):
     """PHASE >= 0 (stepped): tile program_id of that phase of layer step_layer. PHASE < 0 (persistent): every phase
-    of every layer, each phase's tiles taken from its ticket (NT_*: tiles per phase, C_SIZE: counters per layer)."""
+    of every layer, each phase's tiles taken from its ticket (NT_*: tiles per phase, C_SIZE: counters per layer).
+    PROFILE (persistent): per layer and phase, prof_ptr [L, 6, 4] int64 gets the first tile's start and the last one's
+    end (globaltimer ns), and the nanoseconds its tiles spent waiting and in all (summed over programs)."""
     if PHASE >= 0:
         _tile(PHASE, step_layer, tl.program_id(0), False,
               tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
               tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
               xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
-              eps, sm_scale, stride_cl, stride_ch, stride_cs,
+              prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
-              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN)
+              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN, False)
     else:
         for layer in range(L):
             for ph in tl.static_range(6):
@@ -384,14 +395,22 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                     n = NT_D
                 t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
                 while t < n:
+                    if PROFILE:
+                        start = tl.extra.cuda.globaltimer()
                     _tile(ph, layer, t, True,
                           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
                           tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
                           out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
-                          stats_ptr, ctr_ptr, err_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+                          stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
                           L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
                           BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES,
-                          DOT_FP32, MAX_SPIN)
+                          DOT_FP32, MAX_SPIN, PROFILE)
+                    if PROFILE:
+                        end = tl.extra.cuda.globaltimer()
+                        slot = prof_ptr + (layer * 6 + ph) * 4
+                        tl.atomic_min(slot, start, sem="relaxed")
+                        tl.atomic_max(slot + 1, end, sem="relaxed")
+                        tl.atomic_add(slot + 3, end - start, sem="relaxed")
                     t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
 
 
@@ -405,7 +424,8 @@ def _divisor_block(n: int, most: int) -> int:
     return block
 
 
-def tile_config(dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int, weight_bytes: int) -> dict:
+def tile_config(dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int, weight_bytes: int,
+                tile_bytes: int = TILE_BYTES) -> dict:
     """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile, its rows a whole number of
     BLOCK_K rows (a down tile's also of gate/up strips, which it waits for). Under the interpreter, where every
     program costs milliseconds, tiles of whole columns except down's, split in two so the partial sums are added."""
@@ -414,7 +434,7 @@ def tile_config(dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: in
                                  _divisor_block(inter, strip), _divisor_block(dim, strip))
 
     def rows(bn, k, align=block_k):
-        wanted = k if INTERPRET else TILE_BYTES // (bn * weight_bytes)
+        wanted = k if INTERPRET else tile_bytes // (bn * weight_bytes)
         return min(max(align, wanted // align * align), triton.cdiv(k, align) * align)
     kr_d = rows(bn_d, triton.cdiv(inter, 2) if INTERPRET else inter, max(block_k, bn_gu))
     return {"BN_QKV": bn_qkv, "KR_QKV": rows(bn_qkv, dim), "BN_O": bn_o, "KR_O": rows(bn_o, n_head * head_dim),
@@ -458,7 +478,8 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, device: torch.de
 def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor, embedding: torch.Tensor,
                   norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
                   scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
-                  eps: float, programs: int, stepped: bool) -> torch.Tensor:
+                  eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
+                  max_registers: int = 0, profile: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
 
     token [1, 1] at input_pos [1]; freqs_cis: the RoPE table [positions, head_dim / 2, 2] fp32; embedding [vocab, dim];
@@ -467,18 +488,20 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     in the activations' dtype or int8 with scales (fp32 [n_layer, N] each); thresholds fp32 [n_layer, groups] or
     [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
-    resident); stepped: one launch per phase instead."""
+    resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead. tile_bytes, num_warps and
+    max_registers (0: the compiler's choice) tune the launch; profile: int64 [n_layer, 6, 4] to fill with the
+    persistent launch's phase timings (_decode_layers_kernel's PROFILE)."""
     check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches)
     if not (token.is_cuda or INTERPRET):
         raise RuntimeError("teal::decode_layers runs Triton kernels: it needs a CUDA device, or TRITON_INTERPRET=1 "
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
-                  v_caches, errors, eps, programs, stepped or INTERPRET)
+                  v_caches, errors, eps, programs, stepped or INTERPRET, tile_bytes, num_warps, max_registers, profile)
 
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches, errors,
-      eps, programs, stepped):
+      eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, profile=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
@@ -526,7 +549,8 @@ _resident: dict = {}  # compiled kernel's key -> programs resident at once
 
 
 def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
-           errors, eps: float, programs: int, stepped: bool) -> torch.Tensor:
+           errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
+           max_registers: int = 0, profile: torch.Tensor | None = None) -> torch.Tensor:
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
@@ -534,7 +558,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     inter = w13.shape[2] // 2
     n_head = wqkv.shape[2] // head_dim - 2 * hkv
     dtype = embedding.dtype
-    cfg = tile_config(dim, n_head, hkv, head_dim, inter, wqkv.element_size())
+    cfg = tile_config(dim, n_head, hkv, head_dim, inter, wqkv.element_size(), tile_bytes)
     lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
     ks = lay["splits"]
     f32 = dict(dtype=torch.float32, device=device)
@@ -551,23 +575,26 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     scale_args = scales if scales else thresholds
     pack = 2 if wqkv.dtype == torch.bfloat16 else 4 if wqkv.dtype == torch.int8 else 1
     args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args, k_caches,
-            v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors)
+            v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors,
+            counters if profile is None else profile)
     meta = dict(L=n_layer, D=dim, H=n_head, HKV=hkv, HD=head_dim, I=inter, **cfg, BLOCK_S=64 if INTERPRET else 32,
                 BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
                 BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
                 PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales), PACK=pack, STAGES=1 if INTERPRET else 2,
-                DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"],
+                DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
     runtime = (eps, head_dim ** -0.5, k_caches.stride(0), k_caches.stride(2), k_caches.stride(3))
     if stepped:
         tiles = (1, lay["NT_QKV"], hkv, lay["NT_O"], lay["NT_GU"], lay["NT_D"])  # per phase, EMBED to DOWN
         for layer in range(n_layer):
             for phase in range(0 if layer == 0 else 1, len(PHASES)):
-                _decode_layers_kernel[(tiles[phase],)](*args, layer, *runtime, **meta, PHASE=phase, num_warps=4)
+                _decode_layers_kernel[(tiles[phase],)](*args, layer, *runtime, **meta, PHASE=phase,
+                                                       num_warps=num_warps)
         return out
-    key = (device, tuple(sorted(meta.items())))
+    options = dict(num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
+    key = (device, tuple(sorted(meta.items())), tuple(sorted(options.items())))
     if key not in _resident:
-        compiled = _decode_layers_kernel.warmup(*args, 0, *runtime, **meta, PHASE=-1, num_warps=4, grid=(1,))
+        compiled = _decode_layers_kernel.warmup(*args, 0, *runtime, **meta, PHASE=-1, **options, grid=(1,))
         compiled._init_handles()
         _resident[key] = resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
                                            device)
@@ -577,7 +604,10 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                          f"of this kernel at once (its registers and shared memory); more would deadlock in the "
                          f"kernel's waits. Use at most {resident}, or 0 for that many")
     grid = programs or min(resident, MAX_PROGRAMS_PER_SM * _device_limits(_index(device))[0])
-    _decode_layers_kernel[(grid,)](*args, 0, *runtime, **meta, PHASE=-1, num_warps=4)
+    if profile is not None:
+        profile.view(-1, 4)[:, 0] = torch.iinfo(torch.int64).max
+        profile.view(-1, 4)[:, 1:] = 0
+    _decode_layers_kernel[(grid,)](*args, 0, *runtime, **meta, PHASE=-1, **options)
     return out
 
 
@@ -585,22 +615,41 @@ class DecodeLayers:
     """The decoder layers' tensors stacked for teal::decode_layers, and the call that runs one decode step through
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
-    layers hold (their views), so a new sparsity is a copy into them."""
+    layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps and
+    max_registers: teal::decode_layers'."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
-                 stepped: bool = False):
+                 stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
         self.scales = list(scales or ())
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
+        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
 
-    def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches) -> torch.Tensor:
+    def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=None) -> torch.Tensor:
         return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,
                                             self.thresholds, self.scales, k_caches, v_caches, self.errors, self.eps,
-                                            self.programs, self.stepped)
+                                            self.programs, self.stepped, *self.tuning, profile)
 
     def check(self) -> None:
         """Raise if a wait of an earlier step gave up (a dependency never came: a bug, never a slow GPU); syncs."""
         if int(self.errors.item()):
             raise RuntimeError("persistent decode: a wait for another program's output timed out; the steps since "
                                "are wrong (rerun with stepped=True to debug)")
+
+    def profile(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches) -> dict:
+        """One persistent step with the kernel's phase timers on (a variant of its own, compiled once): per phase,
+        summed over layers, the microseconds from its first tile's start to its last tile's end (span_us), and the
+        program-microseconds its tiles took (busy_us) and spent waiting for their inputs (wait_us); step_us from the
+        first tile's start to the last tile's end. Syncs."""
+        prof = torch.empty((self.norm_weights.shape[0], len(PHASES), 4), dtype=torch.int64,
+                           device=self.norm_weights.device)
+        self(token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=prof)
+        prof = prof.cpu()
+        used = prof[..., 1] > 0  # embed runs in layer 0 only
+        out = {"step_us": float(prof[..., 1][used].max() - prof[..., 0][used].min()) / 1e3, "phases": {}}
+        for i, name in enumerate(PHASES):
+            p = prof[:, i][used[:, i]]
+            out["phases"][name] = {"span_us": float((p[:, 1] - p[:, 0]).sum()) / 1e3,
+                                   "busy_us": float(p[:, 3].sum()) / 1e3, "wait_us": float(p[:, 2].sum()) / 1e3}
+        return out

@@ -324,6 +324,124 @@ def test_compiled_sparse_decode_of_each_family_matches_the_masked_reference(fami
     torch._dynamo.reset()
 
 
+
+
+def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100):
+    """A random model at Llama-3-8B's head layout (GQA 32/8 of 128) and narrower widths, sparse, with thresholds at the
+    `sparsity` quantile of each projection's inputs over a random prefill; caches for block_size positions."""
+    from model import ModelArgs, Transformer
+    from sparse import LAYER_GROUPS, sparse_layers, sparsify
+    args = ModelArgs(n_layer=n_layer, n_head=32, n_local_heads=8, dim=4096, intermediate_size=7168, vocab_size=2048,
+                     block_size=block_size, rope_base=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8)
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, key=(i, path): inputs.__setitem__(key, a[0]))
+             for i, path, layer in sparse_layers(model)]
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        model(torch.randint(0, 2048, (1, 64), device="cuda"), torch.arange(64, device="cuda"))
+        for h in hooks:
+            h.remove()
+        for i, path, layer in sparse_layers(model):
+            x = inputs[(i, path)].reshape(-1, layer.in_features).abs().float()
+            for g in range(len(LAYER_GROUPS[path])):
+                q = torch.quantile(x, sparsity, dim=0) if per_channel else torch.quantile(x.flatten()[:1 << 20], sparsity)
+                layer.thresholds[g].copy_(q if sparsity else torch.zeros_like(q))
+    model.setup_caches(1, block_size, exact=True)
+    return model
+
+
+@pytest.mark.parametrize("dtype,int8,per_channel,sparsity", [
+    (torch.bfloat16, False, False, 0.0), (torch.bfloat16, False, False, 0.5), (torch.bfloat16, False, True, 0.9),
+    (torch.bfloat16, True, False, 0.5), (torch.bfloat16, True, True, 0.0), (torch.float32, False, False, 0.5)])
+def test_persistent_decode_matches_stepped_and_per_layer(dtype, int8, per_channel, sparsity):
+    """The persistent launch against its stepped mode (the same tiles, partial sums added in the same order: equal
+    bits, whichever program took which tile) and against the per-layer path (the model's own kernels), teacher-forced
+    over 24 steps: logits within 3% of the largest (bf16 roundings and the thresholds they move) or 1e-4 (fp32), and
+    the greedy token the same unless the per-layer top two are that close."""
+    import copy
+    from generate import persistent_layers
+    model = persistent_model(dtype, int8, per_channel, sparsity, block_size=64)
+    ref = copy.deepcopy(model)
+    layers = persistent_layers(model)
+    stepped = stepped_copy(layers)
+    prompt = torch.randint(0, 2048, (1, 6), device="cuda")
+    atol = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        ref(prompt, torch.arange(6, device="cuda"))
+        model(prompt, torch.arange(6, device="cuda"))
+        token = prompt[:, -1:].int()
+        for pos in range(6, 30):
+            p = torch.tensor([pos], device="cuda", dtype=torch.int)
+            want = ref(token, p)[0, -1].float()
+            caches = model.k_caches.clone(), model.v_caches.clone()
+            h_stepped = stepped(token, p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+            model.k_caches.copy_(caches[0])
+            model.v_caches.copy_(caches[1])
+            h = layers(token, p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+            assert torch.equal(h, h_stepped), f"position {pos}"
+            got = model.output(model.norm(h)[0])[0, -1].float()
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=atol * scale)
+            top2 = want.topk(2).values
+            if top2[0] - top2[1] > 2 * atol * scale:
+                assert int(got.argmax()) == int(want.argmax()), f"position {pos}"
+            token = want.argmax().view(1, 1).int()
+    layers.check()
+
+
+def test_persistent_decode_1000_steps_in_cuda_graphs_without_a_hang():
+    """generate() with the persistent step compiled into CUDA graphs, 1000 tokens: no wait gave up, and the tokens are
+    the stepped mode's (equal bits each step)."""
+    import functools
+    import time
+    from generate import decode_one_token_persistent, generate, persistent_layers
+    model = persistent_model(torch.bfloat16, sparsity=0.5)
+    layers = persistent_layers(model)
+    step = torch.compile(functools.partial(decode_one_token_persistent, layers=layers), mode="reduce-overhead",
+                         fullgraph=True)
+    prompt = torch.randint(0, 2048, (5,), device="cuda", dtype=torch.int)
+    start = time.perf_counter()
+    got = generate(model, prompt, 1000, temperature=0, decode_fn=step)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    layers.check()
+    want = generate(model, prompt, 1000, temperature=0,
+                    decode_fn=functools.partial(decode_one_token_persistent, layers=stepped_copy(layers)))
+    assert torch.equal(got, want)
+    assert elapsed < 60, f"1000 steps took {elapsed:.1f} s"
+    torch._dynamo.reset()
+
+
+def stepped_copy(layers):
+    """The same stacked tensors, launched one phase at a time."""
+    import copy
+    stepped = copy.copy(layers)
+    stepped.stepped = True
+    return stepped
+
+
+def test_persistent_grid_guard_refuses_more_programs_than_fit():
+    from generate import persistent_layers
+    model = persistent_model(torch.bfloat16, sparsity=0.0, n_layer=2, block_size=64)
+    layers = persistent_layers(model, programs=1 << 20)
+    token, pos = torch.zeros(1, 1, dtype=torch.int, device="cuda"), torch.tensor([3], device="cuda")
+    with pytest.raises(ValueError, match="holds only"):
+        layers(token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+    layers.programs = 0
+    layers(token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+    layers.check()
+
+
 def one_shot_worker(rank, world, port, result_dir):
     """Many consecutive fused all-reduce + residual add + RMSNorm calls on distinct inputs (both buffer slots, several
     sizes, 1-8 tokens), eager and replayed from a CUDA graph: the sum against the float64 sum of every rank's input

@@ -169,6 +169,10 @@ def test_engine_refusals():
     model.layers[0].attention.wqkv = torch.nn.Linear(64, 128)
     with pytest.raises(ValueError, match="sparsify"):
         persistent_layers(model)
+    model = tiny_model("llama", torch.float32)
+    model.config.qk_norm = True
+    with pytest.raises(ValueError, match="per-layer"):
+        persistent_layers(model)
 
 
 def test_bad_inputs_are_refused():

@@ -1,0 +1,147 @@
+"""The persistent decode kernel alone (teal::decode_layers, every decoder layer of one step), across its launch
+settings, against the bytes it reads and the copy bandwidth measured in the same run.
+
+    python -m benchmark.bench_persistent --model llama-3-8b --sparsities 0 0.5 --int8
+
+Random weights at the named config's shapes, sparse with uniform thresholds from a random-token prefill (as
+bench_decode's). Each setting (programs per SM, weight KB per tile, warps, register cap) is captured in a CUDA graph
+of 10 steps and timed by CUDA events, the median of 20 replays; the weights are read from HBM every step (a step
+reads far more than L2 holds). Rows hold the step time, the weight bytes of the kept rows, their share of the copy
+bandwidth, and the kernel's own phase profile. Writes JSON and a PNG plot.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from benchmark.bench_decode import calibrate_on_random_prefill, copy_bandwidth, set_uniform
+from generate import persistent_layers
+from model import random_model
+from sparse import LAYER_GROUPS, sparse_layers, sparsify
+from sparse_gemv.persistent import _device_limits
+
+
+@torch.no_grad()
+def kept_bytes(model, token, pos, layers) -> int:
+    """Weight bytes one persistent step reads: the rows its inputs keep (counted on the per-layer path's inputs for
+    the same token), scales and norms aside."""
+    counts = {}
+    hooks = []
+    for i, path, layer in sparse_layers(model):
+        def pre(module, args, key=(i, path)):
+            x = args[0].reshape(-1).abs().float()
+            counts[key] = [int((x > t).sum()) for t in module.thresholds.reshape(len(LAYER_GROUPS[key[1]]), -1)]
+        hooks.append(layer.register_forward_pre_hook(pre))
+    model(token, pos)
+    for h in hooks:
+        h.remove()
+    total = 0
+    for i, path, layer in sparse_layers(model):
+        for kept, n in zip(counts[(i, path)], layer.split_sizes):
+            total += kept * n * layer.weight_t.element_size()
+    return total
+
+
+def time_steps(layers, args, steps: int = 10, replays: int = 20) -> float:
+    """Median seconds per step of `steps` persistent steps captured in one CUDA graph."""
+    for _ in range(3):
+        layers(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        for _ in range(steps):
+            layers(*args)
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / steps)
+    return sorted(times)[replays // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5])
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--programs_per_sm", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--tile_kb", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--warps", type=int, nargs="+", default=[4])
+    p.add_argument("--max_registers", type=int, nargs="+", default=[0])
+    p.add_argument("--cache", type=int, default=205, help="positions in the KV cache (bench_decode's 5 + 200)")
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", type=Path, default=Path("benchmark/results"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_persistent.py times a GPU kernel and needs CUDA")
+    copy_GBps = copy_bandwidth()
+    model = sparsify(random_model(a.model, device="cuda"), int8=a.int8)
+    table = calibrate_on_random_prefill(model, a.sparsities)
+    model.setup_caches(1, a.cache, exact=True)
+    sms = _device_limits(torch.cuda.current_device())[0]
+    token = torch.zeros(1, 1, dtype=torch.int, device="cuda")
+    pos = torch.tensor([a.cache - 1], dtype=torch.int, device="cuda")
+    rows = []
+    base = persistent_layers(model)
+    for s in a.sparsities:
+        set_uniform(model, table[s])
+        moved = kept_bytes(model, token, pos, base)
+        for per_sm, tile_kb, warps, regs in itertools.product(a.programs_per_sm, a.tile_kb, a.warps, a.max_registers):
+            layers = base.__class__(base.norm_weights, base.weights, base.thresholds, base.scales, base.eps,
+                                    per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs)
+            args = (token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+            try:
+                step_s = time_steps(layers, args)
+            except ValueError as e:  # more programs per SM than fit: the guard's refusal
+                print(f"{s} {per_sm}/SM {tile_kb} KB {warps} warps regs {regs}: {e}", flush=True)
+                continue
+            layers.check()
+            row = {"sparsity": s, "programs_per_sm": per_sm, "tile_kb": tile_kb, "warps": warps,
+                   "max_registers": regs, "step_ms": 1e3 * step_s, "bytes": moved,
+                   "share_of_copy_bandwidth": moved / step_s / (copy_GBps * 1e9), "phases": layers.profile(*args)}
+            rows.append(row)
+            print(f"{s} {per_sm}/SM {tile_kb} KB {warps} warps regs {regs}: {row['step_ms']:.3f} ms, "
+                  f"{row['share_of_copy_bandwidth']:.2f} of copy", flush=True)
+            print(json.dumps(row["phases"]), flush=True)
+    props = torch.cuda.get_device_properties(0)
+    result = {"device": props.name, "model": a.model, "int8": a.int8, "copy_GBps": copy_GBps, "cache": a.cache,
+              "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
+              "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"persistent-{a.model}{'-int8' if a.int8 else ''}{a.tag}-{props.name.replace(' ', '-')}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in dict.fromkeys(r["sparsity"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["sparsity"] == s]
+        ax.plot(range(len(rows)), [r["share_of_copy_bandwidth"] for r in rows], "o-", label=f"sparsity {s}")
+        ax.set_xticks(range(len(rows)), [f"{r['programs_per_sm']}/SM {r['tile_kb']}K w{r['warps']} r{r['max_registers']}"
+                                         for r in rows], rotation=60, fontsize=7)
+    ax.set_ylabel("kept weight bytes / step time / copy bandwidth")
+    ax.set_title(f"persistent decode kernel, {result['model']}{' int8' if result['int8'] else ''}, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
