@@ -46,7 +46,9 @@ from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum
 
 EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
 PHASES = ("embed", "qkv", "attn", "o", "gu", "down")
-MAX_SPIN = 1 << 22  # polls of one wait before it gives up and flags an error (seconds on an H100)
+# Polls of one wait before it gives up and flags an error: seconds on an H100. Under the interpreter a persistent
+# launch is one program, which takes every tile in order, so whatever it waits for is done: one poll would do.
+MAX_SPIN = 4 if INTERPRET else 1 << 22
 TILE_BYTES = 64 << 10  # weight bytes per GEMV tile: the granularity at which a phase's last SM finishes
 MAX_PROGRAMS_PER_SM = 4
 
@@ -206,7 +208,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     C_SIZE: tl.constexpr = C_GU_READY + KS_D
     ctr = ctr_ptr + layer * C_SIZE
     prof = prof_ptr + (layer * 6 + PH) * 4
-    layer64 = layer.to(tl.int64)
+    layer64 = tl.full([], 0, tl.int64) + layer  # 64-bit offsets: the stacked weights pass 2^31 elements
     if PH == EMBED:
         # h = the token's embedding row (the stream starts there: no residual yet), then the first attention norm
         tok = tl.load(tok_ptr).to(tl.int64)
@@ -488,7 +490,8 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     in the activations' dtype or int8 with scales (fp32 [n_layer, N] each); thresholds fp32 [n_layer, groups] or
     [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
-    resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead. tile_bytes, num_warps and
+    resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
+    but for programs=1: the persistent loop as one program). tile_bytes, num_warps and
     max_registers (0: the compiler's choice) tune the launch; profile: int64 [n_layer, 6, 4] to fill with the
     persistent launch's phase timings (_decode_layers_kernel's PROFILE)."""
     check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches)
@@ -496,7 +499,8 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
         raise RuntimeError("teal::decode_layers runs Triton kernels: it needs a CUDA device, or TRITON_INTERPRET=1 "
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
-                  v_caches, errors, eps, programs, stepped or INTERPRET, tile_bytes, num_warps, max_registers, profile)
+                  v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1), tile_bytes, num_warps,
+                  max_registers, profile)
 
 
 @decode_layers.register_fake
@@ -592,6 +596,9 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                                                        num_warps=num_warps)
         return out
     options = dict(num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}))
+    if INTERPRET:  # one program, in order (programs == 1): the persistent loop's tickets and counters, on the CPU
+        _decode_layers_kernel[(1,)](*args, 0, *runtime, **meta, PHASE=-1, **options)
+        return out
     key = (device, tuple(sorted(meta.items())), tuple(sorted(options.items())))
     if key not in _resident:
         compiled = _decode_layers_kernel.warmup(*args, 0, *runtime, **meta, PHASE=-1, **options, grid=(1,))

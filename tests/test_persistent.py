@@ -198,3 +198,14 @@ def test_bad_inputs_are_refused():
         call(scales=[torch.ones(2, w.shape[2]) for w in layers.weights])
     with pytest.raises(ValueError, match="RoPE"):
         call(freqs_cis=model.freqs_cis[:10])
+
+
+def test_persistent_loop_as_one_program_takes_every_tile_in_order():
+    """The persistent launch (tickets, readiness counters, the waits' targets) run as one program, the only way the
+    interpreter can: it takes every tile in order, so each wait must find its target already met (its polls are capped
+    at 4, after which the error flag is set and check() raises). Equal to the stepped mode's result."""
+    model = tiny_model("llama", torch.float32, int8=True, per_channel=True)
+    calibrate(model, 0.5)
+    ref = copy.deepcopy(model)
+    layers = persistent_layers(model, programs=1)
+    assert compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32]) > 0
