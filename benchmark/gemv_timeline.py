@@ -39,7 +39,7 @@ _PATCHES = [
     ("        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete",
      "    t_wait = tl.extra.cuda.globaltimer()  # after the wait, or when there is none\n"),
     ("            count += tl.sum(keep, 0)", "        t_list = tl.extra.cuda.globaltimer()\n"),
-    ("    if PACK == 2:\n        # Reduce over K once", None),  # t_loop goes in front of this one
+    ("    if PACK > 1:\n        acc = sum_word_columns(", None),  # t_loop goes in front of this one
     ("                tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)",
      "    t_exit = tl.extra.cuda.globaltimer()\n"
      "    stamp = stamp_ptr + (pid_k * tl.num_programs(0) + pid_n) * 8\n"

@@ -397,6 +397,9 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                     n = NT_D
                 t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
                 while t < n:
+                    # the next ticket is taken before this tile runs, so its latency hides behind the tile's loads
+                    # (a tile held meanwhile is still behind every tile it waits for: no deadlock)
+                    t_next = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
                     if PROFILE:
                         start = tl.extra.cuda.globaltimer()
                     _tile(ph, layer, t, True,
@@ -413,7 +416,7 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                         tl.atomic_min(slot, start, sem="relaxed")
                         tl.atomic_max(slot + 1, end, sem="relaxed")
                         tl.atomic_add(slot + 3, end - start, sem="relaxed")
-                    t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
+                    t = t_next
 
 
 def _divisor_block(n: int, most: int) -> int:
