@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 
 import attention
 import tp
-from sparse_gemv import grouped, kernels
+from sparse_gemv import grouped, kernels, persistent
 
 # SM count and shared memory a block may use (bytes), as the CUDA driver reports them: A100, A6000, H100 (SXM)
 GPUS = {80: (108, 166912), 86: (84, 101376), 90: (132, 232448)}
@@ -25,13 +25,20 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 
 
 class Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it;
+    `kernel.warmup(...)` (the persistent launcher's residency check) answers with a kernel of no registers and no
+    shared memory, so that check passes and the launch after it is recorded."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        from types import SimpleNamespace
+        return SimpleNamespace(n_regs=32, metadata=SimpleNamespace(shared=0, num_warps=kwargs.get("num_warps", 4)),
+                               _init_handles=lambda: None)
 
 
 def arg_type(value) -> str:
@@ -130,11 +137,31 @@ def all_reduce_launches():
                lambda x=x, b=bases: tp.launch_one_shot_all_reduce_rmsnorm(x, x, x[0], 1e-5, b, 1 << 16, 0))
 
 
+def persistent_launches():
+    """The persistent decode kernel at Llama-3-8B's layer shapes (two layers; the layer count is a loop bound): bf16
+    weights with per-tensor thresholds, int8 with per-channel ones."""
+    layers, dim, heads, kv_heads, head_dim, inter = 2, 4096, 32, 8, 128, 14336
+    for int8, per_channel in ((False, False), (True, True)):
+        dtype = torch.int8 if int8 else torch.bfloat16
+        weights = [torch.empty(layers, dim, (heads + 2 * kv_heads) * head_dim, dtype=dtype),
+                   torch.empty(layers, heads * head_dim, dim, dtype=dtype),
+                   torch.empty(layers, dim, 2 * inter, dtype=dtype), torch.empty(layers, inter, dim, dtype=dtype)]
+        thresholds = [torch.zeros((layers, g, w.shape[1]) if per_channel else (layers, g))
+                      for g, w in zip((3, 1, 2, 1), weights)]
+        scales = [torch.ones(layers, w.shape[2]) for w in weights] if int8 else []
+        caches = [torch.zeros(layers, 1, kv_heads, 256, head_dim, dtype=torch.bfloat16) for _ in range(2)]
+        args = (torch.zeros(1, 1, dtype=torch.int32), torch.tensor([7]), torch.zeros(256, head_dim // 2, 2),
+                torch.zeros(1000, dim, dtype=torch.bfloat16), torch.zeros(layers, 2, dim, dtype=torch.bfloat16),
+                weights, thresholds, scales, *caches, torch.zeros(1, dtype=torch.int32), 1e-5, 0, False)
+        yield (f"decode_layers {'int8 per-channel' if int8 else 'bf16'}", lambda args=args: persistent.launch(*args))
+
+
 def main(capabilities: list[int]) -> None:
     recorders = {}
     for module, name in ((kernels, "_sparse_gemv_kernel"), (grouped, "_grouped_sparse_gemv_kernel"),
                          (attention, "_decode_attention_kernel"),
-                         (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel")):
+                         (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel"),
+                         (persistent, "_decode_layers_kernel")):
         recorders[name] = Recorder(getattr(module, name))
         setattr(module, name, recorders[name])
     for capability in capabilities:
@@ -142,8 +169,10 @@ def main(capabilities: list[int]) -> None:
         kernels._sm_count = lambda device: sms
         kernels._max_shared = lambda device: max_shared
         kernels._has_pdl = lambda device: capability >= 90
+        persistent._index = lambda device: 0
+        persistent._device_limits = lambda index: (sms, 65536, max_shared + 1024, 2048)
         for description, call in [*sparse_gemv_launches(), *grouped_sparse_gemv_launches(), *attention_launches(),
-                                  *all_reduce_launches()]:
+                                  *all_reduce_launches(), *persistent_launches()]:
             for recorder in recorders.values():
                 recorder.launches.clear()
             call()
