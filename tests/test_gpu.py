@@ -354,7 +354,8 @@ def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer
         for i, path, layer in sparse_layers(model):
             x = inputs[(i, path)].reshape(-1, layer.in_features).abs().float()
             for g in range(len(LAYER_GROUPS[path])):
-                q = torch.quantile(x, sparsity, dim=0) if per_channel else torch.quantile(x.flatten()[:1 << 20], sparsity)
+                flat = x.flatten()[:1 << 20]  # torch.quantile's input limit
+                q = torch.quantile(x, sparsity, dim=0) if per_channel else torch.quantile(flat, sparsity)
                 layer.thresholds[g].copy_(q if sparsity else torch.zeros_like(q))
     model.setup_caches(1, block_size, exact=True)
     return model
