@@ -479,7 +479,7 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, device: torch.de
     return sms * per_sm
 
 
-@torch.library.custom_op("teal::decode_layers", mutates_args=("k_caches", "v_caches", "errors"))
+@torch.library.custom_op("teal::decode_layers", mutates_args=("k_caches", "v_caches", "errors", "profile"))
 def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor, embedding: torch.Tensor,
                   norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
                   scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
@@ -635,6 +635,10 @@ class DecodeLayers:
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
         self.tuning = (int(tile_bytes), int(num_warps), int(max_registers))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
+        # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
+        # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
+        for t in (self.norm_weights, *self.weights, *self.thresholds, *self.scales, self.errors):
+            torch._dynamo.mark_static_address(t)
 
     def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=None) -> torch.Tensor:
         return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,

@@ -120,14 +120,15 @@ def test_greedy_tokens_identical_over_64_steps():
     assert compare_decode(ref, model, layers, steps=64, atol=ATOL[torch.float32]) > 0  # not the same code path
 
 
-def test_generate_runs_through_the_persistent_step_and_stacks_without_copies():
-    """generate() with decode_step's persistent function gives the per-layer greedy tokens; the layers' tensors are
-    views of the stacked ones (one copy in memory), including the caches."""
+def test_generate_runs_through_the_compiled_persistent_step_and_stacks_without_copies():
+    """generate() with decode_step's persistent function, compiled whole (fullgraph: the op traces through its fake
+    implementation, its cache writes declared), gives the per-layer greedy tokens; the layers' tensors are views of
+    the stacked ones (one copy in memory), including the caches."""
     model = tiny_model("mistral", torch.float32)
     calibrate(model, 0.5)
-    want = generate(copy.deepcopy(model), PROMPT, 6, temperature=0)
+    want = generate(copy.deepcopy(model), PROMPT, 5, temperature=0)
     step, layers = decode_step(model, "persistent-stepped")
-    got = generate(model, PROMPT, 6, temperature=0, decode_fn=step)
+    got = generate(model, PROMPT, 5, temperature=0, decode_fn=torch.compile(step, backend="aot_eager", fullgraph=True))
     assert torch.equal(got, want)
     block = model.layers[1]
     assert block.feed_forward.w2.weight_t.data_ptr() == layers.weights[3][1].data_ptr()
