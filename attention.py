@@ -56,14 +56,14 @@ def _decode_attention_kernel(qkv_ptr, freqs_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, p
     dtype = o_ptr.dtype.element_ty
     row = qkv_ptr + b * stride_qkv  # [q heads | k heads | v heads] x D
     q = rope(row + heads[:, None] * D + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :], cos[None, :],
-              sin[None, :], stride_part, PARTS, dtype).reshape(BLOCK_H, BLOCK_D)
+              sin[None, :], stride_part, PARTS, dtype, "").reshape(BLOCK_H, BLOCK_D)
     if split == pos // SPLIT_LEN:
         # The one program whose positions include the new token writes its k and v into the cache, then reads
         # them back with the rest (the barrier makes the row visible to all of this program's threads).
         k_new = rope(row + (HKV * REP + kvh) * D + 2 * offs_p, p_mask, cos, sin, stride_part, PARTS,
-                      dtype).reshape(BLOCK_D)
+                     dtype, "").reshape(BLOCK_D)
         tl.store(k_base + pos * stride_ks + offs_d, k_new, mask=d_mask)
-        v_new = load_qkv(row + (HKV * REP + HKV + kvh) * D + offs_d, d_mask, stride_part, PARTS, dtype).to(dtype)
+        v_new = load_qkv(row + (HKV * REP + HKV + kvh) * D + offs_d, d_mask, stride_part, PARTS, dtype, "").to(dtype)
         tl.store(v_base + pos * stride_ks + offs_d, v_new, mask=d_mask)
         tl.debug_barrier()
     start = split * SPLIT_LEN

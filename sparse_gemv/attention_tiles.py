@@ -6,7 +6,7 @@ import triton.language as tl
 
 
 @triton.jit
-def load_qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr, CACHE: tl.constexpr = ""):
+def load_qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr, CACHE: tl.constexpr):
     """Elements of the token's qkv row, in fp32 holding dtype values. With PARTS > 0 the row arrives as that many fp32
     partial sums over slices of K (a sparse projection's, teal::sparse_gemv_partials, part_stride apart): added in
     order and rounded to dtype once, as the projection's own reduction rounds its output. CACHE: the loads' cache
@@ -20,7 +20,7 @@ def load_qkv(ptrs, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr, 
 
 
 @triton.jit
-def rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr, CACHE: tl.constexpr = ""):
+def rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr, CACHE: tl.constexpr):
     """Load interleaved (even, odd) pairs at ptrs (even elements) and rotate them by the position's angles in fp32,
     rounded to dtype, as apply_rotary_emb does; returned as [..., pairs, 2] (reshaped by the caller)."""
     even = load_qkv(ptrs, mask, part_stride, PARTS, dtype, CACHE)
