@@ -183,6 +183,14 @@ def decode_attention_cpu(qkv, freqs_cis, k_cache, v_cache, input_pos):
     return y.to(k_cache.dtype).view(b, 1, h * d)
 
 
+def decode_step_attention(qkv, freqs_cis, k_cache, v_cache, input_pos):
+    """What a decode step calls: teal::decode_attention, except in an eager CPU step, which calls the op's CPU path
+    directly (there the op's dispatch and input checks are a cost per layer)."""
+    if qkv.device.type == "cpu" and not torch.compiler.is_compiling():
+        return decode_attention_cpu(qkv, freqs_cis, k_cache, v_cache, input_pos)
+    return decode_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
+
+
 def decode_attention_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, chunk: int = CHUNK,
                             block_s: int = 64) -> torch.Tensor:
     """Launch the kernel(s). qkv: [B, 1, (H + 2 H_kv) D] in the caches' dtype, or fp32 partial sums [P, B, 1, ...] of

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import cached_attention, decode_attention
+from attention import cached_attention, decode_step_attention
 from cli import safe_name
 
 
@@ -247,7 +247,7 @@ class Attention(nn.Module):
             qkv = self.norm_qk(qkv)
         k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
         if x.shape[1] == 1:
-            y = decode_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
+            y = decode_step_attention(qkv, freqs_cis, k_cache, v_cache, input_pos)
         else:
             y = cached_attention(qkv, freqs_cis, k_cache, v_cache, input_pos, mask)
         return self.wo(y)
