@@ -210,3 +210,12 @@ def test_persistent_loop_as_one_program_takes_every_tile_in_order():
     ref = copy.deepcopy(model)
     layers = persistent_layers(model, programs=1)
     assert compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32]) > 0
+
+
+def test_cli_refuses_what_the_engine_does_not_run():
+    """At the CLI boundary a clear message, before any model is loaded, and no traceback."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "generate.py", "--engine", "persistent", "--batch_size", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "batch 1 only" in out.stderr and "Traceback" not in out.stderr
