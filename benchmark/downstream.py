@@ -115,7 +115,8 @@ class TealFastLM(LM):
             kwargs = dict(kwargs)
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", 256))
+            # at least one context token stays: the cache holds max_length positions, prompt and new tokens
+            max_new = min(int(kwargs.pop("max_gen_toks", 256)), self.max_length - 1)
             sample = kwargs.pop("do_sample", False)
             temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
             ids = (self.tokenizer.encode(context) or [self.prefix_id])[-(self.max_length - max_new):]

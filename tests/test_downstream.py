@@ -135,3 +135,25 @@ def test_cli_writes_json_and_plot_for_local_tasks(tmp_path, default_checkpoint, 
         ("teal_mc", "dense", 0.0, "acc,none"), ("teal_mc", "cats", 0.5, "acc,none")]
     assert rows[0]["value"] == 1.0  # the dense model knows all three (as in the test above)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("max_gen_toks", [8, 16, 40])  # below, at and above max_length
+def test_generate_until_keeps_prompt_and_new_tokens_within_max_length(default_checkpoint, monkeypatch, max_gen_toks):
+    import benchmark.downstream as downstream
+    from lm_eval.api.instance import Instance
+    calls = []
+
+    def recording_generate(model, prompt, max_new, **kwargs):
+        calls.append((prompt.tolist(), max_new))
+        return generate(model, prompt, max_new, **kwargs)
+
+    monkeypatch.setattr(downstream, "generate", recording_generate)
+    lm = TealFastLM(default_checkpoint, 0.0, "uniform", max_length=16)
+    context = "The quick brown fox jumps over the lazy dog, and then it runs far away into the dark forest."
+    ids = lm.tokenizer.encode(context)
+    assert len(ids) > 16
+    lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": max_gen_toks}), 0)],
+                      disable_tqdm=True)
+    (prompt, max_new), = calls
+    assert max_new == min(max_gen_toks, 15)
+    assert len(prompt) == 16 - max_new and prompt == ids[-len(prompt):]  # the context's end, at least one token
