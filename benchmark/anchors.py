@@ -35,11 +35,13 @@ MODELS = {"llama-3-8b": "llama-3-8b", "mistral-7b": "Mistral-7B", "llama-2-7b": 
 
 def load_module(name: str, path: Path):
     """A module of the user's clone, loaded from its file under a name of its own (GPT-Fast's and TEAL's model.py
-    would otherwise both be `model`, as is this project's)."""
+    would otherwise both be `model`, as is this project's) and registered under it, as Python's import does, so that
+    the clone's own imports of that name find it."""
     if not path.is_file():
         raise SystemExit(f"{path} not found: pass the folder of your clone (--gpt_fast / --teal)")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -167,10 +169,9 @@ def main(argv=None):
     torch._inductor.config.coordinate_descent_tuning = True  # GPT-Fast's setting, and this project's
     device, dtype = "cuda", torch.bfloat16
     gpt_fast = load_module("gpt_fast_model", a.gpt_fast / "model.py")
-    # TEAL's model.py imports its kernels as kernels.sparse_gemv: registered under that name, the import finds the
+    # TEAL's model.py imports its kernels as kernels.sparse_gemv: loaded under that name first, the import finds the
     # clone's kernels rather than another installed package called kernels.
     teal_kernels = load_module("kernels.sparse_gemv", a.teal / "kernels" / "sparse_gemv.py")
-    sys.modules["kernels.sparse_gemv"] = teal_kernels
     teal = load_module("teal_gpt_fast_model", a.teal / "gpt-fast" / "model.py")
     max_seq = a.prompt_tokens + a.new_tokens
     prompt = torch.randint(0, 32000, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(device)

@@ -23,11 +23,11 @@ from benchmark.bench_decode import calibrate_on_random_prefill, copy_bandwidth, 
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
-from sparse_gemv.persistent import _device_limits
+from sparse_gemv.persistent import DecodeLayers, _device_limits
 
 
 @torch.no_grad()
-def kept_bytes(model, token, pos, layers) -> int:
+def kept_bytes(model, token, pos) -> int:
     """Weight bytes one persistent step reads: the rows its inputs keep (counted on the per-layer path's inputs for
     the same token), scales and norms aside."""
     counts = {}
@@ -94,10 +94,10 @@ def main(argv=None):
     base = persistent_layers(model)
     for s in a.sparsities:
         set_uniform(model, table[s])
-        moved = kept_bytes(model, token, pos, base)
+        moved = kept_bytes(model, token, pos)
         for per_sm, tile_kb, warps, regs in itertools.product(a.programs_per_sm, a.tile_kb, a.warps, a.max_registers):
-            layers = base.__class__(base.norm_weights, base.weights, base.thresholds, base.scales, base.eps,
-                                    per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs)
+            layers = DecodeLayers(base.norm_weights, base.weights, base.thresholds, base.scales, base.eps,
+                                  per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs)
             args = (token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
             try:
                 step_s = time_steps(layers, args)

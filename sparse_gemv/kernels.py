@@ -257,8 +257,8 @@ def _widen_int8_quads(w):
 
 
 def pick_config(k: int, split_sizes, compact: bool, sms: int, reduce: bool = True, int8: bool = False) -> dict:
-    """Tile, K split and variant, by rule rather than autotuning (the H100 sweeps behind each rule are in
-    benchmark/RESULTS.md): four warps and three pipeline stages; kept-row lists take 128 x 64 tiles at about
+    """Tile, K split and variant, by rule rather than autotuning (a shape's config is fixed before its first launch,
+    which CUDA graphs capture): four warps and three pipeline stages; kept-row lists take 128 x 64 tiles at about
     1.5-2 programs per SM; predicated loads take 64 x 128 tiles at about 3.4 programs per SM where N is wide enough
     to give each SM 1.4 strips of 64, and narrow tall 32 x 256 tiles at 1.5-2 programs per SM below that, except
     where the strips alone give every SM one program and K is short: there the split's reduction costs more than a

@@ -429,12 +429,12 @@ def _divisor_block(n: int, most: int) -> int:
     return block
 
 
-def tile_config(dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int, weight_bytes: int,
+def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: int,
                 tile_bytes: int = TILE_BYTES) -> dict:
     """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile, its rows a whole number of
     BLOCK_K rows (a down tile's also of gate/up strips, which it waits for). Under the interpreter, where every
-    program costs milliseconds, tiles of whole columns except down's, split in two so the partial sums are added."""
-    strip, block_k = (64, 64) if INTERPRET else (64, 64)
+    program costs milliseconds, a tile takes all rows of its strip except down's, split in two so partial sums are added."""
+    strip, block_k = 64, 64
     bn_qkv, bn_o, bn_gu, bn_d = (_divisor_block(head_dim, strip), _divisor_block(dim, strip),
                                  _divisor_block(inter, strip), _divisor_block(dim, strip))
 
@@ -565,7 +565,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     inter = w13.shape[2] // 2
     n_head = wqkv.shape[2] // head_dim - 2 * hkv
     dtype = embedding.dtype
-    cfg = tile_config(dim, n_head, hkv, head_dim, inter, wqkv.element_size(), tile_bytes)
+    cfg = tile_config(dim, n_head, head_dim, inter, wqkv.element_size(), tile_bytes)
     lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
     ks = lay["splits"]
     f32 = dict(dtype=torch.float32, device=device)

@@ -14,8 +14,8 @@ SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the GPU machine with -m gpu)")
     # As many threads as the load leaves cores free, as generate.py takes them: on a busy machine, OpenMP threads
-    # beyond those spin against each other (one test took 557 s with two threads on a loaded 2-core machine, 90 s
-    # with one). The CLI tests' subprocesses pick theirs the same way.
+    # beyond those spin against each other and slow every test several-fold. The CLI tests' subprocesses pick theirs
+    # the same way.
     import torch
     from generate import cpu_threads
     torch.set_num_threads(cpu_threads())

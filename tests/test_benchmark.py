@@ -59,7 +59,7 @@ def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
 
 
 def test_k_split_rule_from_the_ab_measurements():
-    # As measured on an H100 (132 SMs, benchmark/RESULTS.md): 4096x4096 is faster unsplit at every sparsity;
+    # On 132 SMs a split's reduction outweighs a second program per SM for 4096x4096 at every sparsity;
     # 4096x14336 (one program per SM too, but long K) and the 70B TP4 q/k/v (80 strips) still want their splits.
     split = lambda k, groups: pick_config(k, groups, False, 132)["SPLIT_K"]
     assert split(4096, [4096]) == 1
