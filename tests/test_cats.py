@@ -133,17 +133,10 @@ def test_teal_meter_is_unchanged_by_counting_every_projection():
     assert meter.model_sparsity() == pytest.approx(0.5 * 64 * 96 / (2 * (3 * 64 * 64 + 3 * 64 * 96)))
 
 
-def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_checkpoint):
-    """thresholds.calibrate on a tiny random model with the default tokenizer writes CATS tables whose held
-    thresholds drop the target share of SiLU(gate) within 0.01 in every layer on the calibration text, and within
-    0.01 over all layers (0.02 in each) on calibration text the calibration did not see."""
+def tiny_checkpoint(tmp_path, default_checkpoint):
+    """A tiny random model (3 blocks) with the default tokenizer, saved as a converted checkpoint."""
     from model import ModelArgs, Transformer
     from safetensors.torch import save_file
-    from tests.conftest import SHARED_DATA
-    from thresholds.calibrate import calibrate, read_tokens
-    from thresholds.file import ThresholdFile, apply_thresholds
-    from tokenizer import load_tokenizer
-
     args = ModelArgs(vocab_size=49152, n_layer=3, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
                      block_size=1024, name="tiny-cats")
     torch.manual_seed(0)
@@ -157,6 +150,19 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
     (ckpt / "model_config.json").write_text(args.to_json())
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_checkpoint / f, ckpt / f)
+    return model, args, ckpt
+
+
+def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_checkpoint):
+    """thresholds.calibrate on a tiny random model with the default tokenizer writes CATS tables whose held
+    thresholds drop the target share of SiLU(gate) within 0.01 in every layer on the calibration text, and within
+    0.01 over all layers (0.02 in each) on calibration text the calibration did not see."""
+    from tests.conftest import SHARED_DATA
+    from thresholds.calibrate import calibrate, read_tokens
+    from thresholds.file import ThresholdFile, apply_thresholds
+    from tokenizer import load_tokenizer
+
+    model, args, ckpt = tiny_checkpoint(tmp_path, default_checkpoint)
     out = tmp_path / "t.safetensors"
     text = SHARED_DATA / "wiki-calibration.txt"
     calibrate(ckpt, out, data=text, tokens=2048, seq_len=512, greedy=False, allocation=False, held_targets=(0.5, 0.7),
@@ -180,6 +186,37 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
             per_layer = [meter.per_projection()[(i, "down")] for i in range(3)]
             assert all(abs(s - target) < tol for s in per_layer), per_layer
             assert abs(sum(per_layer) / 3 - target) < 0.01, per_layer
+
+
+def test_calibration_holds_at_most_two_fp32_models_at_once(tmp_path, default_checkpoint, monkeypatch):
+    """Calibration loads the TEAL model, the per-channel (weight-aware) one and the CATS one once each, and the CATS
+    one only after the TEAL stages freed theirs: never more than two models alive, one of them being loaded."""
+    import gc
+    import weakref
+
+    import thresholds.calibrate as calibrate_module
+    from tests.conftest import SHARED_DATA
+    from thresholds.file import ThresholdFile
+
+    _, args, ckpt = tiny_checkpoint(tmp_path, default_checkpoint)
+    loaded, alive_at_load = [], []
+    load_model = calibrate_module.load_model
+
+    def tracking_load_model(*a, **kw):
+        gc.collect()
+        alive_at_load.append(sum(r() is not None for r in loaded))
+        model = load_model(*a, **kw)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(calibrate_module, "load_model", tracking_load_model)
+    out = tmp_path / "t.safetensors"
+    calibrate_module.calibrate(ckpt, out, data=SHARED_DATA / "wiki-calibration.txt", tokens=512, seq_len=256,
+                               greedy=False, allocation=False, held_targets=(0.5,), held_tokens=512, held_seq_len=256)
+    assert alive_at_load == [0, 1, 0]  # TEAL; weight-aware beside it; CATS alone
+    tf = ThresholdFile.load(out, args)
+    assert tf.modes() == ["uniform", "weight-aware", "cats"] and set(tf.held) == set(tf.modes())
+    assert tf.cats_quantiles.shape == (3, len(tf.levels)) and tf.held["cats"].shape == (1, 3)
 
 
 def test_bench_decode_cats_thresholds_from_a_random_prefill():

@@ -464,11 +464,6 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
             torch.stack([interp(blocks[j, b], tf.greedy_targets, tf.greedy_sparsities[:, b]) for b in range(args.n_layer)])
             for j in range(len(tf.greedy_targets))])
         tf.provenance.update(allocation_tokens=allocation_tokens)
-    cats_model = None
-    if tf.cats_quantiles is None:
-        cats_model = catsify(load_model(checkpoint_path, device=device, dtype=dtype))
-        cats_model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len))
-        tf.cats_quantiles = cats_calibration(cats_model, batch)
     if held_targets:
         held_ids = ids[: (held_tokens // held_seq_len) * held_seq_len].view(-1, held_seq_len)
         pc_model = None
@@ -476,20 +471,26 @@ def calibrate(checkpoint_path: Path, out: Path, data=None, dataset=None, tokens=
         same = tf.held_targets is not None and torch.equal(tf.held_targets, targets)
         results = {m: list(t) for m, t in tf.held.items()} if same else {}
         tf.held_targets = targets
-        work = [(m, t) for m in tf.modes() if m not in results for t in targets.tolist()]
+        work = [(m, t) for m in tf.modes() if m not in results and m != "cats" for t in targets.tolist()]
         for mode, target in tqdm(work, desc="held calibration"):
             if mode == "weight-aware" and pc_model is None:
                 pc_model = sparsify(load_model(checkpoint_path, device=device, dtype=dtype), per_channel=True,
                                     group_quant=group_quant)
                 pc_model.setup_caches(held_ids.shape[0], held_seq_len)
-            if mode == "cats":
-                if cats_model is None:
-                    cats_model = catsify(load_model(checkpoint_path, device=device, dtype=dtype))
-                    cats_model.setup_caches(held_ids.shape[0], held_seq_len)
-                results.setdefault(mode, []).append(cats_calibration(cats_model, held_ids, target))
-                continue
-            m = pc_model if mode == "weight-aware" else model
-            results.setdefault(mode, []).append(held_calibration(m, held_ids, tf, mode, target))
+            results.setdefault(mode, []).append(
+                held_calibration(pc_model if mode == "weight-aware" else model, held_ids, tf, mode, target))
+        del pc_model
+    del model  # the TEAL stages are done: CATS calibrates a model of its own, one fp32 copy at a time
+    if tf.cats_quantiles is None or held_targets and "cats" not in results:
+        cats_model = catsify(load_model(checkpoint_path, device=device, dtype=dtype))
+        cats_model.setup_caches(max(n_seq, held_tokens // held_seq_len, 1), max(seq_len, held_seq_len))
+        if tf.cats_quantiles is None:
+            tf.cats_quantiles = cats_calibration(cats_model, batch)
+        if held_targets and "cats" not in results:
+            results["cats"] = [cats_calibration(cats_model, held_ids, target)
+                               for target in tqdm(targets.tolist(), desc="held calibration (CATS)")]
+        del cats_model
+    if held_targets:
         tf.held = {m: torch.stack(v) for m, v in results.items()}
         tf.provenance.update(held_tokens=held_ids.numel(), held_seq_len=held_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
