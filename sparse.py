@@ -286,9 +286,19 @@ def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> Non
             parent = getattr(block, owner)
             linear = getattr(parent, attr)
             weight_t = state[prefix + "weight_t"]
-            quant = GroupQuant(4 if weight_t.dtype == torch.uint8 else 8, group_size, prefix + "zeros" in state)
+            bits = {torch.uint8: 4, torch.int8: 8}.get(weight_t.dtype)
+            if bits is None:
+                raise ValueError(f"{prefix}weight_t is {weight_t.dtype}; a quantized layer stores uint8 (4-bit) or "
+                                 f"int8 (8-bit)")
+            quant = GroupQuant(bits, group_size, prefix + "zeros" in state)
             sparse = SparseLinear(linear.in_features, linear.out_features, split or (linear.out_features,),
                                   bias=prefix + "bias" in state, device="meta", group_quant=quant)
+            for name in QUANTIZED_TENSORS:  # the file is untrusted: a wrong tensor would fail only at the first step
+                want, got = getattr(sparse, name), state.get(prefix + name)
+                if want is not None and (got.dtype != want.dtype or got.shape != want.shape):
+                    raise ValueError(f"{prefix + name} is {got.dtype} {tuple(got.shape)}, but a {quant.bits}-bit "
+                                     f"layer of {linear.in_features} inputs and {linear.out_features} outputs in groups "
+                                     f"of {group_size} stores {want.dtype} {tuple(want.shape)}")
             sparse.decode_partials = DECODE_PARTIALS[path]
             if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
                 sparse.decode_partials = "add"  # as sparsify decides

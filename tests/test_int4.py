@@ -218,3 +218,27 @@ def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_token
     with pytest.raises(SystemExit, match="stores its projections quantized already"):
         load_sparse_model(DEFAULT_QUANTIZED_CHECKPOINT, "cpu", torch.float32, 0.5, "greedy", None,
                           group_quant=GroupQuant())
+
+
+@pytest.mark.parametrize("name,bad", [("weight_t", lambda t: t.float()), ("weight_t", lambda t: t[:-1]),
+                                      ("scales", lambda t: t.float()), ("zeros", lambda t: t[:, :-1])])
+def test_quantized_checkpoint_with_a_misshapen_tensor_is_refused_at_load(tmp_path, name, bad):
+    import json
+
+    from safetensors.torch import save_file
+
+    from model import ModelArgs, Transformer, load_model
+    from sparse import sparsify
+    args = ModelArgs(vocab_size=96, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, block_size=64)
+    torch.manual_seed(0)
+    model = sparsify(Transformer(args).eval(), group_quant=GroupQuant(4, 32, True))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("thresholds")}
+    (tmp_path / "model_config.json").write_text(args.to_json())
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"group_size": "32"})
+    loaded = load_model(tmp_path, dtype=torch.float32)  # the well-formed file loads, with its weights as they are
+    assert torch.equal(loaded.layers[1].attention.wo.weight_t, model.layers[1].attention.wo.weight_t)
+    key = f"layers.1.attention.wo.{name}"
+    state[key] = bad(state[key]).contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"group_size": "32"})
+    with pytest.raises(ValueError, match=rf"{key} is torch\.\w+[ ;]"):  # names the tensor and what it is
+        load_model(tmp_path, dtype=torch.float32)
