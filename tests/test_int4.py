@@ -191,19 +191,19 @@ def test_gguf_tensors_repack_bit_exactly(kind, tmp_path):
         assert np.array_equal(zeros.t().contiguous().numpy().view(np.uint8).reshape(40, 3, 2), blocks[..., 2:4])
 
 
-def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_tokens(default_checkpoint):
+def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_tokens(default_checkpoint, tmp_path):
     # The default GGUF converted twice: dequantized to fp32 (the default checkpoint) and with its Q4_1 projections
     # repacked. Their weights are equal, and so are their greedy tokens, dense and at 50% sparsity (the quantized
     # one runs its projections through the sparse op, which dequantizes on the fly on CPU).
-    from convert_hf_checkpoint import DEFAULT_QUANTIZED_CHECKPOINT, main as convert
+    from convert_hf_checkpoint import main as convert
     from generate import generate, load_sparse_model
     from model import load_model
     from tokenizer import load_tokenizer
-    if not (DEFAULT_QUANTIZED_CHECKPOINT / "model.safetensors").exists():
-        convert(["--keep_quantization"])
-    quantized = load_model(DEFAULT_QUANTIZED_CHECKPOINT, dtype=torch.float32)
+    quantized_checkpoint = tmp_path / "SmolLM2-135M-Instruct-Q4_1"
+    convert(["--keep_quantization", "--out_dir", str(quantized_checkpoint)])
+    quantized = load_model(quantized_checkpoint, dtype=torch.float32)
     dense = load_model(default_checkpoint, dtype=torch.float32)
-    assert (DEFAULT_QUANTIZED_CHECKPOINT / "model.safetensors").stat().st_size * 2.5 < \
+    assert (quantized_checkpoint / "model.safetensors").stat().st_size * 2.5 < \
         (default_checkpoint / "model.safetensors").stat().st_size
     layer = quantized.layers[7].feed_forward.w13
     assert layer.group_quant == GroupQuant(4, 32, True)
@@ -212,11 +212,11 @@ def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_token
     prompt = torch.tensor(tok.encode("The capital of France is"), dtype=torch.int)
     for sparsity in (0.0, 0.5):
         a, _ = load_sparse_model(default_checkpoint, "cpu", torch.float32, sparsity, "greedy", None)
-        b, _ = load_sparse_model(DEFAULT_QUANTIZED_CHECKPOINT, "cpu", torch.float32, sparsity, "greedy", None)
+        b, _ = load_sparse_model(quantized_checkpoint, "cpu", torch.float32, sparsity, "greedy", None)
         new = [generate(m, prompt, 8, temperature=0)[0, prompt.numel():].tolist() for m in (a, b)]
         assert new[0] == new[1], (sparsity, new)
     with pytest.raises(SystemExit, match="stores its projections quantized already"):
-        load_sparse_model(DEFAULT_QUANTIZED_CHECKPOINT, "cpu", torch.float32, 0.5, "greedy", None,
+        load_sparse_model(quantized_checkpoint, "cpu", torch.float32, 0.5, "greedy", None,
                           group_quant=GroupQuant())
 
 
