@@ -289,6 +289,9 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
     elif len(split_sizes) == 2:
         n1 = n - n0
     meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size))
+    if not meta["COMPACT"] and meta["BLOCK_K"] != group_size:  # a predicated tile reads one group's scales
+        raise ValueError(f"sparse_gemv: the predicated variant takes BLOCK_K = group_size ({group_size}), "
+                         f"got BLOCK_K={meta['BLOCK_K']}")
     warps = meta.pop("num_warps", 4)
     block_t = meta.pop("BLOCK_T", 1 if t == 1 else 16)
     if block_t < t:

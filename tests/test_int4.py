@@ -146,6 +146,21 @@ def test_grouped_op_checks_its_inputs_and_compiles_on_cpu():
     torch.library.opcheck(torch.ops.teal.sparse_gemv_partials.default, (x, *args))
 
 
+def test_grouped_kernel_refuses_predicated_tiles_across_groups():
+    # A predicated tile dequantizes with the scales of its first row's group: BLOCK_K must be the group size. A
+    # compact tile stops at its group's last kept row, so any BLOCK_K is right there.
+    x, q, scales, zeros, group_size, splits, w64 = problem("int4 zero points", 1, torch.float32, k=256)
+    thr = thresholds_for(x, 0.5, len(splits), per_channel=False)
+    ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+    for block_k in (16, 64):
+        config = {"BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 1, "COMPACT": False, "STAGES": 1}
+        with pytest.raises(ValueError, match=f"BLOCK_K = group_size \\({group_size}\\), got BLOCK_K={block_k}"):
+            grouped_sparse_gemv_triton(x, q, scales, zeros, group_size, thr, splits, config=config)
+        config["COMPACT"] = True
+        y = grouped_sparse_gemv_triton(x, q, scales, zeros, group_size, thr, splits, True, config=config)
+        assert rel_err(y, ref) < TOL[torch.float32], block_k
+
+
 def test_sparse_linear_with_int4_weights_decodes_as_it_prefills():
     # A layer quantized at load: its single-token steps (the sparse op) and its prefill (dequantized matmul) multiply
     # by the same weights, which are the layer's dequantized ones.
