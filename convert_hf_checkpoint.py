@@ -240,12 +240,26 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto", keep_quantizati
     arch = field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only {', '.join(GGUF_ARCHITECTURES)}")
-    n_head = field(f"{arch}.attention.head_count")
-    dim = field(f"{arch}.embedding_length")
-    missing = [k for k in (f"{arch}.attention.head_count", f"{arch}.embedding_length", f"{arch}.block_count",
-                           f"{arch}.feed_forward_length") if field(k) is None]
+    required = (f"{arch}.attention.head_count", f"{arch}.embedding_length", f"{arch}.block_count",
+                f"{arch}.feed_forward_length")
+    missing = [k for k in (*required, "tokenizer.ggml.tokens") if field(k) is None]
     if missing:
         raise ValueError(f"{path} lacks the metadata {', '.join(missing)}")
+    # the file is untrusted: a value of another type would fail later with a traceback
+    for k in (*required, f"{arch}.context_length", f"{arch}.vocab_size", f"{arch}.attention.head_count_kv",
+              f"{arch}.attention.key_length", f"{arch}.rope.dimension_count"):
+        if field(k) is not None and (type(field(k)) is not int or field(k) < 1):
+            raise ValueError(f"{path}: metadata {k} is {field(k)!r}, not a positive integer")
+    for k in (f"{arch}.rope.freq_base", f"{arch}.attention.layer_norm_rms_epsilon"):
+        if field(k) is not None and type(field(k)) not in (int, float):
+            raise ValueError(f"{path}: metadata {k} is {field(k)!r}, not a number")
+    for k in ("general.basename", "general.size_label"):
+        if field(k) is not None and not isinstance(field(k), str):
+            raise ValueError(f"{path}: metadata {k} is {field(k)!r}, not a string")
+    if not isinstance(field("tokenizer.ggml.tokens"), list):
+        raise ValueError(f"{path}: metadata tokenizer.ggml.tokens is not a list of tokens")
+    n_head = field(f"{arch}.attention.head_count")
+    dim = field(f"{arch}.embedding_length")
     tensors = {t.name: t for t in reader.tensors}
     args = ModelArgs(
         name="-".join(x for x in (field("general.basename") or Path(path).stem, field("general.size_label")) if x).lower(),

@@ -79,15 +79,20 @@ def tiny_hf_folder(folder: Path, chat_template: str | None = SAFE_TEMPLATE, tens
     return folder
 
 
-def tiny_gguf(path: Path, basename: str = "tiny", chat_template: str | None = None) -> Path:
-    """A llama GGUF with tiny random float32 weights and a byte-level BPE vocabulary (no merges)."""
+def tiny_gguf(path: Path, basename: str = "tiny", chat_template: str | None = None, vocabulary: bool = True,
+              block_count: int | str = LAYERS) -> Path:
+    """A llama GGUF with tiny random float32 weights and a byte-level BPE vocabulary (no merges); without the
+    vocabulary, or with a block count of the wrong type (a string), it is damaged."""
     import gguf
     from tokenizers import pre_tokenizers
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["th", "<|im_start|>", "<|im_end|>"]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_basename(basename)
     w.add_size_label("135M")
-    w.add_block_count(LAYERS)
+    if isinstance(block_count, str):
+        w.add_string("llama.block_count", block_count)
+    else:
+        w.add_block_count(block_count)
     w.add_context_length(256)
     w.add_embedding_length(DIM)
     w.add_feed_forward_length(HIDDEN)
@@ -95,8 +100,9 @@ def tiny_gguf(path: Path, basename: str = "tiny", chat_template: str | None = No
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    if vocabulary:
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
     w.add_token_merges(["t h"])
     w.add_bos_token_id(len(tokens) - 2)
     w.add_eos_token_id(len(tokens) - 1)
@@ -541,6 +547,12 @@ CLI_CASES = {
         convert_hf_checkpoint.main,
         lambda t, d: ["--gguf", _gguf(d, lambda p: _truncate(p, 4)), "--out_dir", d / "out"],
         "m.gguf is not a readable GGUF file"),
+    "convert: GGUF without vocabulary": (
+        convert_hf_checkpoint.main, lambda t, d: ["--gguf", tiny_gguf(d / "m.gguf", vocabulary=False), "--out_dir",
+                                                  d / "out"], "m.gguf lacks the metadata tokenizer.ggml.tokens"),
+    "convert: GGUF block count of text": (
+        convert_hf_checkpoint.main, lambda t, d: ["--gguf", tiny_gguf(d / "m.gguf", block_count="two"), "--out_dir",
+                                                  d / "out"], "metadata llama.block_count is 'two', not a positive"),
     "convert: invalid config.json": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: (f / "config.json").write_text(
             "{'not': json")), "--out_dir", d / "out"], "config.json is not valid JSON"),
