@@ -24,9 +24,11 @@ import torch
 import torch._inductor.config
 
 from benchmark.bench_decode import calibrate_on_random_prefill, set_uniform, time_decode
+from cli import fraction, positive_int, user_errors
 from generate import decode_one_token, weight_bytes
 from model import random_model
 from sparse import sparsify
+from thresholds.file import MAX_SPARSITY
 
 REPO = Path(__file__).resolve().parent.parent
 # This project's names, GPT-Fast's and TEAL's config names for the same shapes.
@@ -149,6 +151,7 @@ def copy_bandwidth(device, n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / sorted(times)[len(times) // 2]
 
 
+@user_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpt_fast", type=Path, required=True, help="your clone of pytorch-labs/gpt-fast")
@@ -156,16 +159,14 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--rows", nargs="+", default=["gpt-fast", "teal", "teal-fast", "teal-fast-dense"],
                    choices=["gpt-fast", "teal", "teal-fast", "teal-fast-dense"], help="what to time for each model")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--prompt_tokens", type=int, default=5)
-    p.add_argument("--new_tokens", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--sparsity", type=fraction(0, MAX_SPARSITY, low_open=True), default=0.5)
+    p.add_argument("--prompt_tokens", type=positive_int, default=5)
+    p.add_argument("--new_tokens", type=positive_int, default=200)
+    p.add_argument("--runs", type=positive_int, default=3)
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/anchors-<device>.json; PNG beside)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the anchors time GPU decoding and need CUDA")
-    if not 0 < a.sparsity < 1:
-        raise SystemExit(f"--sparsity {a.sparsity} must be in (0, 1)")
     torch._inductor.config.coordinate_descent_tuning = True  # GPT-Fast's setting, and this project's
     device, dtype = "cuda", torch.bfloat16
     gpt_fast = load_module("gpt_fast_model", a.gpt_fast / "model.py")

@@ -20,10 +20,12 @@ import torch
 import triton
 
 from benchmark.bench_decode import calibrate_on_random_prefill, copy_bandwidth, set_uniform
+from cli import fraction, non_negative_int, positive_int, user_errors
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from sparse_gemv.persistent import DecodeLayers, _device_limits
+from thresholds.file import MAX_SPARSITY
 
 
 @torch.no_grad()
@@ -68,16 +70,17 @@ def time_steps(layers, args, steps: int = 10, replays: int = 20) -> float:
     return sorted(times)[replays // 2]
 
 
+@user_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5])
+    p.add_argument("--sparsities", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.0, 0.5])
     p.add_argument("--int8", action="store_true")
-    p.add_argument("--programs_per_sm", type=int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--tile_kb", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--warps", type=int, nargs="+", default=[4])
-    p.add_argument("--max_registers", type=int, nargs="+", default=[0])
-    p.add_argument("--cache", type=int, default=205, help="positions in the KV cache (bench_decode's 5 + 200)")
+    p.add_argument("--programs_per_sm", type=positive_int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--tile_kb", type=positive_int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--warps", type=positive_int, nargs="+", default=[4])
+    p.add_argument("--max_registers", type=non_negative_int, nargs="+", default=[0])
+    p.add_argument("--cache", type=positive_int, default=205, help="positions in the KV cache (bench_decode's 5 + 200)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)

@@ -24,7 +24,7 @@ import torch
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from cli import fraction, positive_int, user_errors
+from cli import fraction, non_negative_int, positive_float, positive_int, user_errors
 from generate import decode_one_token, generate, load_sparse_model, resolve_device
 from model import ModelArgs, checkpoint_folder
 from sparse import set_mask_prefill
@@ -156,8 +156,8 @@ def main(argv=None):
                    "thresholds.safetensors if it has one, else the shipped thresholds/<model>.safetensors)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--include_path", type=Path, help="a folder of lm_eval task YAML files")
-    p.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own)")
-    p.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
+    p.add_argument("--num_fewshot", type=non_negative_int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=positive_float, help="documents per task (a fraction below 1)")
     p.add_argument("--max_length", type=positive_int, default=2048)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_hf_checkpoint
 import generate
-from benchmark import bench_cpu_decode, bench_decode, perplexity
+from benchmark import anchors, bench_cpu_decode, bench_decode, bench_persistent, downstream, perplexity
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder, write_checkpoint
 from model import ModelArgs, config_hash, load_model
 from sparse_gemv import sparse_gemv_reference, sparse_gemv_triton
@@ -534,6 +534,17 @@ CLI_CASES = {
         "bin.txt is not UTF-8"),
     "bench_decode: --runs 0": (bench_decode.main, lambda t, d: ["--runs", "0"], "--runs"),
     "bench_cpu_decode: --sparsity 1": (bench_cpu_decode.main, lambda t, d: ["--sparsity", "1"], "--sparsity"),
+    "bench_persistent: --sparsities 1.5": (bench_persistent.main, lambda t, d: ["--sparsities", "1.5"],
+                                           "--sparsities"),
+    "bench_persistent: --programs_per_sm 0": (bench_persistent.main, lambda t, d: ["--programs_per_sm", "0"],
+                                              "--programs_per_sm"),
+    "bench_persistent: --tile_kb -64": (bench_persistent.main, lambda t, d: ["--tile_kb", "-64"], "--tile_kb"),
+    "anchors: --runs 0": (anchors.main, lambda t, d: ["--runs", "0"], "--runs"),
+    "anchors: --new_tokens -1": (anchors.main, lambda t, d: ["--new_tokens", "-1"], "--new_tokens"),
+    "anchors: --sparsity 0": (anchors.main, lambda t, d: ["--sparsity", "0"], "--sparsity"),
+    "downstream: --num_fewshot -1": (downstream.main, lambda t, d: ["--num_fewshot", "-1"], "--num_fewshot"),
+    "downstream: --limit -5": (downstream.main, lambda t, d: ["--limit", "-5"], "--limit"),
+    "downstream: --limit nan": (downstream.main, lambda t, d: ["--limit", "nan"], "--limit"),
     "convert: truncated safetensors in an HF folder": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: _truncate(
             f / "model.safetensors")), "--out_dir", d / "out"], "model.safetensors is not a readable weight file"),
