@@ -27,12 +27,11 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import fraction, positive_int, user_errors
 from model import config_hash, load_model
-import torch.nn.functional as F
-
 from sparse import (LAYER_GROUPS, PROJECTIONS, cats_layers, catsify, column_norms, set_mask_prefill, set_thresholds,
                     sparse_layers, sparsify)
 from thresholds.file import (MAX_SPARSITY, SITE_OF, ThresholdFile, interp, projection_sparsities, quantile_lookup,
