@@ -324,7 +324,8 @@ def cpu_threads(requested: int | None = None) -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0  # no load average on Windows
+    return max(1, min(cores, cores - busy))
 
 
 def resolve_device(name: str) -> str:

@@ -131,6 +131,8 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     for load, want in ((0.2, 4), (1.4, 3), (3.6, 1), (9.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert cpu_threads() == want, load
+    monkeypatch.delattr(os, "getloadavg")  # as on Windows
+    assert cpu_threads() == 4
     assert cpu_threads(6) == 6  # asked for
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads() == torch.get_num_threads()  # the user's setting, which torch took at start
