@@ -179,11 +179,8 @@ def main(argv=None):
 
     rows = []
     for s in a.sparsities:
-        try:
-            lm = TealFastLM(a.checkpoint_path, s, a.sparsity_mode, a.thresholds, a.device, a.dtype, a.max_length,
-                            a.compile)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e)) from e
+        lm = TealFastLM(a.checkpoint_path, s, a.sparsity_mode, a.thresholds, a.device, a.dtype, a.max_length,
+                        a.compile)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(a.tasks), num_fewshot=a.num_fewshot, limit=a.limit,
                                       task_manager=task_manager, log_samples=False, bootstrap_iters=0)
         mode = "dense" if s == 0 else a.sparsity_mode
