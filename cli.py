@@ -1,5 +1,5 @@
-"""What the command-line scripts share: argparse types that refuse values which cannot work, names read from model
-files made safe to put in a path, and the boundary that turns a bad file or value into a message and exit status 1.
+"""What the command-line scripts share: argparse types that refuse values which cannot work, the --int4 flags, and
+the boundary that turns a bad file or value into a message and exit status 1.
 
     p.add_argument("--max_new_tokens", type=positive_int)
     p.add_argument("--sparsity", type=fraction(0, 0.99))
@@ -10,9 +10,11 @@ files made safe to put in a path, and the boundary that turns a bad file or valu
 import argparse
 import functools
 import math
-import re
 
 from safetensors import SafetensorError
+
+from sparse import GroupQuant
+from sparse_gemv.grouped import GROUP_SIZES
 
 # What a bad file or value raises (json and UTF-8 errors are ValueErrors; FloatingPointError: a checkpoint whose
 # logits are not finite): reported in a line or two, not a traceback.
@@ -90,8 +92,17 @@ def non_empty(text: str) -> str:
     return text
 
 
-def safe_name(name: str) -> str:
-    """A name read from a model file (GGUF metadata, a folder name, model_config.json) reduced to one safe path
-    component: letters, digits, '.', '_' and '-' only, no leading dot or dash, so never '..', a folder or hidden."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).lstrip(".-")[:100].rstrip(".-")
-    return name or "model"
+def add_int4_args(p: argparse.ArgumentParser) -> None:
+    """--int4 and its options, shared by generate.py, the benchmarks and calibration."""
+    p.add_argument("--int4", action="store_true", help="group-wise 4-bit weights for the seven projections, rounded to "
+                   "nearest at load (fp16 scales; a quarter of the bytes of bf16)")
+    p.add_argument("--group_size", type=int, default=128, choices=GROUP_SIZES, help="--int4: input channels per scale")
+    p.add_argument("--zero_point", action=argparse.BooleanOptionalAction, default=True,
+                   help="--int4: a zero beside each scale (asymmetric, the default); --no-zero_point: symmetric")
+
+
+def int4_quant(a: argparse.Namespace) -> GroupQuant | None:
+    """The GroupQuant that add_int4_args' flags ask for (None without --int4)."""
+    if a.int4 and getattr(a, "int8", False):
+        raise SystemExit("--int4 and --int8 exclude each other: pick one weight format")
+    return GroupQuant(4, a.group_size, a.zero_point) if a.int4 else None

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cli import safe_name, user_errors
-from model import ModelArgs, Transformer
+from cli import user_errors
+from model import ModelArgs, Transformer, safe_name
 from sparse import QUANTIZED_TENSORS
 from sparse_gemv.grouped import pack_int4
 from tokenizer import gguf_tokenizer_json

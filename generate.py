@@ -20,11 +20,10 @@ import torch._dynamo.config
 import torch._inductor.config
 
 import sparse_gemv.kernels
-from cli import fraction, non_empty, non_negative_float, positive_int, user_errors
+from cli import add_int4_args, fraction, int4_quant, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
 from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, frozen, set_mask_prefill,
                     sparse_layers, sparsify)
-from sparse_gemv.grouped import GROUP_SIZES
 from sparse_gemv.persistent import DecodeLayers
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
@@ -57,22 +56,6 @@ def compact_layers(kernel: str, sparsity: float, quantized: bool) -> tuple[str, 
         kernel = ("compact" if sparsity >= COMPACT_FROM else
                   "gate-up-compact" if quantized and sparsity >= INT8_GATE_UP_COMPACT_FROM else "predicated")
     return SPARSE_KERNELS[kernel]
-
-
-def add_int4_args(p: argparse.ArgumentParser) -> None:
-    """--int4 and its options, shared by generate.py, the benchmarks and calibration."""
-    p.add_argument("--int4", action="store_true", help="group-wise 4-bit weights for the seven projections, rounded to "
-                   "nearest at load (fp16 scales; a quarter of the bytes of bf16)")
-    p.add_argument("--group_size", type=int, default=128, choices=GROUP_SIZES, help="--int4: input channels per scale")
-    p.add_argument("--zero_point", action=argparse.BooleanOptionalAction, default=True,
-                   help="--int4: a zero beside each scale (asymmetric, the default); --no-zero_point: symmetric")
-
-
-def int4_quant(a: argparse.Namespace) -> GroupQuant | None:
-    """The GroupQuant that add_int4_args' flags ask for (None without --int4)."""
-    if a.int4 and getattr(a, "int8", False):
-        raise SystemExit("--int4 and --int8 exclude each other: pick one weight format")
-    return GroupQuant(4, a.group_size, a.zero_point) if a.int4 else None
 
 
 def set_pdl(on: bool) -> None:

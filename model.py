@@ -9,6 +9,7 @@ a per-head RMSNorm on q and k before RoPE (with a head size of its own).
 """
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import cached_attention, decode_step_attention
-from cli import safe_name
+
+
+def safe_name(name: str) -> str:
+    """A name read from a model file (GGUF metadata, a folder name, model_config.json) reduced to one safe path
+    component: letters, digits, '.', '_' and '-' only, no leading dot or dash, so never '..', a folder or hidden."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).lstrip(".-")[:100].rstrip(".-")
+    return name or "model"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from sparse_gemv import add_partials  # importing the package registers the torc
 from sparse_gemv.cpu import sparse_gemv_rows
 from sparse_gemv.grouped import GROUP_SIZES, dequantize_grouped, pack_int4, workspace_rows
 from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
+from sparse_gemv.ops import skips_rows_on_cpu
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -136,11 +137,13 @@ class SparseLinear(nn.Module):
         layer.reserve_workspace()
         return layer
 
-    def reserve_workspace(self) -> None:
-        """The kernels' workspace on this layer's GPU, before any CUDA-graph capture (kernels.reserve_workspace)."""
-        if self.weight_t.is_cuda:
+    def reserve_workspace(self, device: torch.device | None = None) -> None:
+        """The kernels' workspace on this layer's GPU, before any CUDA-graph capture (kernels.reserve_workspace);
+        device: the one its weights will be loaded to, for a layer still on the meta device."""
+        device = self.weight_t.device if device is None else device
+        if device.type == "cuda":
             rows = workspace_rows(self.in_features, self.group_size) if self.group_size else self.in_features
-            reserve_workspace(self.weight_t.device, rows, self.out_features)
+            reserve_workspace(device, rows, self.out_features)
 
     @property
     def per_channel(self) -> bool:
@@ -191,8 +194,7 @@ class SparseLinear(nn.Module):
                     return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
                 y = add_partials(parts, torch.float32 if self.decode_partials == "sum" else x.dtype)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-            if (x.device.type == "cpu" and self.scales is None and tokens <= MAX_TOKENS
-                    and not torch.compiler.is_compiling()):
+            if skips_rows_on_cpu(x.reshape(-1, self.in_features), self.scales) and not torch.compiler.is_compiling():
                 # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
                 y = sparse_gemv_rows(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
             else:
@@ -272,6 +274,14 @@ def layer_splits(block: nn.Module) -> dict:
 QUANTIZED_TENSORS = ("weight_t", "scales", "zeros")
 
 
+def decode_partials_in(block: nn.Module, layer: SparseLinear, wanted: str) -> str:
+    """The decode_partials a layer of block takes: "keep" becomes "add" where q/k/v go through a bias add or norms
+    before the attention op."""
+    if wanted == "keep" and (layer.bias is not None or block.attention.q_norm is not None):
+        return "add"
+    return wanted
+
+
 def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> None:
     """For a checkpoint that stores projections quantized (convert_hf_checkpoint.py --keep_quantization: a layer's
     weight_t, fp16 scales and zeros in sparse_gemv/grouped.py's layout instead of its weight), swap SparseLinear
@@ -299,13 +309,10 @@ def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> Non
                     raise ValueError(f"{prefix + name} is {got.dtype} {tuple(got.shape)}, but a {quant.bits}-bit "
                                      f"layer of {linear.in_features} inputs and {linear.out_features} outputs in groups "
                                      f"of {group_size} stores {want.dtype} {tuple(want.shape)}")
-            sparse.decode_partials = DECODE_PARTIALS[path]
-            if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
-                sparse.decode_partials = "add"  # as sparsify decides
+            sparse.decode_partials = decode_partials_in(block, sparse, DECODE_PARTIALS[path])
             setattr(parent, attr, sparse)
             state[prefix + "thresholds"] = torch.zeros_like(sparse.thresholds, device=weight_t.device)
-            if weight_t.is_cuda:
-                reserve_workspace(weight_t.device, workspace_rows(sparse.in_features, group_size), sparse.out_features)
+            sparse.reserve_workspace(weight_t.device)
     model.layers[-1].feed_forward.w2.decode_partials = "reduce"
 
 
@@ -342,9 +349,8 @@ def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool
             sparse = SparseLinear.from_linear(layer, split or (layer.out_features,), per_channel, path in compact, int8,
                                               group_quant)
             # tp.py marks row-sharded layers, whose output goes to an all-reduce, "reduce"
-            sparse.decode_partials = getattr(layer, "decode_partials", DECODE_PARTIALS[path])
-            if sparse.decode_partials == "keep" and (sparse.bias is not None or block.attention.q_norm is not None):
-                sparse.decode_partials = "add"  # q/k/v go through a bias add or norms before the attention op
+            sparse.decode_partials = decode_partials_in(block, sparse, getattr(layer, "decode_partials",
+                                                                               DECODE_PARTIALS[path]))
             setattr(parent, attr, sparse)
     # The last down projection's output goes to the final norm, which inductor fuses into the LM head's matmul,
     # where partial sums would be re-added in every tile of the head (330 -> 390 us per step on Llama-3-8B).
@@ -406,6 +412,10 @@ class CatsFeedForward(nn.Module):
         down = SparseLinear.from_linear(ff.w2, (ff.w2.out_features,))
         down.decode_partials = DECODE_PARTIALS["feed_forward.w2"]
         return cls(ff.w13.weight, down)
+
+    def gate_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """a = SiLU(x W_gate^T), dense: what the threshold is compared against (calibration reads it)."""
+        return F.silu(F.linear(x, self.w13[:self.intermediate_size]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] == 1 or self.mask_prefill:

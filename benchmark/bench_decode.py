@@ -28,8 +28,8 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
-from cli import fraction, positive_int
-from generate import (SPARSE_KERNELS, add_int4_args, decode_one_token, decode_one_token_persistent, int4_quant,
+from cli import add_int4_args, fraction, int4_quant, positive_int
+from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persistent,
                       measure_realized_sparsity, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
@@ -85,8 +85,8 @@ def calibrate_cats_on_random_prefill(model, sparsities, n_tokens: int = 512, see
 
     def hook(i):
         def pre(module, args):
-            gate = torch.nn.functional.linear(args[0], module.w13[:module.intermediate_size])
-            table[:, i] = torch.quantile(torch.nn.functional.silu(gate).float().abs().flatten(), levels.to(gate.device)).cpu()
+            a = module.gate_activation(args[0]).float().abs().flatten()
+            table[:, i] = torch.quantile(a, levels.to(a.device)).cpu()
         return pre
 
     for i, ff in cats_layers(model):
@@ -416,7 +416,7 @@ def main(argv=None):
     copy_GBps = copy_bandwidth()  # before any model takes memory
     set_one_shot(one_shot["dense"])
     model, _ = build(sparse=False)
-    dim = model.config.dim
+    dim, n_layer = model.config.dim, model.config.n_layer
     prompt = torch.randint(0, model.config.vocab_size, (a.prompt_tokens,), generator=gen).to(device)
     sizes = weight_bytes(model)
     dense_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -530,7 +530,7 @@ def main(argv=None):
         if rank is not None:
             r["tp"] = world
             r["allreduce"] = "one-shot" if one_shot["dense" if r["mode"] == "dense" else "sparse"] else "nccl"
-            r["allreduce_share"] = 2 * model.config.n_layer * ar[r["allreduce"]] * 1e-6 * r["tok_s"]
+            r["allreduce_share"] = 2 * n_layer * ar[r["allreduce"]] * 1e-6 * r["tok_s"]
     shutdown_dist()
     if rank not in (None, 0):
         return

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from generate import add_int4_args, int4_quant
+from cli import add_int4_args, int4_quant
 from sparse import GroupQuant, quantize_groupwise, quantize_int8
 from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
 from sparse_gemv.grouped import dequantize_grouped

@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cli import fraction, positive_int, user_errors
-from generate import add_int4_args, int4_quant
+from cli import add_int4_args, fraction, int4_quant, positive_int, user_errors
 from model import load_model
 from sparse import SparsityMeter, catsify, set_mask_prefill, sparse_layers, sparsify
 from thresholds.calibrate import add_text_source, read_tokens

@@ -111,7 +111,7 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
-    if _skips_rows_on_cpu(x, scales):
+    if skips_rows_on_cpu(x, scales):
         return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
 
@@ -147,7 +147,7 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
     if _on_kernel(x):
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
-    if _skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
+    if skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
         return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)[None]
     if group_size:
         return sparse_gemv_reference(x.float(), weight_t, thresholds, split_sizes, scales, zeros, group_size)[None]
@@ -167,7 +167,7 @@ def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None, zeros=No
                        dtype=torch.float32)
 
 
-def _skips_rows_on_cpu(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
+def skips_rows_on_cpu(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
     """Whether the CPU path reads only the kept rows (decode-sized steps of float weights) rather than masking and
     multiplying densely (many tokens, where the product is bound by compute, not bytes; int8 weights)."""
     return x.device.type == "cpu" and x.shape[0] <= MAX_TOKENS and scales is None

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder
 from generate import generate
 from model import ModelArgs, Transformer, load_model
-from sparse import LAYER_GROUPS, PROJECTIONS, set_thresholds, sparsify
-from tests.test_sparse import thresholds_at
+from sparse import set_thresholds, sparsify
+from tests.test_sparse import masked_reference, thresholds_at
 from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, load_tokenizer
 
 VOCAB = 320  # the 256 byte symbols, some merges and the special tokens of the test tokenizers
@@ -231,29 +231,6 @@ def tiny_family_model(family: str, seed=0, n_head=4, n_local_heads=2) -> Transfo
         for name, p in m.named_parameters():
             p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
     return m
-
-
-def masked_reference(dense: Transformer, table: torch.Tensor) -> Transformer:
-    """The dense model with each projection group's single-token input masked at its threshold, then multiplied by
-    the group's weight rows and its bias added: PyTorch math, no sparse layer."""
-    ref = copy.deepcopy(dense)
-    for i, block in enumerate(ref.layers):
-        for path, projs in LAYER_GROUPS.items():
-            owner, attr = path.split(".")
-            lin = getattr(getattr(block, owner), attr)
-            sizes = block.attention.qkv_sizes if path.endswith("wqkv") else (
-                (block.feed_forward.intermediate_size,) * 2 if path.endswith("w13") else (lin.out_features,))
-
-            def hook(mod, args, out, i=i, projs=projs, sizes=sizes):
-                x = args[0]
-                if x.shape[1] != 1:
-                    return out
-                parts = [torch.where(x.abs() > table[i, PROJECTIONS.index(p)], x, 0) @ w.t()
-                         for p, w in zip(projs, mod.weight.split(list(sizes)))]
-                y = torch.cat(parts, -1)
-                return y if mod.bias is None else y + mod.bias
-            lin.register_forward_hook(hook)
-    return ref
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

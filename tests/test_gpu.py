@@ -301,8 +301,8 @@ def test_compiled_sparse_decode_of_each_family_matches_the_masked_reference(fami
     import copy
     import generate
     from sparse import set_thresholds, sparsify
-    from tests.test_families import masked_reference, tiny_family_model
-    from tests.test_sparse import thresholds_at
+    from tests.test_families import tiny_family_model
+    from tests.test_sparse import masked_reference, thresholds_at
     dense = tiny_family_model(family)
     table = thresholds_at(dense, 0.5)
     ref = masked_reference(dense, table).cuda()

@@ -20,7 +20,8 @@ def tiny_model(seed=0, n_head=4, n_local_heads=2):
 
 
 def masked_reference(dense, table):
-    """The dense model with every linear's input masked per projection group by forward hooks."""
+    """The dense model with every linear's single-token input masked per projection group by forward hooks, then
+    multiplied by the group's weight columns and its bias (if any) added: PyTorch math, no sparse layer."""
     ref = copy.deepcopy(dense)
     for i, block in enumerate(ref.layers):
         for path, projs in LAYER_GROUPS.items():
@@ -35,13 +36,15 @@ def masked_reference(dense, table):
             def hook(mod, args, out, i=i, projs=projs, sizes=sizes, w_t=lin.weight.detach().t().contiguous()):
                 x = args[0]
                 if x.shape[1] != 1:
-                    return x @ w_t
-                parts, col = [], 0
-                for n, p in zip(sizes, projs):
-                    t = table[i, PROJECTIONS.index(p)]
-                    parts.append(torch.where(x.abs().float() > t, x, 0) @ w_t[:, col:col + n])  # as kernels compare
-                    col += n
-                return torch.cat(parts, -1)
+                    y = x @ w_t
+                else:
+                    parts, col = [], 0
+                    for n, p in zip(sizes, projs):
+                        t = table[i, PROJECTIONS.index(p)]
+                        parts.append(torch.where(x.abs().float() > t, x, 0) @ w_t[:, col:col + n])  # as kernels compare
+                        col += n
+                    y = torch.cat(parts, -1)
+                return y if mod.bias is None else y + mod.bias
             lin.register_forward_hook(hook)
     return ref
 

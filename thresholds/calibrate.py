@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import fraction, positive_int, user_errors
+from cli import add_int4_args, fraction, int4_quant, positive_int, user_errors
 from model import config_hash, load_model
 from sparse import (LAYER_GROUPS, PROJECTIONS, cats_layers, catsify, column_norms, set_mask_prefill, set_thresholds,
                     sparse_layers, sparsify)
@@ -374,8 +374,7 @@ def cats_calibration(model, batch: torch.Tensor, target: float | None = None) ->
     def hook(i):
         def pre(module, args):
             bar.update()
-            gate = F.linear(args[0], module.w13[:module.intermediate_size])
-            a = F.silu(gate).abs().float()
+            a = module.gate_activation(args[0]).abs().float()
             if target is None:
                 out[i] = quantile_table(a, generator=gen)
             else:
@@ -521,7 +520,6 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--from_file", type=Path, help="keep this threshold file's statistics, greedy and held tables; "
                    "add what it lacks (e.g. the allocation across blocks) and write --out")
-    from generate import add_int4_args, int4_quant
     add_int4_args(p)
     a = p.parse_args(argv)
     out = a.out or user_calibration(a.checkpoint_path)
