@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import add_int4_args, fraction, int4_quant, positive_int, user_errors
