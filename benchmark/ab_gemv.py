@@ -13,7 +13,6 @@ import argparse
 import datetime
 import hashlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import triton
 
 from benchmark.bench_gemv import check_result, graph_time_us, one_token_problem, shape_panels, shapes, threshold_and_reference
+from benchmark.common import write_result
 
 OTHER_CONFIGS = [(bn, bk, split) for bn, bk in ((32, 256), (64, 128)) for split in (1, 2, 4)]
 
@@ -109,7 +109,7 @@ def main(argv=None):
                 continue
             result["rows"] += bench(name, k, groups, getattr(torch, dt), modules, a.sparsities,
                                     getattr(props, "L2_cache_size", 50 << 20), props.multi_processor_count, a.picked_only)
-            path.write_text(json.dumps(result, indent=1))  # after every shape, so a cut-short run keeps its rows
+            write_result(result, path)  # after every shape, so a cut-short run keeps its rows
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path}")
 

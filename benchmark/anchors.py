@@ -15,7 +15,6 @@ prefill, as bench_decode calibrates this project's model. Writes JSON and a PNG 
 import argparse
 import datetime
 import importlib.util
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch._inductor.config
 
 from benchmark.bench_decode import calibrate_on_random_prefill, set_uniform, time_decode
+from benchmark.common import copy_bandwidth, write_result
 from cli import fraction, positive_int, user_errors
 from generate import decode_one_token, weight_bytes
 from model import random_model
@@ -135,22 +135,6 @@ def measure(label: str, build, prompt, a) -> dict:
     return row
 
 
-def copy_bandwidth(device, n_bytes: int = 1 << 30) -> float:
-    """Bytes read plus written per second by a device-to-device copy, median of 20 after a warm-up."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(21):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        if i:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n_bytes / sorted(times)[len(times) // 2]
-
-
 @user_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,7 +166,7 @@ def main(argv=None):
               "command": "python -m benchmark.anchors " + " ".join(sys.argv[1:] if argv is None else argv),
               "gpt_fast": _commit(a.gpt_fast), "teal": _commit(a.teal), "dtype": "bfloat16", "sparsity": a.sparsity,
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "runs": a.runs,
-              "copy_GBps": copy_bandwidth(device) / 1e9, "models": []}
+              "copy_GBps": copy_bandwidth(device, 1 << 30), "models": []}
     out = a.out or REPO / "benchmark" / "results" / f"anchors-{props.name.replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in a.models:
@@ -206,15 +190,9 @@ def main(argv=None):
         result["models"].append(entry)
         for key in a.rows:
             entry["rows"].append(measure(builds[key][0], builds[key][1], prompt, a))
-            save(result, out)  # after every row: a run stopped early keeps what it measured
+            write_result(result, out)  # after every row: a run stopped early keeps what it measured
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")
-
-
-def save(result: dict, out: Path) -> None:
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
 
 
 def _commit(clone: Path) -> str | None:

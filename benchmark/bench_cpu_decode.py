@@ -12,15 +12,14 @@ Writes JSON and a PNG.
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from benchmark.common import copy_bandwidth, write_result
 from cli import fraction, positive_int
 from generate import (cpu_threads, decode_one_token, load_sparse_model, measure_realized_sparsity, timed_generate,
                       weight_bytes)
@@ -28,19 +27,6 @@ from thresholds.file import MAX_SPARSITY, MODES
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def copy_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
-    """Bytes read plus written per second by the median of `repeats` copies of a float32 buffer."""
-    src = torch.ones(megabytes * 2 ** 20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # the pages are touched once before timing
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
 
 
 def cpu_name() -> str:
@@ -80,7 +66,7 @@ def main(argv=None):
     samples = {s: [] for s in models}
     copies = []
     for _ in range(a.rounds):
-        copies.append(copy_bandwidth())
+        copies.append(copy_bandwidth("cpu", 512 << 20, repeats=10) * 1e9)  # bytes/s
         for s, model in models.items():
             seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
             new = seq.shape[1] - prompt.numel()
@@ -125,10 +111,7 @@ def main(argv=None):
     stem = f"cpu-decode-{result['model']}" + ("-compiled" if a.compile else "")
     out = a.out or REPO / "benchmark" / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    plot(result, out.with_suffix(".png"))
+    write_result(result, out, plot)
     print(f"wrote {out}")
 
 

@@ -28,6 +28,7 @@ import torch._inductor.config
 import torch.distributed as dist
 import triton
 
+from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, fraction, int4_quant, positive_int
 from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persistent,
                       measure_realized_sparsity, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
@@ -200,24 +201,6 @@ def profile_steps(model, decode_fn, prompt_len: int, steps: int = 20, layer_orde
             "kernels_per_step": len(kernels) / steps, "by_category_ms": out,
             "top_kernels": [{"name": n, "ms_per_step": ms, "launches_per_step": cnt, "us_each": 1e3 * ms / cnt}
                             for n, (ms, cnt) in top]}
-
-
-def copy_bandwidth(gib: int = 2, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), median of `repeats` copies of a
-    `gib` GiB buffer after a warm-up: the most a decode step that reads its bytes once can reach."""
-    src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * (gib << 30) / sorted(times)[repeats // 2] / 1e9
 
 
 @torch.no_grad()
@@ -552,8 +535,7 @@ def main(argv=None):
     stem = ((f"tp-{name}" if rank is not None else f"decode-{name}") + ("-int8" if a.int8 else "")
             + (f"-int4-g{a.group_size}" + ("" if a.zero_point else "-sym") if a.int4 else "") + a.tag)
     path = a.out / f"{stem}-{props.name.replace(' ', '-')}{f'-tp{world}' if rank is not None else ''}.json"
-    path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
+    write_result(result, path, plot)
     print(f"recompilations on sparsity change: {recompiles}; wrote {path}")
 
 

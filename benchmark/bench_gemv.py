@@ -33,7 +33,6 @@ do), written to gemv-variants-partials-<device>.json; --sparsities and --shapes 
 """
 import argparse
 import datetime
-import json
 import math
 import socket
 import sys
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, int4_quant
 from sparse import GroupQuant, quantize_groupwise, quantize_int8
 from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
@@ -59,14 +59,6 @@ def shapes():
         out += [(f"70b/tp{tp} qkv", 8192, [8192 // tp, 1024 // tp, 1024 // tp]), (f"70b/tp{tp} o", 8192 // tp, [8192]),
                 (f"70b/tp{tp} gate/up", 8192, [28672 // tp] * 2), (f"70b/tp{tp} down", 28672 // tp, [8192])]
     return out
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB, counting bytes read plus written, GB/s."""
-    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
-    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
 def capture_rotating_graph(fn, copies: int) -> torch.cuda.CUDAGraph:
@@ -351,7 +343,7 @@ def main(argv=None):
             result = {"device": props.name, "copy_GBps": bw, "l2_bytes": l2, "torch": torch.__version__,
                       "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                       "host": socket.gethostname(), "pdl": a.pdl, "command": "python " + " ".join(sys.argv), "tokens": 1, "rows": rows}
-            path.write_text(json.dumps(result, indent=1))
+            write_result(result, path)
     if not a.variants:
         plot(result, path.with_suffix(".png"))
     print(f"wrote {path}")

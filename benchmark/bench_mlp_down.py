@@ -15,7 +15,6 @@ dense model could use, each in a CUDA graph over rotating weight copies (bench_g
 """
 import argparse
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch._inductor.config
 import torch.nn.functional as F
 import triton
 
-from benchmark.bench_gemv import copy_bandwidth, graph_time_us, rotating_copies
+from benchmark.bench_gemv import graph_time_us, rotating_copies
+from benchmark.common import copy_bandwidth, write_result
 from sparse_gemv import sparse_gemv
 
 SHAPES = (("8b down", 14336, 4096), ("70b/tp2 down", 14336, 8192), ("70b/tp4 down", 7168, 8192))
@@ -73,8 +73,7 @@ def main(argv=None):
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"mlp-down-{props.name.replace(' ', '-')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
+    write_result(result, path, plot)
     print(f"wrote {path}")
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmark.bench_decode import calibrate_on_random_prefill, copy_bandwidth, set_uniform
+from benchmark.bench_decode import calibrate_on_random_prefill, set_uniform
+from benchmark.common import copy_bandwidth, write_result
 from cli import fraction, non_negative_int, positive_int, user_errors
 from generate import persistent_layers
 from model import random_model
@@ -122,10 +123,7 @@ def main(argv=None):
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"persistent-{a.model}{'-int8' if a.int8 else ''}{a.tag}-{props.name.replace(' ', '-')}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    plot(result, path.with_suffix(".png"))
+    write_result(result, path, plot)
     print(f"wrote {path}")
 
 

@@ -16,7 +16,6 @@ generate.generate, the real decode loop of single-token sparse steps (--compile:
 """
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from benchmark.common import write_result
 from cli import fraction, non_negative_int, positive_float, positive_int, user_errors
 from generate import decode_one_token, generate, load_sparse_model, resolve_device
 from model import ModelArgs, checkpoint_folder
@@ -198,10 +198,7 @@ def main(argv=None):
               "rows": rows}
     out = a.out or REPO / "benchmark" / "results" / f"downstream-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    plot(result, out.with_suffix(".png"))
+    write_result(result, out, plot)
     print(f"wrote {out}")
 
 

@@ -17,7 +17,6 @@ and a PNG of the programs' loop ends.
 import argparse
 import datetime
 import importlib.util
-import json
 import socket
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch
 import triton
 
 from benchmark.bench_gemv import capture_rotating_graph, one_token_problem, shapes, threshold_for
+from benchmark.common import write_result
 
 KERNELS = Path(__file__).resolve().parent.parent / "sparse_gemv" / "kernels.py"
 STAMPS = 8  # words per program: SM, start, wait returned, list done, loop done, exit (two spare)
@@ -204,8 +204,7 @@ def main(argv=None):
               "command": "python " + " ".join(sys.argv), "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"gemv-timeline{a.tag}-{device}.json"
-    path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
+    write_result(result, path, plot)
     print(f"wrote {path}")
 
 

@@ -24,7 +24,6 @@ projections (realized_sparsity) and over the MLP's three (mlp_sparsity).
 """
 import argparse
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmark.common import write_result
 from cli import add_int4_args, fraction, int4_quant, positive_int, user_errors
 from model import load_model
 from sparse import SparsityMeter, catsify, set_mask_prefill, sparse_layers, sparsify
@@ -164,8 +164,7 @@ def main(argv=None):
               "command": "python -m benchmark.perplexity " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
     out = a.out or REPO / "benchmark" / "results" / f"perplexity-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
+    write_result(result, out, plot)
     print(f"wrote {out}")
 
 
