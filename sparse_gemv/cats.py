@@ -18,6 +18,38 @@ from sparse_gemv.kernels import INTERPRET, MAX_TOKENS, fp32_products, pdl_launch
 
 
 @triton.jit
+def _rows_times_x(rows, row_mask, x_ptr, offs_t, t_mask, stride_xt, D,
+                  BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_FP32: tl.constexpr, STAGES: tl.constexpr):
+    """BLOCK_J rows of a [., D] weight (rows: their pointers) times the tokens' x, fp32: [BLOCK_J] for one token,
+    [BLOCK_J, BLOCK_T] for several. Rows outside row_mask are not read (their loads are masked) and give 0."""
+    if BLOCK_T == 1:
+        # One token: products accumulated elementwise, reduced over D once at the end.
+        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            x = tl.load(x_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            w = tl.load(rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, axis=1)
+    else:
+        # Several tokens: [BLOCK_J, BLOCK_T] products on tensor cores, the tokens padded to BLOCK_T columns.
+        out = tl.zeros((BLOCK_J, BLOCK_T), dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_d[:, None],
+                         mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            w = tl.load(rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_FP32:
+                out = tl.dot(w.to(tl.float32), xt.to(tl.float32), out, input_precision="ieee")
+            else:
+                out = tl.dot(w, xt, out)
+    return out
+
+
+@triton.jit
 def _cats_gate_up_kernel(x_ptr, w_ptr, thr_ptr, h_ptr, T, D, I, stride_xt, stride_ht,
                          BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_FP32: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
@@ -31,59 +63,23 @@ def _cats_gate_up_kernel(x_ptr, w_ptr, thr_ptr, h_ptr, T, D, I, stride_xt, strid
         tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
+    gate = _rows_times_x(gate_rows, j_mask, x_ptr, offs_t, t_mask, stride_xt, D, BLOCK_T, BLOCK_J, BLOCK_D, DOT_FP32,
+                         STAGES)
+    a = gate * tl.sigmoid(gate)
     if BLOCK_T == 1:
-        # One token: products accumulated elementwise, reduced over D once at the end.
-        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            x = tl.load(x_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(gate_rows + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        gate = tl.sum(acc, axis=1)
-        a = gate * tl.sigmoid(gate)
         keep = (tl.abs(a) > thr) & j_mask
-        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            x = tl.load(x_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(up_rows + offs_d[None, :], mask=keep[:, None] & d_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # weights are all read
-        h = tl.where(keep, a * tl.sum(acc, axis=1), 0.0)
-        tl.store(h_ptr + offs_j, h.to(h_ptr.dtype.element_ty), mask=j_mask)
     else:
-        # Several tokens: [BLOCK_J, BLOCK_T] products on tensor cores, the tokens padded to BLOCK_T columns.
-        acc = tl.zeros((BLOCK_J, BLOCK_T), dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_d[:, None],
-                         mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-            w = tl.load(gate_rows + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-        a = acc * tl.sigmoid(acc)
         keep_t = (tl.abs(a) > thr) & j_mask[:, None] & t_mask[None, :]
         keep = tl.max(keep_t.to(tl.int32), axis=1) > 0  # a row is read when any token keeps it
-        acc = tl.zeros((BLOCK_J, BLOCK_T), dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            xt = tl.load(x_ptr + offs_t[None, :] * stride_xt + offs_d[:, None],
-                         mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-            w = tl.load(up_rows + offs_d[None, :], mask=keep[:, None] & d_mask[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        h = tl.where(keep_t, a * acc, 0.0)
+    up = _rows_times_x(up_rows, keep, x_ptr, offs_t, t_mask, stride_xt, D, BLOCK_T, BLOCK_J, BLOCK_D, DOT_FP32,
+                       STAGES)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # weights are all read
+    if BLOCK_T == 1:
+        h = tl.where(keep, a * up, 0.0)
+        tl.store(h_ptr + offs_j, h.to(h_ptr.dtype.element_ty), mask=j_mask)
+    else:
+        h = tl.where(keep_t, a * up, 0.0)
         tl.store(h_ptr + offs_t[None, :] * stride_ht + offs_j[:, None], h.to(h_ptr.dtype.element_ty),
                  mask=j_mask[:, None] & t_mask[None, :])
 
