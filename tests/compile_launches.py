@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 
 import attention
 import tp
-from sparse_gemv import grouped, kernels, persistent
+from sparse_gemv import cats, grouped, kernels, persistent
 
 # SM count and shared memory a block may use (bytes), as the CUDA driver reports them: A100, A6000, H100 (SXM)
 GPUS = {80: (108, 166912), 86: (84, 101376), 90: (132, 232448)}
@@ -128,6 +128,15 @@ def attention_launches():
                    lambda q=qkv, c=caches, f=freqs, p=pos: attention.decode_attention_triton(q, f, c[0], c[1], p))
 
 
+def cats_launches():
+    """CATS's gate/up kernel at Llama-3-8B's MLP (4096 -> 2 x 14336), in every activation dtype, one and four tokens."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for tokens in (1, 4):
+            x, w13 = torch.zeros(tokens, 4096, dtype=dtype), torch.zeros(2 * 14336, 4096, dtype=dtype)
+            yield (f"cats_gate_up {str(dtype)[6:]} {tokens} token(s)",
+                   lambda x=x, w=w13: cats.cats_gate_up_triton(x, w, torch.zeros(1)))
+
+
 def all_reduce_launches():
     """The one-shot all-reduce + RMSNorm of tensor-parallel decoding: Llama-3-70B width, 2 to 8 ranks."""
     for world in (2, 4, 8):
@@ -161,7 +170,7 @@ def main(capabilities: list[int]) -> None:
     for module, name in ((kernels, "_sparse_gemv_kernel"), (grouped, "_grouped_sparse_gemv_kernel"),
                          (attention, "_decode_attention_kernel"),
                          (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel"),
-                         (persistent, "_decode_layers_kernel")):
+                         (persistent, "_decode_layers_kernel"), (cats, "_cats_gate_up_kernel")):
         recorders[name] = Recorder(getattr(module, name))
         setattr(module, name, recorders[name])
     for capability in capabilities:
@@ -172,7 +181,7 @@ def main(capabilities: list[int]) -> None:
         persistent._index = lambda device: 0
         persistent._device_limits = lambda index: (sms, 65536, max_shared + 1024, 2048)
         for description, call in [*sparse_gemv_launches(), *grouped_sparse_gemv_launches(), *attention_launches(),
-                                  *all_reduce_launches(), *persistent_launches()]:
+                                  *cats_launches(), *all_reduce_launches(), *persistent_launches()]:
             for recorder in recorders.values():
                 recorder.launches.clear()
             call()
