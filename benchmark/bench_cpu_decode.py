@@ -110,7 +110,6 @@ def main(argv=None):
               "rows": rows}
     stem = f"cpu-decode-{result['model']}" + ("-compiled" if a.compile else "")
     out = a.out or REPO / "benchmark" / "results" / f"{stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_result(result, out, plot)
     print(f"wrote {out}")
 

@@ -31,8 +31,9 @@ def copy_bandwidth(device="cuda", n_bytes: int = 2 << 30, repeats: int = 20) -> 
 
 
 def write_result(result: dict, path: Path, plot=None) -> None:
-    """result as JSON at path, replaced whole (a run stopped mid-write leaves the previous file, never half of one),
-    then plot(result, png_path) beside it when given."""
+    """result as JSON at path (its folder made if missing), replaced whole (a run stopped mid-write leaves the
+    previous file, never half of one), then plot(result, png_path) beside it when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)

@@ -197,7 +197,6 @@ def main(argv=None):
               "command": "python -m benchmark.downstream " + " ".join(sys.argv[1:] if argv is None else argv),
               "rows": rows}
     out = a.out or REPO / "benchmark" / "results" / f"downstream-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_result(result, out, plot)
     print(f"wrote {out}")
 

@@ -163,7 +163,6 @@ def main(argv=None):
               "thresholds": str(tf_path) if tf else None, "date": datetime.date.today().isoformat(),
               "command": "python -m benchmark.perplexity " + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
     out = a.out or REPO / "benchmark" / "results" / f"perplexity-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_result(result, out, plot)
     print(f"wrote {out}")
 

@@ -16,6 +16,7 @@ from convert_hf_checkpoint import convert_gguf, convert_hf_folder
 from generate import generate
 from model import ModelArgs, Transformer, load_model
 from sparse import set_thresholds, sparsify
+from tests.test_model import assert_logits_match_hf
 from tests.test_sparse import masked_reference, thresholds_at
 from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, load_tokenizer
 
@@ -95,15 +96,7 @@ def test_logits_match_transformers_full_sequence_and_kv_cache(tmp_path, family):
     model = load_model(convert_hf_folder(folder, tmp_path / "converted", "float32"), dtype=torch.float32)
     assert (model.config.qkv_bias, model.config.qk_norm, model.config.tie_embeddings) == \
         (family == "qwen2", family == "qwen3", family == "llama")
-    idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(idx).logits
-        model.setup_caches(1, 64)
-        full = model(idx, torch.arange(40))
-        assert (full - ref).abs().max() <= 1e-4  # stated tolerance: float32, 1e-4 absolute
-        model.setup_caches(1, 64)
-        steps = torch.cat([model(idx[:, i:i + 1], torch.tensor([i])) for i in range(40)], dim=1)
-        assert (steps - ref).abs().max() <= 1e-4
+    assert_logits_match_hf(model, hf, VOCAB)
 
 
 def write_gguf(folder, path, family: str):

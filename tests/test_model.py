@@ -34,7 +34,12 @@ def test_logits_match_transformers_full_sequence_and_kv_cache(tmp_path, name):
     hf, folder = tiny_hf(tmp_path, name)
     out = convert_hf_folder(folder, tmp_path / f"{name}-converted", "float32")
     model = load_model(out, dtype=torch.float32)
-    idx = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    assert_logits_match_hf(model, hf, vocab=128)
+
+
+def assert_logits_match_hf(model, hf, vocab: int) -> None:
+    """40 random tokens: the full sequence and token by token through the KV cache, against transformers' logits."""
+    idx = torch.randint(0, vocab, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(idx).logits
         model.setup_caches(1, 64)
