@@ -106,7 +106,7 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     memory and prefill, the per-layer path and set_thresholds all use the stacked tensors. The model must be sparse
     (sparsify; thresholds 0 for dense decoding). programs: the persistent grid (0: every program the GPU holds at
     once); stepped: one launch per phase (the CPU's mode, and a debugging switch on a GPU); tuning: DecodeLayers'
-    tile_bytes, num_warps, max_registers."""
+    tile_bytes, num_warps, max_registers. Qwen2's q/k/v biases and Qwen3's q/k norm weights are stacked too."""
     blocks = model.layers
     if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
         raise ValueError("the persistent engine runs sparse layers: sparsify the model first (thresholds 0 decode "
@@ -117,9 +117,6 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     kinds = {(layer.per_channel, layer.int8) for _, _, layer in sparse_layers(model)}
     if len(kinds) != 1:
         raise ValueError("the persistent engine needs every layer's thresholds of one kind and weights of one format")
-    if model.config.qkv_bias or model.config.qk_norm:
-        raise ValueError(f"the persistent engine runs Llama/Mistral decoder layers; {model.config.name}'s q/k/v biases "
-                         "or q/k norms (Qwen2, Qwen3) are not in it: use --engine per-layer")
 
     def stack(get, put):
         first = get(blocks[0])
@@ -133,18 +130,26 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         owner, attr = path.split(".")
         return stack(lambda b: getattr(getattr(getattr(b, owner), attr), name),
                      lambda b, t: setattr(getattr(getattr(b, owner), attr), name, t))
-    with torch.no_grad():
-        norms = torch.empty((len(blocks), 2, model.config.dim), dtype=blocks[0].attention_norm.weight.dtype,
-                            device=blocks[0].attention_norm.weight.device)
+
+    def norm_weights(norms_of):
+        first = norms_of(blocks[0])[0].weight
+        stacked = torch.empty((len(blocks), 2, *first.shape), dtype=first.dtype, device=first.device)
         for i, block in enumerate(blocks):
-            for j, norm in enumerate((block.attention_norm, block.ffn_norm)):
-                norms[i, j].copy_(norm.weight)
-                norm.weight = frozen(norms[i, j])
+            for j, norm in enumerate(norms_of(block)):
+                stacked[i, j].copy_(norm.weight)
+                norm.weight = frozen(stacked[i, j])
+        return stacked
+
+    with torch.no_grad():
+        norms = norm_weights(lambda b: (b.attention_norm, b.ffn_norm))
+        qk_norms = norm_weights(lambda b: (b.attention.q_norm, b.attention.k_norm)) if model.config.qk_norm else None
+        biases = layer_tensors("attention.wqkv", "bias") if model.config.qkv_bias else None
         paths = tuple(LAYER_GROUPS)
         weights = [layer_tensors(p, "weight_t") for p in paths]
         thresholds = [layer_tensors(p, "thresholds") for p in paths]
         scales = [layer_tensors(p, "scales") for p in paths] if blocks[0].attention.wqkv.int8 else []
-    return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped, **tuning)
+    return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped, **tuning,
+                        qkv_biases=biases, qk_norm_weights=qk_norms)
 
 
 def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: DecodeLayers,

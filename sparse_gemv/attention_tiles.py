@@ -1,6 +1,6 @@
 """Device functions of one token's attention, shared by the attention kernel (attention.py) and the persistent decode
-kernel (persistent.py): loading the token's q/k/v, RoPE on interleaved pairs, and the online-softmax pass over a span
-of the KV cache."""
+kernel (persistent.py): loading the token's q/k/v, RoPE on interleaved pairs (and Qwen3's per-head q/k norm before
+it), and the online-softmax pass over a span of the KV cache."""
 import triton
 import triton.language as tl
 
@@ -25,7 +25,26 @@ def rope(ptrs, mask, cos, sin, part_stride, PARTS: tl.constexpr, dtype: tl.const
     rounded to dtype, as apply_rotary_emb does; returned as [..., pairs, 2] (reshaped by the caller)."""
     even = load_qkv(ptrs, mask, part_stride, PARTS, dtype, CACHE)
     odd = load_qkv(ptrs + 1, mask, part_stride, PARTS, dtype, CACHE)
+    return rotate(even, odd, cos, sin, dtype)
+
+
+@triton.jit
+def rotate(even, odd, cos, sin, dtype: tl.constexpr):
+    """RoPE's rotation of (even, odd) pairs in fp32, rounded to dtype: [..., pairs, 2]."""
     return tl.join((even * cos - odd * sin).to(dtype), (odd * cos + even * sin).to(dtype))
+
+
+@triton.jit
+def rms_norm_pairs(even, odd, w_ptrs, mask, eps, D: tl.constexpr, dtype: tl.constexpr):
+    """Qwen3's q/k norm: model.RMSNorm over each head of D elements held as (even, odd) pairs along the last axis (fp32
+    holding dtype values; masked pairs 0), times the weight's even and odd elements at w_ptrs, rounded as the model
+    rounds (the normalised value to dtype, then its product with the weight)."""
+    rs = tl.math.rsqrt(tl.sum(even * even + odd * odd, axis=-1, keep_dims=True) / D + eps)
+    w_even = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w_odd = tl.load(w_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    even = ((even * rs).to(dtype).to(tl.float32) * w_even).to(dtype).to(tl.float32)
+    odd = ((odd * rs).to(dtype).to(tl.float32) * w_odd).to(dtype).to(tl.float32)
+    return even, odd
 
 
 @triton.jit

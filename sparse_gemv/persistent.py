@@ -5,8 +5,9 @@ launch, a wake-up and a tail. Here one launch of as many programs as the GPU hol
 layer, in phases:
 
     embed (layer 0): the token's embedding row starts the residual stream; the first attention norm
-    qkv:  sparse GEMV of the attention norm's output (q, k and v thresholds), strips ordered by KV head
-    attn: per KV head: RoPE, the cache write, attention over positions 0..pos
+    qkv:  sparse GEMV of the attention norm's output (q, k and v thresholds), strips ordered by KV head; the
+          epilogue adds q/k/v biases (Qwen2)
+    attn: per KV head: q/k norms (Qwen3), RoPE, the cache write, attention over positions 0..pos
     o:    sparse GEMV of the attention output; the strip's epilogue adds it to the residual stream, and the last
           strip normalises the stream (the FFN norm)
     gu:   gate and up strips of the same columns, side by side; the epilogue writes silu(gate) * up
@@ -41,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_gemv.attention_tiles import attend, load_qkv, rope
+from sparse_gemv.attention_tiles import attend, load_qkv, rms_norm_pairs, rope, rotate
 from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum_word_columns
 
 EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
@@ -170,19 +171,36 @@ def _rms_norm(src_ptr, sum_sq, w_ptr, dst_ptr, eps, D: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
+def _rope_qk(ptrs, mask, cos, sin, norm_ptrs, norm_mask, eps, HD: tl.constexpr, dtype: tl.constexpr,
+             QK_NORM: tl.constexpr):
+    """q or k heads at ptrs (even elements) rotated by RoPE; with QK_NORM, each head RMS-normalised first (Qwen3's
+    q/k norm, weights at norm_ptrs), as model.Attention.norm_qk does before the attention op."""
+    if QK_NORM:
+        even = load_qkv(ptrs, mask, 0, 0, dtype, ".cg")
+        odd = load_qkv(ptrs + 1, mask, 0, 0, dtype, ".cg")
+        even, odd = rms_norm_pairs(even, odd, norm_ptrs, norm_mask, eps, HD, dtype)
+        rotated = rotate(even, odd, cos, sin, dtype)
+    else:
+        rotated = rope(ptrs, mask, cos, sin, 0, 0, dtype, ".cg")
+    return rotated
+
+
+@triton.jit
 def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
-          xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
-          prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr,
+          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr,
+          err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
           BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr, KR_O: tl.constexpr,
           BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr, KR_D: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr,
           BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
-          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr):
+          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr,
+          QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
-    prof_ptr's slot of the layer and phase)."""
+    prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
+    each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights)."""
     dtype = resid_ptr.dtype.element_ty
     REP: tl.constexpr = H // HKV
     NQKV: tl.constexpr = (H + 2 * HKV) * HD
@@ -245,6 +263,9 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         tl.debug_barrier()
         if tl.atomic_add(ctr + C_STRIP_QKV + strip, 1, sem="acq_rel", scope="gpu") == KS_QKV - 1:
             total = _strip_sum(pqkv_ptr, col, NQKV, KS_QKV, BN_QKV)
+            if QKV_BIAS:  # the product rounded, then the bias added in the dtype, as SparseLinear adds it
+                bias = tl.load(bqkv_ptr + layer * NQKV + col + tl.arange(0, BN_QKV)).to(tl.float32)
+                total = total.to(dtype).to(tl.float32) + bias
             tl.store(qkv_ptr + col + tl.arange(0, BN_QKV), total.to(dtype))
             _signal(ctr + C_QKV_READY + g)
     elif PH == ATTN:
@@ -261,11 +282,14 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         pos = tl.load(pos_ptr)
         cos = tl.load(freqs_ptr + pos * HD + 2 * offs_p, mask=p_mask, other=0.0)
         sin = tl.load(freqs_ptr + pos * HD + 2 * offs_p + 1, mask=p_mask, other=0.0)
-        q = rope(qkv_ptr + heads[:, None] * HD + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :],
-                 cos[None, :], sin[None, :], 0, 0, dtype, ".cg").reshape(BLOCK_H, BLOCK_D)
+        qk_norm = qkn_ptr + layer * 2 * HD + 2 * offs_p  # the q norm's even elements; the k norm's HD further
+        q = _rope_qk(qkv_ptr + heads[:, None] * HD + 2 * offs_p[None, :], h_mask[:, None] & p_mask[None, :],
+                     cos[None, :], sin[None, :], qk_norm[None, :], p_mask[None, :], eps, HD, dtype,
+                     QK_NORM).reshape(BLOCK_H, BLOCK_D)
         k_base = kc_ptr + layer64 * stride_cl + kvh * stride_ch
         v_base = vc_ptr + layer64 * stride_cl + kvh * stride_ch
-        k_new = rope(qkv_ptr + (H + kvh) * HD + 2 * offs_p, p_mask, cos, sin, 0, 0, dtype, ".cg").reshape(BLOCK_D)
+        k_new = _rope_qk(qkv_ptr + (H + kvh) * HD + 2 * offs_p, p_mask, cos, sin, qk_norm + HD, p_mask, eps, HD, dtype,
+                         QK_NORM).reshape(BLOCK_D)
         tl.store(k_base + pos * stride_cs + offs_d, k_new, mask=d_mask)
         v_new = load_qkv(qkv_ptr + (H + HKV + kvh) * HD + offs_d, d_mask, 0, 0, dtype, ".cg").to(dtype)
         tl.store(v_base + pos * stride_cs + offs_d, v_new, mask=d_mask)
@@ -355,10 +379,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
 
 @triton.jit
 def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
-                          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
-                          stats_ptr, ctr_ptr, err_ptr, prof_ptr, step_layer, eps, sm_scale, stride_cl, stride_ch,
-                          stride_cs,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr,
+                          kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+                          pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, step_layer, eps, sm_scale,
+                          stride_cl, stride_ch, stride_cs,
                           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
                           I: tl.constexpr, BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr,
                           KR_O: tl.constexpr, BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr,
@@ -367,7 +391,8 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                           PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, STAGES: tl.constexpr,
                           DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
                           NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
-                          PROFILE: tl.constexpr, PHASE: tl.constexpr):
+                          PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
+                          PHASE: tl.constexpr):
     """PHASE >= 0 (stepped): tile program_id of that phase of layer step_layer. PHASE < 0 (persistent): every phase
     of every layer, each phase's tiles taken from its ticket (NT_*: tiles per phase, C_SIZE: counters per layer).
     PROFILE (persistent): per layer and phase, prof_ptr [L, 6, 4] int64 gets the first tile's start and the last one's
@@ -375,11 +400,12 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
     if PHASE >= 0:
         _tile(PHASE, step_layer, tl.program_id(0), False,
               tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-              tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr, out_ptr,
-              xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr,
-              prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+              tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr,
+              out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr,
+              err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
-              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN, False)
+              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN, False,
+              QKV_BIAS, QK_NORM)
     else:
         for layer in range(L):
             for ph in tl.static_range(6):
@@ -404,12 +430,13 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                         start = tl.extra.cuda.globaltimer()
                     _tile(ph, layer, t, True,
                           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, kc_ptr, vc_ptr,
-                          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr,
-                          stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr,
+                          kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+                          pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl,
+                          stride_ch, stride_cs,
                           L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
                           BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES,
-                          DOT_FP32, MAX_SPIN, PROFILE)
+                          DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
                     if PROFILE:
                         end = tl.extra.cuda.globaltimer()
                         slot = prof_ptr + (layer * 6 + ph) * 4
@@ -484,7 +511,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                   norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
                   scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
                   eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
-                  max_registers: int = 0, profile: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  max_registers: int = 0, profile: Optional[torch.Tensor] = None,
+                  qkv_biases: Optional[torch.Tensor] = None,
+                  qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
 
     token [1, 1] at input_pos [1]; freqs_cis: the RoPE table [positions, head_dim / 2, 2] fp32; embedding [vocab, dim];
@@ -496,24 +525,28 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps and
     max_registers (0: the compiler's choice) tune the launch; profile: int64 [n_layer, 6, 4] to fill with the
-    persistent launch's phase timings (_decode_layers_kernel's PROFILE)."""
-    check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches)
+    persistent launch's phase timings (_decode_layers_kernel's PROFILE). Qwen2: qkv_biases [n_layer, (H + 2 H_kv)
+    head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head of q and
+    k RMS-normalised with them before RoPE (eps, as the layer norms); both in the embedding's dtype."""
+    check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
+                 qkv_biases, qk_norm_weights)
     if not (token.is_cuda or INTERPRET):
         raise RuntimeError("teal::decode_layers runs Triton kernels: it needs a CUDA device, or TRITON_INTERPRET=1 "
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
                   v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1), tile_bytes, num_warps,
-                  max_registers, profile)
+                  max_registers, profile, qkv_biases, qk_norm_weights)
 
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches, errors,
-      eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, profile=None):
+      eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, profile=None, qkv_biases=None,
+      qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
 def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
-                 v_caches) -> None:
+                 v_caches, qkv_biases=None, qk_norm_weights=None) -> None:
     if token.numel() != 1 or k_caches.dim() != 5 or k_caches.shape[1] != 1:
         raise ValueError(f"decode_layers: one token of one sequence (batch 1), got token {tuple(token.shape)} and "
                          f"caches {tuple(k_caches.shape)}; the persistent engine decodes batch 1 only")
@@ -526,19 +559,22 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
     n_head = wqkv.shape[2] // head_dim - 2 * hkv
     shapes = [(wqkv, (n_layer, dim, (n_head + 2 * hkv) * head_dim)), (wo, (n_layer, n_head * head_dim, dim)),
               (w13, (n_layer, dim, 2 * inter)), (w2, (n_layer, inter, dim)), (norm_weights, (n_layer, 2, dim)),
-              (v_caches, tuple(k_caches.shape))]
+              (v_caches, tuple(k_caches.shape)), (qkv_biases, (n_layer, wqkv.shape[2])),
+              (qk_norm_weights, (n_layer, 2, head_dim))]
     for t, shape in shapes:
-        if tuple(t.shape) != shape or not t.is_contiguous():
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"decode_layers: expected a contiguous {shape}, got {tuple(t.shape)} (the layers' tensors "
-                             f"stacked: [n_layer, K, N] weights, [n_layer, 2, dim] norms, equal caches)")
+                             f"stacked: [n_layer, K, N] weights, [n_layer, 2, dim] norms, equal caches, [n_layer, N] "
+                             f"q/k/v biases, [n_layer, 2, head_dim] q/k norms)")
     if n_head <= 0 or n_head % hkv or head_dim % 2 or wqkv.shape[2] % head_dim:
         raise ValueError(f"decode_layers: q/k/v width {wqkv.shape[2]} does not fit {hkv} KV heads of {head_dim}")
     int8 = wqkv.dtype == torch.int8
     dtype = embedding.dtype
     if any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
-            bool(scales) != int8 or k_caches.dtype != dtype or norm_weights.dtype != dtype:
-        raise TypeError("decode_layers: weights in the embedding's dtype, or all int8 with scales; caches and norms "
-                        "in the embedding's dtype")
+            bool(scales) != int8 or any(t is not None and t.dtype != dtype for t in
+                                        (k_caches, norm_weights, qkv_biases, qk_norm_weights)):
+        raise TypeError("decode_layers: weights in the embedding's dtype, or all int8 with scales; caches, norms and "
+                        "biases in the embedding's dtype")
     for t, w, g in zip(thresholds, weights, (3, 1, 2, 1)):
         if t.dtype != torch.float32 or tuple(t.shape) not in ((n_layer, g), (n_layer, g, w.shape[1])) \
                 or t.dim() != thresholds[0].dim():
@@ -557,7 +593,8 @@ _resident: dict = {}  # compiled kernel's key -> programs resident at once
 
 def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
            errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
-           max_registers: int = 0, profile: torch.Tensor | None = None) -> torch.Tensor:
+           max_registers: int = 0, profile: torch.Tensor | None = None, qkv_biases: torch.Tensor | None = None,
+           qk_norm_weights: torch.Tensor | None = None) -> torch.Tensor:
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
@@ -581,7 +618,9 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     stats = torch.empty(lay["stats"], **f32)
     scale_args = scales if scales else thresholds
     pack = 2 if wqkv.dtype == torch.bfloat16 else 4 if wqkv.dtype == torch.int8 else 1
-    args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args, k_caches,
+    args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args,
+            norm_weights if qkv_biases is None else qkv_biases,
+            norm_weights if qk_norm_weights is None else qk_norm_weights, k_caches,
             v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors,
             counters if profile is None else profile)
     meta = dict(L=n_layer, D=dim, H=n_head, HKV=hkv, HD=head_dim, I=inter, **cfg, BLOCK_S=64 if INTERPRET else 32,
@@ -589,6 +628,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                 BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
                 PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales), PACK=pack, STAGES=1 if INTERPRET else 2,
                 DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
+                QKV_BIAS=qkv_biases is not None, QK_NORM=qk_norm_weights is not None,
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
     runtime = (eps, head_dim ** -0.5, k_caches.stride(0), k_caches.stride(2), k_caches.stride(3))
     if stepped:
@@ -625,25 +665,30 @@ class DecodeLayers:
     """The decoder layers' tensors stacked for teal::decode_layers, and the call that runs one decode step through
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
-    layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps and
-    max_registers: teal::decode_layers'."""
+    layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps,
+    max_registers, qkv_biases and qk_norm_weights: teal::decode_layers'."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
-                 stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0):
+                 stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
+                 qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
         self.scales = list(scales or ())
+        self.qkv_biases, self.qk_norm_weights = qkv_biases, qk_norm_weights
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
         self.tuning = (int(tile_bytes), int(num_warps), int(max_registers))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
         # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
         # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
-        for t in (self.norm_weights, *self.weights, *self.thresholds, *self.scales, self.errors):
-            torch._dynamo.mark_static_address(t)
+        for t in (self.norm_weights, *self.weights, *self.thresholds, *self.scales, self.errors, qkv_biases,
+                  qk_norm_weights):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=None) -> torch.Tensor:
         return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,
                                             self.thresholds, self.scales, k_caches, v_caches, self.errors, self.eps,
-                                            self.programs, self.stepped, *self.tuning, profile)
+                                            self.programs, self.stepped, *self.tuning, profile, self.qkv_biases,
+                                            self.qk_norm_weights)
 
     def check(self) -> None:
         """Raise if a wait of an earlier step gave up (a dependency never came: a bug, never a slow GPU); syncs."""

@@ -148,12 +148,17 @@ def all_reduce_launches():
 
 def persistent_launches():
     """The persistent decode kernel at Llama-3-8B's layer shapes (two layers; the layer count is a loop bound): bf16
-    weights with per-tensor thresholds, int8 with per-channel ones."""
-    layers, dim, heads, kv_heads, head_dim, inter = 2, 4096, 32, 8, 128, 14336
-    for int8, per_channel in ((False, False), (True, True)):
+    weights with per-tensor thresholds, int8 with per-channel ones; and the variants of the new families in bf16:
+    Qwen2.5-7B's shapes with q/k/v biases, Qwen3-8B's with q/k norms."""
+    llama3, qwen25, qwen3 = (4096, 32, 8, 128, 14336), (3584, 28, 4, 128, 18944), (4096, 32, 8, 128, 12288)
+    cases = [("bf16", llama3, False, False, False, False), ("int8 per-channel", llama3, True, True, False, False),
+             ("qwen2.5-7b bf16 q/k/v biases", qwen25, False, False, True, False),
+             ("qwen3-8b bf16 q/k norms", qwen3, False, False, False, True)]
+    layers = 2
+    for name, (dim, heads, kv_heads, head_dim, inter), int8, per_channel, bias, qk_norm in cases:
         dtype = torch.int8 if int8 else torch.bfloat16
-        weights = [torch.empty(layers, dim, (heads + 2 * kv_heads) * head_dim, dtype=dtype),
-                   torch.empty(layers, heads * head_dim, dim, dtype=dtype),
+        nqkv = (heads + 2 * kv_heads) * head_dim
+        weights = [torch.empty(layers, dim, nqkv, dtype=dtype), torch.empty(layers, heads * head_dim, dim, dtype=dtype),
                    torch.empty(layers, dim, 2 * inter, dtype=dtype), torch.empty(layers, inter, dim, dtype=dtype)]
         thresholds = [torch.zeros((layers, g, w.shape[1]) if per_channel else (layers, g))
                       for g, w in zip((3, 1, 2, 1), weights)]
@@ -162,7 +167,9 @@ def persistent_launches():
         args = (torch.zeros(1, 1, dtype=torch.int32), torch.tensor([7]), torch.zeros(256, head_dim // 2, 2),
                 torch.zeros(1000, dim, dtype=torch.bfloat16), torch.zeros(layers, 2, dim, dtype=torch.bfloat16),
                 weights, thresholds, scales, *caches, torch.zeros(1, dtype=torch.int32), 1e-5, 0, False)
-        yield (f"decode_layers {'int8 per-channel' if int8 else 'bf16'}", lambda args=args: persistent.launch(*args))
+        family = dict(qkv_biases=torch.zeros(layers, nqkv, dtype=torch.bfloat16) if bias else None,
+                      qk_norm_weights=torch.ones(layers, 2, head_dim, dtype=torch.bfloat16) if qk_norm else None)
+        yield f"decode_layers {name}", lambda args=args, family=family: persistent.launch(*args, **family)
 
 
 def main(capabilities: list[int]) -> None:

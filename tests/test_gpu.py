@@ -326,13 +326,14 @@ def test_compiled_sparse_decode_of_each_family_matches_the_masked_reference(fami
 
 
 
-def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100):
-    """A random model at Llama-3-8B's head layout (GQA 32/8 of 128) and narrower widths, sparse, with thresholds at the
-    `sparsity` quantile of each projection's inputs over a random prefill; caches for block_size positions."""
+def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100, **family):
+    """A random model at Llama-3-8B's head layout (GQA 32/8 of 128) and narrower widths (or the ModelArgs in `family`
+    instead), sparse, with thresholds at the `sparsity` quantile of each projection's inputs over a random prefill;
+    caches for block_size positions. Norm weights and biases uniform in [0.5, 1.5]."""
     from model import ModelArgs, Transformer
     from sparse import LAYER_GROUPS, sparse_layers, sparsify
-    args = ModelArgs(n_layer=n_layer, n_head=32, n_local_heads=8, dim=4096, intermediate_size=7168, vocab_size=2048,
-                     block_size=block_size, rope_base=500000.0)
+    args = ModelArgs(**{**dict(n_layer=n_layer, n_head=32, n_local_heads=8, dim=4096, intermediate_size=7168,
+                               vocab_size=2048, block_size=block_size, rope_base=500000.0), **family})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(args)
@@ -348,7 +349,7 @@ def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer
              for i, path, layer in sparse_layers(model)]
     model.setup_caches(1, 64)
     with torch.no_grad():
-        model(torch.randint(0, 2048, (1, 64), device="cuda"), torch.arange(64, device="cuda"))
+        model(torch.randint(0, args.vocab_size, (1, 64), device="cuda"), torch.arange(64, device="cuda"))
         for h in hooks:
             h.remove()
         for i, path, layer in sparse_layers(model):
@@ -369,9 +370,37 @@ def test_persistent_decode_matches_stepped_and_per_layer(dtype, int8, per_channe
     bits, whichever program took which tile) and against the per-layer path (the model's own kernels), teacher-forced
     over 24 steps: logits within 3% of the largest (bf16 roundings and the thresholds they move) or 1e-4 (fp32), and
     the greedy token the same unless the per-layer top two are that close."""
+    check_persistent_against_stepped_and_per_layer(persistent_model(dtype, int8, per_channel, sparsity, block_size=64),
+                                                   dtype)
+
+
+# The new families' layers at their models' shapes (fewer layers): Qwen3-0.6B's attention (16 heads of 128 at 1024 wide:
+# head_dim is not dim / n_head) with q/k norms, Qwen2.5-7B's widths (3584, 18944; 28 heads over 4 KV heads) with
+# q/k/v biases, Llama-3.2-3B's (24 heads over 8) with tied embeddings and its RoPE scaling.
+PERSISTENT_FAMILIES = {
+    "qwen3": dict(dim=1024, n_head=16, n_local_heads=8, head_dim=128, intermediate_size=3072, qk_norm=True,
+                  rope_base=1e6, norm_eps=1e-6),
+    "qwen2.5": dict(dim=3584, n_head=28, n_local_heads=4, intermediate_size=18944, qkv_bias=True, rope_base=1e6,
+                    norm_eps=1e-6),
+    "llama-3.2": dict(dim=3072, n_head=24, n_local_heads=8, intermediate_size=8192, tie_embeddings=True,
+                      rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}),
+}
+
+
+@pytest.mark.parametrize("family,int8,per_channel,sparsity", [
+    ("qwen3", False, False, 0.5), ("qwen3", True, True, 0.5), ("qwen3", False, True, 0.0), ("qwen2.5", False, False, 0.5),
+    ("qwen2.5", True, True, 0.5), ("llama-3.2", False, False, 0.5)])
+def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(family, int8, per_channel, sparsity):
+    """As above (bf16), with Qwen3's q/k norms in the attention tiles, Qwen2.5's biases in the q/k/v epilogue, and
+    Llama-3.2's scaled RoPE table."""
+    model = persistent_model(torch.bfloat16, int8, per_channel, sparsity, block_size=64, **PERSISTENT_FAMILIES[family])
+    check_persistent_against_stepped_and_per_layer(model, torch.bfloat16)
+
+
+def check_persistent_against_stepped_and_per_layer(model, dtype):
     import copy
     from generate import persistent_layers
-    model = persistent_model(dtype, int8, per_channel, sparsity, block_size=64)
     ref = copy.deepcopy(model)
     layers = persistent_layers(model)
     stepped = stepped_copy(layers)

@@ -2,7 +2,9 @@
 against the per-layer path, whose CPU ops are the PyTorch references (masked matmuls, attention by
 scaled_dot_product_attention). Tiny random models: two layers each, so the hand-off from one layer's down projection
 to the next layer's attention norm is exercised; a Llama-like one with grouped-query attention and a Mistral-like one
-with a single KV head, a head size that is not dim / n_head, an intermediate size of 3 x 32 and tied embeddings."""
+with a single KV head, a head size that is not dim / n_head, an intermediate size of 3 x 32 and tied embeddings; and
+the new families' tiny models (tests/test_families.py): Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms, head size
+24 at 64 wide and 4 heads) and Llama-3.2 (tied embeddings, Llama-3 RoPE scaling), every parameter random."""
 import copy
 import math
 
@@ -13,6 +15,7 @@ from generate import check_engine, decode_step, generate, persistent_layers
 from model import ModelArgs, Transformer
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
 from sparse_gemv.persistent import decode_layers
+from tests.test_families import tiny_family_model
 
 CONFIGS = {
     "llama": dict(vocab_size=96, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
@@ -102,14 +105,71 @@ ATOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
 ])
 def test_stepped_logits_match_the_per_layer_path(name, dtype, int8, per_channel, sparsities):
     """One set of stacked tensors for every sparsity: a new sparsity is a copy into the layers' thresholds."""
-    model = tiny_model(name, dtype, int8, per_channel)
+    check_sparsities(tiny_model(name, dtype, int8, per_channel), sparsities, ATOL[dtype])
+
+
+def check_sparsities(model: Transformer, sparsities, atol: float) -> None:
     ref = copy.deepcopy(model)
     layers = persistent_layers(model, stepped=True)
     for s in sparsities:
         calibrate(ref, s)
         for (_, _, a), (_, _, b) in zip(sparse_layers(ref), sparse_layers(model)):
             b.thresholds.copy_(a.thresholds)
-        compare_decode(ref, model, layers, steps=2, atol=ATOL[dtype])
+        compare_decode(ref, model, layers, steps=2, atol=atol)
+
+
+def family_model(family: str, dtype, int8: bool = False, per_channel: bool = False) -> Transformer:
+    model = sparsify(tiny_family_model(family).to(dtype), per_channel=per_channel, int8=int8)
+    model.setup_caches(1, 96)
+    return model
+
+
+# Every family with fp32 and int8 weights, uniform and per-channel thresholds, at 0 / 0.5 / 0.9: the bias added in the
+# qkv strips' epilogue, the q/k norms in the attention tile (the padded pairs of a head of 24 masked), the scaled RoPE
+# table read as data; bf16 at sparsity 0 for the norms' roundings (see ATOL).
+@pytest.mark.parametrize("family,dtype,int8,per_channel,sparsities", [
+    ("qwen2", torch.float32, False, False, (0.0, 0.5, 0.9)),
+    ("qwen2", torch.float32, True, True, (0.0, 0.5, 0.9)),
+    ("qwen3", torch.float32, False, True, (0.0, 0.5, 0.9)),
+    ("qwen3", torch.float32, True, False, (0.0, 0.5, 0.9)),
+    ("qwen3", torch.bfloat16, False, False, (0.0,)),
+    ("llama", torch.float32, False, False, (0.0, 0.5, 0.9)),
+    ("llama", torch.float32, True, True, (0.0, 0.5, 0.9)),
+])
+def test_families_stepped_logits_match_the_per_layer_path(family, dtype, int8, per_channel, sparsities):
+    check_sparsities(family_model(family, dtype, int8, per_channel), sparsities, ATOL[dtype])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_families_greedy_tokens_identical_over_24_steps(family):
+    model = family_model(family, torch.float32)
+    calibrate(model, 0.5)
+    ref = copy.deepcopy(model)
+    layers = persistent_layers(model, stepped=True)
+    assert compare_decode(ref, model, layers, steps=24, atol=ATOL[torch.float32]) > 0
+
+
+def test_qwen3_logits_match_transformers(tmp_path):
+    """A transformers Qwen3ForCausalLM (random q/k norm weights, head_dim 24), converted, decoded densely through the
+    persistent kernel after the model's own prefill: each step's logits within 1e-4 of transformers' on the whole
+    sequence (float32), as assert_logits_match_hf holds the per-layer path."""
+    from convert_hf_checkpoint import convert_hf_folder
+    from model import load_model
+    from tests.test_families import VOCAB, tiny_hf
+    hf, folder = tiny_hf(tmp_path, "qwen3")
+    model = sparsify(load_model(convert_hf_folder(folder, tmp_path / "converted", "float32"), dtype=torch.float32))
+    model.setup_caches(1, 64)
+    layers = persistent_layers(model, stepped=True)
+    idx = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits[0]
+        model(idx[:, :4], torch.arange(4))
+        for pos in range(4, 12):
+            p = torch.tensor([pos], dtype=torch.int)
+            h = layers(idx[:, pos:pos + 1].int(), p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches,
+                       model.v_caches)
+            assert (model.output(model.norm(h)[0])[0, -1] - want[pos]).abs().max() <= 1e-4, f"position {pos}"
+    layers.check()
 
 
 def test_greedy_tokens_identical_over_64_steps():
@@ -170,10 +230,6 @@ def test_engine_refusals():
     model.layers[0].attention.wqkv = torch.nn.Linear(64, 128)
     with pytest.raises(ValueError, match="sparsify"):
         persistent_layers(model)
-    model = tiny_model("llama", torch.float32)
-    model.config.qk_norm = True
-    with pytest.raises(ValueError, match="per-layer"):
-        persistent_layers(model)
 
 
 def test_bad_inputs_are_refused():
@@ -199,6 +255,10 @@ def test_bad_inputs_are_refused():
         call(scales=[torch.ones(2, w.shape[2]) for w in layers.weights])
     with pytest.raises(ValueError, match="RoPE"):
         call(freqs_cis=model.freqs_cis[:10])
+    with pytest.raises(ValueError, match="q/k norms"):  # [n_layer, 2, head_dim 16]
+        decode_layers(*args, qk_norm_weights=torch.ones(2, 2, 8))
+    with pytest.raises(TypeError, match="biases"):
+        decode_layers(*args, qkv_biases=torch.zeros(2, 128, dtype=torch.float64))
 
 
 def test_persistent_loop_as_one_program_takes_every_tile_in_order():
