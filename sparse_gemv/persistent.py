@@ -510,8 +510,8 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, device: torch.de
 def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor, embedding: torch.Tensor,
                   norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
                   scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
-                  eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
-                  max_registers: int = 0, profile: Optional[torch.Tensor] = None,
+                  profile: Optional[torch.Tensor], eps: float, programs: int, stepped: bool,
+                  tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
                   qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
@@ -524,8 +524,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps and
-    max_registers (0: the compiler's choice) tune the launch; profile: int64 [n_layer, 6, 4] to fill with the
-    persistent launch's phase timings (_decode_layers_kernel's PROFILE). Qwen2: qkv_biases [n_layer, (H + 2 H_kv)
+    max_registers (0: the compiler's choice) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the
+    persistent launch's phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch
+    2.11's ADInplaceOrView kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2: qkv_biases [n_layer, (H + 2 H_kv)
     head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head of q and
     k RMS-normalised with them before RoPE (eps, as the layer norms); both in the embedding's dtype."""
     check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
@@ -540,7 +541,7 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches, errors,
-      eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, profile=None, qkv_biases=None,
+      profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, qkv_biases=None,
       qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
@@ -686,8 +687,8 @@ class DecodeLayers:
 
     def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=None) -> torch.Tensor:
         return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,
-                                            self.thresholds, self.scales, k_caches, v_caches, self.errors, self.eps,
-                                            self.programs, self.stepped, *self.tuning, profile, self.qkv_biases,
+                                            self.thresholds, self.scales, k_caches, v_caches, self.errors, profile,
+                                            self.eps, self.programs, self.stepped, *self.tuning, self.qkv_biases,
                                             self.qk_norm_weights)
 
     def check(self) -> None:
