@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_hf_checkpoint
 import generate
-from benchmark import anchors, bench_cpu_decode, bench_decode, bench_persistent, downstream, perplexity
+from benchmark import anchors, bench_cpu_decode, bench_decode, bench_persistent, perplexity
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder, write_checkpoint
 from model import ModelArgs, config_hash, load_model
 from sparse_gemv import sparse_gemv_reference, sparse_gemv_triton
@@ -30,6 +30,13 @@ from tokenizer import load_tokenizer
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 48, 2, 4, 2, 64
 WORDS = ["<unk>", "<s>", "</s>", "the", "capital", "of", "france", "is", "paris", "a", "city", "hi"]
 SAFE_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def downstream_main(argv=None):
+    """benchmark.downstream's CLI, imported when called: it needs lm_eval, which machines running only the GPU tests
+    (which import this module's helpers through test_model) need not have."""
+    from benchmark import downstream
+    return downstream.main(argv)
 
 
 def evil_template(marker: Path) -> str:
@@ -542,9 +549,9 @@ CLI_CASES = {
     "anchors: --runs 0": (anchors.main, lambda t, d: ["--runs", "0"], "--runs"),
     "anchors: --new_tokens -1": (anchors.main, lambda t, d: ["--new_tokens", "-1"], "--new_tokens"),
     "anchors: --sparsity 0": (anchors.main, lambda t, d: ["--sparsity", "0"], "--sparsity"),
-    "downstream: --num_fewshot -1": (downstream.main, lambda t, d: ["--num_fewshot", "-1"], "--num_fewshot"),
-    "downstream: --limit -5": (downstream.main, lambda t, d: ["--limit", "-5"], "--limit"),
-    "downstream: --limit nan": (downstream.main, lambda t, d: ["--limit", "nan"], "--limit"),
+    "downstream: --num_fewshot -1": (downstream_main, lambda t, d: ["--num_fewshot", "-1"], "--num_fewshot"),
+    "downstream: --limit -5": (downstream_main, lambda t, d: ["--limit", "-5"], "--limit"),
+    "downstream: --limit nan": (downstream_main, lambda t, d: ["--limit", "nan"], "--limit"),
     "convert: truncated safetensors in an HF folder": (
         convert_hf_checkpoint.main, lambda t, d: ["--checkpoint_dir", _hf(d, lambda f: _truncate(
             f / "model.safetensors")), "--out_dir", d / "out"], "model.safetensors is not a readable weight file"),
