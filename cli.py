@@ -14,7 +14,7 @@ import math
 from safetensors import SafetensorError
 
 from sparse import GroupQuant
-from sparse_gemv.grouped import GROUP_SIZES
+from sparse_gemv.quant import GROUP_SIZES
 
 # What a bad file or value raises (json and UTF-8 errors are ValueErrors; FloatingPointError: a checkpoint whose
 # logits are not finite): reported in a line or two, not a traceback.

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cli import user_errors
 from model import ModelArgs, Transformer, safe_name
 from sparse import QUANTIZED_TENSORS
-from sparse_gemv.grouped import pack_int4
+from sparse_gemv.quant import pack_int4
 from tokenizer import gguf_tokenizer_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")

@@ -14,19 +14,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch._dynamo.config
 import torch._inductor.config
 
-import sparse_gemv.kernels
 from cli import add_int4_args, fraction, int4_quant, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
 from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, frozen, set_mask_prefill,
                     sparse_layers, sparsify)
-from sparse_gemv.persistent import DecodeLayers
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # the persistent engine's Triton module is imported where it runs
+    from sparse_gemv.persistent import DecodeLayers
 
 torch._inductor.config.coordinate_descent_tuning = True
 torch._inductor.config.triton.unique_kernel_names = True
@@ -62,8 +64,9 @@ def set_pdl(on: bool) -> None:
     """Programmatic dependent launch (Hopper and newer; ignored elsewhere): every kernel of the decode step,
     inductor's and the sparse GEMV, is launched while the previous one drains and waits on-chip for its
     results, so the launch latency between the ~450 kernels of a step leaves the critical path."""
+    from sparse_gemv import kernels
     torch._inductor.config.triton.enable_pdl = on
-    sparse_gemv.kernels.PDL = on
+    kernels.PDL = on
 
 
 def multinomial_sample_one_no_sync(probs):
@@ -100,7 +103,7 @@ def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tenso
     return sample(model(x, input_pos), **sampling_kwargs)
 
 
-def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = False, **tuning) -> DecodeLayers:
+def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = False, **tuning) -> "DecodeLayers":
     """The decoder layers as one persistent kernel's input (sparse_gemv/persistent.py): each kind of layer tensor
     stacked into one [n_layer, ...] tensor, and the layers' own tensors made views of it, so there is one copy in
     memory and prefill, the per-layer path and set_thresholds all use the stacked tensors. The model must be sparse
@@ -148,11 +151,12 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         weights = [layer_tensors(p, "weight_t") for p in paths]
         thresholds = [layer_tensors(p, "thresholds") for p in paths]
         scales = [layer_tensors(p, "scales") for p in paths] if blocks[0].attention.wqkv.int8 else []
+    from sparse_gemv.persistent import DecodeLayers
     return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped, **tuning,
                         qkv_biases=biases, qk_norm_weights=qk_norms)
 
 
-def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: DecodeLayers,
+def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: "DecodeLayers",
                                 **sampling_kwargs) -> torch.Tensor:
     """decode_one_token with every decoder layer in one kernel (persistent_layers); the final norm, the LM head and
     sampling as before."""
@@ -175,7 +179,7 @@ def check_engine(engine: str, rank: int | None, batch_size: int, device: str, mo
                          "--engine per-layer")
     if batch_size != 1:
         raise SystemExit(f"--engine {engine} decodes batch 1 only, got --batch_size {batch_size}")
-    if not device.startswith("cuda") and not sparse_gemv.kernels.INTERPRET:
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit(f"--engine {engine} runs a Triton kernel: it needs --device cuda (or TRITON_INTERPRET=1 on the "
                          "CPU, slowly)")
 
@@ -414,7 +418,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
     int4_quant(a)  # the flags' errors before any work
-    set_pdl(a.pdl)
 
     from tp import maybe_init_dist, set_one_shot, shutdown_dist
     set_one_shot(a.one_shot_allreduce if a.one_shot_allreduce is not None else a.sparsity > 0)
@@ -450,6 +453,7 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     device = resolve_device(a.device) if rank is None else f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+        set_pdl(a.pdl)
     else:
         torch.set_num_threads(cpu_threads(a.threads))
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}.get(a.dtype) or getattr(torch, a.dtype)

@@ -31,11 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_gemv import add_partials  # importing the package registers the torch.ops.teal ops
+from sparse_gemv import MAX_TOKENS, add_partials  # importing the package registers the torch.ops.teal ops
 from sparse_gemv.cpu import sparse_gemv_rows
-from sparse_gemv.grouped import GROUP_SIZES, dequantize_grouped, pack_int4, workspace_rows
-from sparse_gemv.kernels import MAX_TOKENS, reserve_workspace
 from sparse_gemv.ops import skips_rows_on_cpu
+from sparse_gemv.quant import GROUP_SIZES, dequantize_grouped, pack_int4
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -142,6 +141,8 @@ class SparseLinear(nn.Module):
         device: the one its weights will be loaded to, for a layer still on the meta device."""
         device = self.weight_t.device if device is None else device
         if device.type == "cuda":
+            from sparse_gemv.grouped import workspace_rows
+            from sparse_gemv.kernels import reserve_workspace
             rows = workspace_rows(self.in_features, self.group_size) if self.group_size else self.in_features
             reserve_workspace(device, rows, self.out_features)
 

@@ -45,8 +45,9 @@ import triton
 from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, int4_quant
 from sparse import GroupQuant, quantize_groupwise, quantize_int8
-from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference, sparse_gemv_triton
-from sparse_gemv.grouped import dequantize_grouped
+from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference
+from sparse_gemv.kernels import sparse_gemv_triton
+from sparse_gemv.quant import dequantize_grouped
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 

@@ -40,7 +40,7 @@ METRICS = [f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio" for s
 
 def launch_all() -> list[str]:
     """Run every case COPIES times; returns the case label of each sparse-kernel launch, in order."""
-    from sparse_gemv import sparse_gemv_triton
+    from sparse_gemv.kernels import sparse_gemv_triton
     labels = []
     gen = torch.Generator().manual_seed(0)
     for name, k, n in SHAPES:

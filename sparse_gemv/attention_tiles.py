@@ -1,6 +1,6 @@
-"""Device functions of one token's attention, shared by the attention kernel (attention.py) and the persistent decode
-kernel (persistent.py): loading the token's q/k/v, RoPE on interleaved pairs (and Qwen3's per-head q/k norm before
-it), and the online-softmax pass over a span of the KV cache."""
+"""Device functions of one token's attention, shared by the attention kernel (attention_kernel.py) and the persistent
+decode kernel (persistent.py): loading the token's q/k/v, RoPE on interleaved pairs (and Qwen3's per-head q/k norm
+before it), and the online-softmax pass over a span of the KV cache."""
 import triton
 import triton.language as tl
 

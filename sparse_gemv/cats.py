@@ -1,4 +1,4 @@
-"""CATS's MLP input stage (Lee et al., 2024) behind the `teal::cats_gate_up` custom op.
+"""CATS's MLP input stage (Lee et al., 2024): the Triton kernel behind the `teal::cats_gate_up` custom op (ops.py).
 
     a = SiLU(x W_gate^T),  h = (a * 1[|a| > t]) * (x W_up^T)
 
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_gemv.kernels import INTERPRET, MAX_TOKENS, fp32_products, pdl_launch
+from sparse_gemv.kernels import INTERPRET, fp32_products, pdl_launch
 
 
 @triton.jit
@@ -105,39 +105,3 @@ def cats_gate_up_triton(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Ten
                                BLOCK_T=1 if t == 1 else 16, DOT_FP32=fp32_products(x.dtype), USE_PDL=use_pdl,
                                **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return h
-
-
-def cats_gate_up_reference(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The formula in PyTorch, in fp32 as the kernel computes it, rounded to x's dtype once."""
-    gate, up = (x.float() @ w13.float().t()).chunk(2, dim=-1)
-    a = torch.nn.functional.silu(gate)
-    return torch.where(a.abs() > threshold.float(), a * up, torch.zeros((), device=x.device)).to(x.dtype)
-
-
-def check_cats_inputs(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> None:
-    if x.dim() != 2 or w13.dim() != 2 or w13.shape[1] != x.shape[1] or w13.shape[0] % 2:
-        raise ValueError(f"cats_gate_up: x must be [tokens, D] and w13 [2 * I, D] (gate rows, then up rows), got "
-                         f"{tuple(x.shape)} and {tuple(w13.shape)}")
-    if w13.dtype != x.dtype or not w13.is_contiguous():
-        raise TypeError(f"cats_gate_up: w13 must be contiguous in x's dtype {x.dtype}, got {w13.dtype}")
-    if threshold.dtype != torch.float32 or threshold.numel() != 1:
-        raise TypeError(f"cats_gate_up: threshold must be one float32, got {threshold.dtype} {tuple(threshold.shape)}")
-    if not (x.device == w13.device == threshold.device):
-        raise ValueError(f"cats_gate_up: x, w13 and threshold must be on one device, got {x.device}, {w13.device}, "
-                         f"{threshold.device}")
-
-
-@torch.library.custom_op("teal::cats_gate_up", mutates_args=())
-def cats_gate_up(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """h = (a * 1[|a| > threshold]) * (x W_up^T) with a = SiLU(x W_gate^T); x [T, D], w13 [2I, D] -> h [T, I].
-    Triton on CUDA for up to MAX_TOKENS tokens, the PyTorch reference otherwise."""
-    check_cats_inputs(x, w13, threshold)
-    x = x.contiguous()
-    if x.is_cuda and x.shape[0] <= MAX_TOKENS:
-        return cats_gate_up_triton(x, w13, threshold)
-    return cats_gate_up_reference(x, w13, threshold)
-
-
-@cats_gate_up.register_fake
-def _(x, w13, threshold):
-    return x.new_empty((x.shape[0], w13.shape[0] // 2))

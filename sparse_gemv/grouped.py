@@ -24,39 +24,7 @@ import triton.language as tl
 
 from sparse_gemv import kernels
 from sparse_gemv.kernels import INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fp32_products, k_range, pdl_launch
-
-GROUP_SIZES = (32, 64, 128)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[K, N] integers in 0..15 -> uint8 [K, N / 2], columns 2j and 2j + 1 in byte j's low and high nibble."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [K, N / 2] -> uint8 [K, N] in 0..15 (pack_int4's inverse)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def out_features(weight_t: torch.Tensor) -> int:
-    """Output channels of a group-wise quantized weight: two per byte at 4 bits."""
-    return weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
-
-
-def dequantize_grouped(weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [K, N] weight a group-wise quantized one stands for, in dtype (computed in fp32, as the kernel does)."""
-    k = weight_t.shape[0]
-    groups, n = scales.shape
-    q = unpack_int4(weight_t) if weight_t.dtype == torch.uint8 else weight_t
-    q = torch.nn.functional.pad(q, (0, 0, 0, groups * group_size - k)).view(groups, group_size, n).float()
-    if weight_t.dtype == torch.uint8 and zeros is None:
-        q -= 8
-    w = q * scales.float()[:, None]
-    if zeros is not None:
-        w += zeros.float()[:, None]
-    return w.view(groups * group_size, n)[:k].to(dtype)
+from sparse_gemv.ops import check_inputs
 
 
 @triton.jit
@@ -277,7 +245,6 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
     """Launch the kernel. x: [T<=8, K]; weight_t: uint8 [K, N / 2] (4 bits) or int8 [K, N]; scales, zeros: fp16
     [ceil(K / group_size), N] (zeros None: symmetric); thresholds fp32 [G] or [G, K]. Returns y [T, N] in x's dtype,
     or with reduce=False the split-K partial sums, fp32 [SPLIT_K, T, N]."""
-    from sparse_gemv.ops import check_inputs  # ops imports this module
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
     kernels.check_launch(x, weight_t, thresholds, scales, None, config)
     t, k = x.shape

@@ -37,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_gemv.ops import MAX_TOKENS, check_inputs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PDL = True  # programmatic dependent launch where the GPU has it (Hopper+); a flag so benchmarks can turn it off
-MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 MAX_SPLIT_K = 32
 # Most rows examined at a time when listing kept rows. Each chunk is a dependent load, scan and store ahead of the
 # weight loads, so a launch examines its whole K range at once up to this many rows, and no more than the range.
@@ -338,7 +339,6 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
     compact: list kept rows first (faster above about 70% sparsity, slower below). config: explicit
     meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, COMPACT, STAGES, num_warps) instead of pick_config's.
     reduce=False: return the split-K partial sums, fp32 [SPLIT_K, T, N], for the caller to add up (and y is unused)."""
-    from sparse_gemv.ops import check_inputs  # ops imports this module
     check_inputs(x, weight_t, thresholds, split_sizes, scales)
     check_launch(x, weight_t, thresholds, scales, out, config)
     t, k = x.shape

@@ -1,17 +1,21 @@
-"""The `teal::sparse_gemv` custom op: checked inputs, a Triton path on CUDA, a PyTorch path elsewhere.
+"""The `teal::sparse_gemv`, `teal::sparse_gemv_partials` and `teal::cats_gate_up` custom ops: checked inputs, a Triton
+path on CUDA, a PyTorch path elsewhere.
 
 Registered through torch.library with a fake (meta) implementation, so torch.compile(fullgraph=True)
 traces it as one opaque node and CUDA graphs capture its launch. Thresholds are an input tensor:
 a new sparsity is a copy into that tensor, never a recompilation.
+
+The Triton modules (kernels.py, grouped.py, cats.py) are imported in the branch that launches them (_on_kernel), so
+the ops' CPU paths run where triton is not installed (a CPU build of torch does not bring it).
 """
 from typing import Optional
 
 import torch
 
 from sparse_gemv.cpu import sparse_gemv_rows
-from sparse_gemv.grouped import GROUP_SIZES, dequantize_grouped, grouped_config, grouped_sparse_gemv_triton
-from sparse_gemv.kernels import MAX_TOKENS, default_config, sparse_gemv_triton
+from sparse_gemv.quant import GROUP_SIZES, dequantize_grouped
 
+MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -107,8 +111,10 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     optional zeros [ceil(K / group_size), N] (sparse_gemv/grouped.py); on CPU it is dequantized on the fly."""
     x = x.contiguous()
     if _on_kernel(x) and group_size:  # the launchers check their inputs
+        from sparse_gemv.grouped import grouped_sparse_gemv_triton
         return grouped_sparse_gemv_triton(x, weight_t, scales, zeros, group_size, thresholds, split_sizes, compact)
     if _on_kernel(x):
+        from sparse_gemv.kernels import sparse_gemv_triton
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
     if skips_rows_on_cpu(x, scales):
@@ -142,9 +148,11 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
     attention op that reads q, k and v)."""
     x = x.contiguous()
     if _on_kernel(x) and group_size:  # the launchers check their inputs
+        from sparse_gemv.grouped import grouped_sparse_gemv_triton
         return grouped_sparse_gemv_triton(x, weight_t, scales, zeros, group_size, thresholds, split_sizes, compact,
                                           reduce=False)
     if _on_kernel(x):
+        from sparse_gemv.kernels import sparse_gemv_triton
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
     if skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
@@ -157,14 +165,53 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
 @sparse_gemv_partials.register_fake
 def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None, zeros=None, group_size=0):
     if _on_kernel(x) and group_size:  # as many partials as the launch's K split
+        from sparse_gemv.grouped import grouped_config
         splits = grouped_config(x.device, x.shape[1], split_sizes, compact, group_size)["SPLIT_K"]
     elif _on_kernel(x):
+        from sparse_gemv.kernels import default_config
         int8 = weight_t.dtype == torch.int8
         splits = default_config(x.device, x.shape[1], split_sizes, compact, reduce=False, int8=int8)["SPLIT_K"]
     else:
         splits = 1
     return x.new_empty((splits, x.shape[0], scales.shape[1] if group_size else weight_t.shape[1]),
                        dtype=torch.float32)
+
+
+def cats_gate_up_reference(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The formula in PyTorch, in fp32 as the kernel computes it, rounded to x's dtype once."""
+    gate, up = (x.float() @ w13.float().t()).chunk(2, dim=-1)
+    a = torch.nn.functional.silu(gate)
+    return torch.where(a.abs() > threshold.float(), a * up, torch.zeros((), device=x.device)).to(x.dtype)
+
+
+def check_cats_inputs(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> None:
+    if x.dim() != 2 or w13.dim() != 2 or w13.shape[1] != x.shape[1] or w13.shape[0] % 2:
+        raise ValueError(f"cats_gate_up: x must be [tokens, D] and w13 [2 * I, D] (gate rows, then up rows), got "
+                         f"{tuple(x.shape)} and {tuple(w13.shape)}")
+    if w13.dtype != x.dtype or not w13.is_contiguous():
+        raise TypeError(f"cats_gate_up: w13 must be contiguous in x's dtype {x.dtype}, got {w13.dtype}")
+    if threshold.dtype != torch.float32 or threshold.numel() != 1:
+        raise TypeError(f"cats_gate_up: threshold must be one float32, got {threshold.dtype} {tuple(threshold.shape)}")
+    if not (x.device == w13.device == threshold.device):
+        raise ValueError(f"cats_gate_up: x, w13 and threshold must be on one device, got {x.device}, {w13.device}, "
+                         f"{threshold.device}")
+
+
+@torch.library.custom_op("teal::cats_gate_up", mutates_args=())
+def cats_gate_up(x: torch.Tensor, w13: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """h = (a * 1[|a| > threshold]) * (x W_up^T) with a = SiLU(x W_gate^T); x [T, D], w13 [2I, D] -> h [T, I].
+    Triton on CUDA for up to MAX_TOKENS tokens, the PyTorch reference otherwise."""
+    check_cats_inputs(x, w13, threshold)
+    x = x.contiguous()
+    if _on_kernel(x):
+        from sparse_gemv.cats import cats_gate_up_triton
+        return cats_gate_up_triton(x, w13, threshold)
+    return cats_gate_up_reference(x, w13, threshold)
+
+
+@cats_gate_up.register_fake
+def _(x, w13, threshold):
+    return x.new_empty((x.shape[0], w13.shape[0] // 2))
 
 
 def skips_rows_on_cpu(x: torch.Tensor, scales: torch.Tensor | None) -> bool:

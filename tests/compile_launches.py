@@ -14,9 +14,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import attention
 import tp
-from sparse_gemv import cats, grouped, kernels, persistent
+from sparse_gemv import attention_kernel, cats, grouped, kernels, one_shot_all_reduce, persistent
 
 # SM count and shared memory a block may use (bytes), as the CUDA driver reports them: A100, A6000, H100 (SXM)
 GPUS = {80: (108, 166912), 86: (84, 101376), 90: (132, 232448)}
@@ -125,7 +124,8 @@ def attention_launches():
             freqs = torch.zeros(1, 64, 2, dtype=dtype)
             pos = torch.tensor([5000])
             yield (f"decode_attention {str(dtype)[6:]}" + (f" {parts} partial sums" if parts else ""),
-                   lambda q=qkv, c=caches, f=freqs, p=pos: attention.decode_attention_triton(q, f, c[0], c[1], p))
+                   lambda q=qkv, c=caches, f=freqs, p=pos: attention_kernel.decode_attention_triton(q, f, c[0], c[1],
+                                                                                                    p))
 
 
 def cats_launches():
@@ -175,8 +175,9 @@ def persistent_launches():
 def main(capabilities: list[int]) -> None:
     recorders = {}
     for module, name in ((kernels, "_sparse_gemv_kernel"), (grouped, "_grouped_sparse_gemv_kernel"),
-                         (attention, "_decode_attention_kernel"),
-                         (attention, "_attention_combine_kernel"), (tp, "_one_shot_all_reduce_rmsnorm_kernel"),
+                         (attention_kernel, "_decode_attention_kernel"),
+                         (attention_kernel, "_attention_combine_kernel"),
+                         (one_shot_all_reduce, "_one_shot_all_reduce_rmsnorm_kernel"),
                          (persistent, "_decode_layers_kernel"), (cats, "_cats_gate_up_kernel")):
         recorders[name] = Recorder(getattr(module, name))
         setattr(module, name, recorders[name])

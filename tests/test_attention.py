@@ -1,10 +1,11 @@
-"""The decode-attention kernel (attention.py: RoPE, cache write, attention) under TRITON_INTERPRET=1 against
-float64 math."""
+"""The decode-attention kernel (sparse_gemv/attention_kernel.py: RoPE, cache write, attention) under TRITON_INTERPRET=1
+against float64 math."""
 import pytest
 import torch
 
-from attention import decode_attention, decode_attention_reference, decode_attention_triton
+from attention import decode_attention, decode_attention_reference
 from sparse_gemv import add_partials
+from sparse_gemv.attention_kernel import decode_attention_triton
 
 # Relative to the output's scale: fp32 products are exact up to summation order; bf16/fp16 round p and the
 # products' operands to 8/11 mantissa bits.

@@ -316,8 +316,7 @@ def test_qwen25_7b_widths_on_the_h100_tiles_with_masked_columns():
     # Qwen2.5-7B's widths (3584 = 7 x 512, 18944 = 37 x 512) are whole numbers of the H100 configs' K slices; each
     # layer's real K and H100 config (132 SMs; the predicated kernel, the default below 70%) runs under the interpreter,
     # its column groups cut to a strip and a part so the column mask is taken too, against the float64 masked product.
-    from sparse_gemv import sparse_gemv_triton
-    from sparse_gemv.kernels import pick_config
+    from sparse_gemv.kernels import pick_config, sparse_gemv_triton
     from sparse_gemv.ops import sparse_gemv_reference
     c = ModelArgs.from_name("qwen2.5-7b")
     kv = c.n_local_heads * c.head_dim

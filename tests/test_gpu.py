@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv.kernels import sparse_gemv_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -218,7 +219,7 @@ def test_grouped_weights_match_the_dequantized_product(fmt, tokens, compact, k, 
     # group size, with the op's launch configs: against the float64 masked product of the dequantized weight, reduced
     # and as partial sums; per-channel thresholds for even token counts.
     from sparse import GroupQuant, quantize_groupwise
-    from sparse_gemv.grouped import dequantize_grouped
+    from sparse_gemv.quant import dequantize_grouped
     bits, group_size = int(fmt[3]), int(fmt.split()[1][1:])
     quant = GroupQuant(bits, group_size, "zeros" in fmt)
     g = torch.Generator(device="cuda").manual_seed(tokens + k + len(groups))

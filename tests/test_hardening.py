@@ -21,7 +21,8 @@ import generate
 from benchmark import anchors, bench_cpu_decode, bench_decode, bench_persistent, perplexity
 from convert_hf_checkpoint import convert_gguf, convert_hf_folder, write_checkpoint
 from model import ModelArgs, config_hash, load_model
-from sparse_gemv import sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import sparse_gemv_reference
+from sparse_gemv.kernels import sparse_gemv_triton
 from thresholds import calibrate
 from thresholds.calibrate import LEVELS
 from thresholds.file import SHIPPED, ThresholdFile, default_thresholds

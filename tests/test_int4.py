@@ -7,7 +7,8 @@ import torch
 
 from sparse import GroupQuant, SparseLinear, quantize_groupwise
 from sparse_gemv import sparse_gemv, sparse_gemv_reference
-from sparse_gemv.grouped import dequantize_grouped, grouped_sparse_gemv_triton, pack_int4, unpack_int4
+from sparse_gemv.grouped import grouped_sparse_gemv_triton
+from sparse_gemv.quant import dequantize_grouped, pack_int4, unpack_int4
 
 # Relative Frobenius error of the kernels against the float64 product of the same dequantized weights: fp32
 # accumulation; bf16 activations (and, with several tokens, the tensor-core product's bf16 operands) round to 8 bits.

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sparse_gemv import sparse_gemv, sparse_gemv_reference, sparse_gemv_triton
+from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv.kernels import sparse_gemv_triton
 from sparse import quantize_int8
 from sparse_gemv.kernels import int8_quad_loads, paired_bf16_loads
 

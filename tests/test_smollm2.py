@@ -115,6 +115,47 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
         assert abs(real - s) < 0.02, (mode, s, real)
 
 
+# Test code run in a subprocess ahead of the project's imports: triton made unimportable, as on a CPU install of torch.
+WITHOUT_TRITON = """
+import importlib.abc, sys
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTriton())
+"""
+GREEDY_DENSE_AND_SPARSE = """
+import json, sys, torch
+from convert_hf_checkpoint import DEFAULT_CHECKPOINT
+from generate import generate, load_sparse_model, main
+from tokenizer import load_tokenizer
+prompt = torch.tensor(load_tokenizer(DEFAULT_CHECKPOINT).encode("The capital of France is"), dtype=torch.int)
+tokens = {}
+for sparsity in (0.0, 0.5):
+    model, _ = load_sparse_model(DEFAULT_CHECKPOINT, "cpu", torch.float32, sparsity, "uniform", None)
+    tokens[sparsity] = generate(model, prompt, 8, temperature=0)[0].tolist()
+main(["--max_new_tokens", "4", "--num_samples", "1", "--sparsity", "0.5", "--device", "cpu"])
+print(json.dumps({"tokens": tokens, "triton": sorted(m for m in sys.modules if m.split(".")[0] == "triton")}))
+"""
+
+
+def test_cpu_generate_runs_without_triton(default_checkpoint):
+    # The CPU path (generate.py's CLI included: tp, thresholds, the ops' CPU implementations) never imports triton, and
+    # its greedy tokens, dense and at 0.5, are those of a run where triton is importable.
+    import json
+    from pathlib import Path
+    runs = []
+    for code in (WITHOUT_TRITON + GREEDY_DENSE_AND_SPARSE, GREEDY_DENSE_AND_SPARSE):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "tokens/s" in out.stdout
+        runs.append(json.loads(out.stdout.splitlines()[-1]))
+    without, with_triton = runs
+    assert without["triton"] == []
+    assert without["tokens"] == with_triton["tokens"] and set(without["tokens"]) == {"0.0", "0.5"}
+
+
 def test_median_sample_is_one_sample_whole():
     from generate import median_sample
     samples = [{"tok_s": 1.0, "to_first": 0.001}, {"tok_s": 2.0, "to_first": 0.009}, {"tok_s": 3.0, "to_first": 0.005}]

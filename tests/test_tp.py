@@ -127,7 +127,8 @@ def test_fused_kernel_on_one_rank_adds_the_residual_normalises_and_alternates_sl
     # (2^-7 relative) instead of half of one; the normalised value is rounded twice.
     import triton
 
-    from tp import CALL_COUNT_AT, MAX_WORLD, _one_shot_all_reduce_rmsnorm_kernel
+    from sparse_gemv.one_shot_all_reduce import _one_shot_all_reduce_rmsnorm_kernel
+    from tp import CALL_COUNT_AT, MAX_WORLD
     buffer = torch.zeros((2 * ONE_SHOT_MAX_BYTES + FLAG_BYTES) // 2, dtype=torch.bfloat16)
     bases = torch.tensor([buffer.data_ptr()], dtype=torch.int64)
     slot = (buffer.numel() - FLAG_BYTES // 2) // 2
