@@ -390,8 +390,8 @@ PERSISTENT_FAMILIES = {
 
 
 @pytest.mark.parametrize("family,int8,per_channel,sparsity", [
-    ("qwen3", False, False, 0.5), ("qwen3", True, True, 0.5), ("qwen3", False, True, 0.0), ("qwen2.5", False, False, 0.5),
-    ("qwen2.5", True, True, 0.5), ("llama-3.2", False, False, 0.5)])
+    ("qwen3", False, False, 0.5), ("qwen3", True, True, 0.5), ("qwen3", False, True, 0.0),
+    ("qwen2.5", False, False, 0.5), ("qwen2.5", True, True, 0.5), ("llama-3.2", False, False, 0.5)])
 def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(family, int8, per_channel, sparsity):
     """As above (bf16), with Qwen3's q/k norms in the attention tiles, Qwen2.5's biases in the q/k/v epilogue, and
     Llama-3.2's scaled RoPE table."""
