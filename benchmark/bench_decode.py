@@ -154,10 +154,12 @@ def category(name: str) -> str:
             return "cublas"
     if any(s in n for s in ("topk", "sort", "argmax", "exponential", "radix")):
         return "sampling"
-    if any(s in n for s in ("sdpa", "flash", "attention", "softmax", "bmm", "amax")):
-        return "attention"
+    # Before the attention names: inductor names a GEMV after the ops fused into it, the decode_attention its
+    # output feeds included.
     if "_mm_" in n:
         return "inductor mm"
+    if any(s in n for s in ("sdpa", "flash", "attention", "softmax", "bmm", "amax")):
+        return "attention"
     if "rsqrt" in n:
         return "norm"
     return "other"

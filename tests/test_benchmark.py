@@ -20,6 +20,9 @@ def test_decode_profile_categories():
     assert category("triton_red_fused__to_copy__unsafe_view_add_mean_mm_mul_pow_rsqrt_select_t_view_17") == "inductor mm"
     assert category("triton_red_fused__softmax__to_copy_argmax_div_exp_exponential_sub_22") == "sampling"
     assert category("triton_per_fused__safe_softmax_add_exp_index_prepare_softmax_online") == "attention"
+    assert category("_decode_attention_kernel") == "attention"
+    assert category("triton_red_fused__to_copy__unsafe_view_add_decode_attention_index_mean_mm_mul_pow_rsqrt_t_") == \
+        "inductor mm"
     assert category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "allreduce"
     assert category("triton_red_fused__unsafe_view_all_reduce_mm_mul_silu_split_t_view_12") == "inductor mm"
     assert category("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "cublas"
