@@ -4,6 +4,7 @@
     python generate.py --sparsity 0.5 --compile                            # sparse decode, CUDA graphs on GPU
     python generate.py --sparsity 0.5 --sparsity_mode greedy --interactive
     python generate.py --sparsity 0.5 --int4                               # 4-bit weights, groups of 128
+    python generate.py --sparsity 0.5 --int4 --engine persistent --compile # every layer in one kernel (one GPU)
     python generate.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct-Q4_1   # the default GGUF at its own 4 bits
     torchrun --nproc_per_node=2 generate.py --checkpoint_path ... --sparsity 0.5 --compile   # tensor parallel
 """
@@ -107,17 +108,16 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     """The decoder layers as one persistent kernel's input (sparse_gemv/persistent.py): each kind of layer tensor
     stacked into one [n_layer, ...] tensor, and the layers' own tensors made views of it, so there is one copy in
     memory and prefill, the per-layer path and set_thresholds all use the stacked tensors. The model must be sparse
-    (sparsify; thresholds 0 for dense decoding). programs: the persistent grid (0: every program the GPU holds at
-    once); stepped: one launch per phase (the CPU's mode, and a debugging switch on a GPU); tuning: DecodeLayers'
-    tile_bytes, num_warps, max_registers. Qwen2's q/k/v biases and Qwen3's q/k norm weights are stacked too."""
+    (sparsify; thresholds 0 for dense decoding), its layers' weights of one format: the activations' dtype, int8, or
+    group-wise quantized (--int4, or a checkpoint that keeps GGUF Q4_0 / Q4_1 / Q8_0). programs: the persistent grid
+    (0: every program the GPU holds at once); stepped: one launch per phase (the CPU's mode, and a debugging switch on
+    a GPU); tuning: DecodeLayers' tile_bytes, num_warps, max_registers. Qwen2's q/k/v biases and Qwen3's q/k norm
+    weights are stacked too."""
     blocks = model.layers
     if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
         raise ValueError("the persistent engine runs sparse layers: sparsify the model first (thresholds 0 decode "
                          "densely)")
-    if any(layer.group_size for _, _, layer in sparse_layers(model)):
-        raise ValueError("the persistent engine runs bf16/fp16/fp32 or int8 weights; 4-bit and Q8_0 group-wise weights "
-                         "run on --engine per-layer")
-    kinds = {(layer.per_channel, layer.int8) for _, _, layer in sparse_layers(model)}
+    kinds = {(layer.per_channel, layer.int8, layer.group_quant) for _, _, layer in sparse_layers(model)}
     if len(kinds) != 1:
         raise ValueError("the persistent engine needs every layer's thresholds of one kind and weights of one format")
 
@@ -150,10 +150,12 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         paths = tuple(LAYER_GROUPS)
         weights = [layer_tensors(p, "weight_t") for p in paths]
         thresholds = [layer_tensors(p, "thresholds") for p in paths]
-        scales = [layer_tensors(p, "scales") for p in paths] if blocks[0].attention.wqkv.int8 else []
+        first = blocks[0].attention.wqkv
+        scales = [layer_tensors(p, "scales") for p in paths] if first.scales is not None else []
+        zeros = [layer_tensors(p, "zeros") for p in paths] if first.zeros is not None else []
     from sparse_gemv.persistent import DecodeLayers
     return DecodeLayers(norms, weights, thresholds, scales, model.config.norm_eps, programs, stepped, **tuning,
-                        qkv_biases=biases, qk_norm_weights=qk_norms)
+                        qkv_biases=biases, qk_norm_weights=qk_norms, zeros=zeros, group_size=first.group_size)
 
 
 def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: "DecodeLayers",
@@ -164,13 +166,10 @@ def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: 
     return sample(model.output(model.norm(h)[0]), **sampling_kwargs)
 
 
-def check_engine(engine: str, rank: int | None, batch_size: int, device: str, mode: str = "uniform",
-                 int4: bool = False) -> None:
+def check_engine(engine: str, rank: int | None, batch_size: int, device: str, mode: str = "uniform") -> None:
     """Refuse what the persistent engine does not run, before anything is loaded."""
     if engine == "per-layer":
         return
-    if int4:
-        raise SystemExit(f"--engine {engine} runs bf16/fp16/fp32 or --int8 weights; --int4 runs on --engine per-layer")
     if mode == "cats":
         raise SystemExit(f"--engine {engine} runs TEAL's thresholded projections; CATS's MLP (--sparsity_mode cats) "
                          "runs on --engine per-layer")
@@ -425,8 +424,7 @@ def main(argv=None):
     rank = maybe_init_dist(timeout_s=86400 if a.interactive else 120)
     if rank is not None and a.sparsity_mode == "cats":
         raise SystemExit("--sparsity_mode cats runs on one GPU; tensor parallelism shards TEAL's layers only")
-    check_engine(a.engine, rank, a.batch_size, resolve_device(a.device) if rank is None else "cuda", a.sparsity_mode,
-                 a.int4)
+    check_engine(a.engine, rank, a.batch_size, resolve_device(a.device) if rank is None else "cuda", a.sparsity_mode)
     run(a, rank)
     if rank is not None:  # on an error, leave as before: torchrun ends the other ranks
         shutdown_dist()

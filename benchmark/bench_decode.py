@@ -373,9 +373,8 @@ def main(argv=None):
     if rank is not None and (a.mode == "cats" or a.cats_sparsities):
         raise SystemExit("CATS runs on one GPU; tensor parallelism shards TEAL's layers only")
     world = dist.get_world_size() if rank is not None else 1
-    if "persistent" in a.engines and (rank is not None or a.mode == "cats" or int4):
-        raise SystemExit("--engines persistent runs TEAL's layers on one GPU in bf16/fp16/fp32 or int8: no tensor "
-                         "parallel, CATS or --int4")
+    if "persistent" in a.engines and (rank is not None or a.mode == "cats"):
+        raise SystemExit("--engines persistent runs TEAL's layers on one GPU: no tensor parallel or CATS")
     dtype = getattr(torch, a.dtype)
     device = f"cuda:{rank or 0}"
     torch.cuda.set_device(device)

@@ -2,6 +2,7 @@
 settings, against the bytes it reads and the copy bandwidth measured in the same run.
 
     python -m benchmark.bench_persistent --model llama-3-8b --sparsities 0 0.5 --int8
+    python -m benchmark.bench_persistent --model llama-3-8b --sparsities 0 0.5 --int4     # 4-bit, groups of 128
 
 Random weights at the named config's shapes, sparse with uniform thresholds from a random-token prefill (as
 bench_decode's). Each setting (programs per SM, weight KB per tile, warps, register cap) is captured in a CUDA graph
@@ -21,7 +22,7 @@ import triton
 
 from benchmark.bench_decode import calibrate_on_random_prefill, set_uniform
 from benchmark.common import copy_bandwidth, write_result
-from cli import fraction, non_negative_int, positive_int, user_errors
+from cli import add_int4_args, fraction, int4_quant, non_negative_int, positive_int, user_errors
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
@@ -32,7 +33,7 @@ from thresholds.file import MAX_SPARSITY
 @torch.no_grad()
 def kept_bytes(model, token, pos) -> int:
     """Weight bytes one persistent step reads: the rows its inputs keep (counted on the per-layer path's inputs for
-    the same token), scales and norms aside."""
+    the same token), with group-wise quantized weights' share of scales and zeros; int8 scales and norms aside."""
     counts = {}
     hooks = []
     for i, path, layer in sparse_layers(model):
@@ -46,7 +47,7 @@ def kept_bytes(model, token, pos) -> int:
     total = 0
     for i, path, layer in sparse_layers(model):
         for kept, n in zip(counts[(i, path)], layer.split_sizes):
-            total += kept * n * layer.weight_t.element_size()
+            total += kept * layer.row_bytes(n)
     return total
 
 
@@ -77,6 +78,7 @@ def main(argv=None):
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--sparsities", type=fraction(0, MAX_SPARSITY), nargs="+", default=[0.0, 0.5])
     p.add_argument("--int8", action="store_true")
+    add_int4_args(p)
     p.add_argument("--programs_per_sm", type=positive_int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--tile_kb", type=positive_int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=positive_int, nargs="+", default=[4])
@@ -85,10 +87,11 @@ def main(argv=None):
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
+    int4 = int4_quant(a)
     if not torch.cuda.is_available():
         raise SystemExit("bench_persistent.py times a GPU kernel and needs CUDA")
     copy_GBps = copy_bandwidth()
-    model = sparsify(random_model(a.model, device="cuda"), int8=a.int8)
+    model = sparsify(random_model(a.model, device="cuda"), int8=a.int8, group_quant=int4)
     table = calibrate_on_random_prefill(model, a.sparsities)
     model.setup_caches(1, a.cache, exact=True)
     sms = _device_limits(torch.cuda.current_device())[0]
@@ -101,7 +104,8 @@ def main(argv=None):
         moved = kept_bytes(model, token, pos)
         for per_sm, tile_kb, warps, regs in itertools.product(a.programs_per_sm, a.tile_kb, a.warps, a.max_registers):
             layers = DecodeLayers(base.norm_weights, base.weights, base.thresholds, base.scales, base.eps,
-                                  per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs)
+                                  per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs,
+                                  zeros=base.zeros, group_size=base.group_size)
             args = (token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
             try:
                 step_s = time_steps(layers, args)
@@ -117,12 +121,15 @@ def main(argv=None):
                   f"{row['share_of_copy_bandwidth']:.2f} of copy", flush=True)
             print(json.dumps(row["phases"]), flush=True)
     props = torch.cuda.get_device_properties(0)
-    result = {"device": props.name, "model": a.model, "int8": a.int8, "copy_GBps": copy_GBps, "cache": a.cache,
+    result = {"device": props.name, "model": a.model, "int8": a.int8,
+              "int4": {"group_size": a.group_size, "zero_point": a.zero_point} if a.int4 else None,
+              "copy_GBps": copy_GBps, "cache": a.cache,
               "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"persistent-{a.model}{'-int8' if a.int8 else ''}{a.tag}-{props.name.replace(' ', '-')}.json"
+    weights = "-int8" if a.int8 else f"-int4-g{a.group_size}{'' if a.zero_point else '-sym'}" if a.int4 else ""
+    path = a.out / f"persistent-{a.model}{weights}{a.tag}-{props.name.replace(' ', '-')}.json"
     write_result(result, path, plot)
     print(f"wrote {path}")
 
@@ -138,7 +145,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(rows)), [f"{r['programs_per_sm']}/SM {r['tile_kb']}K w{r['warps']} r{r['max_registers']}"
                                          for r in rows], rotation=60, fontsize=7)
     ax.set_ylabel("kept weight bytes / step time / copy bandwidth")
-    ax.set_title(f"persistent decode kernel, {result['model']}{' int8' if result['int8'] else ''}, {result['device']}")
+    int4 = result.get("int4")
+    weights = " int8" if result["int8"] else f" int4 g{int4['group_size']}" if int4 else ""
+    ax.set_title(f"persistent decode kernel, {result['model']}{weights}, {result['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

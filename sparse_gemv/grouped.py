@@ -16,7 +16,8 @@ kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantize
 written into the low mantissa bits of 2^23 by one logic op, which reads as the float 2^23 + q exactly, and a
 subtraction leaves q (as the int8 kernel widens its bytes); then q * scale (+ zero). One token accumulates
 elementwise products over the tile and reduces once at the end; several tokens take a tensor-core product per tile.
-Split-K and the partial-sum output work as in kernels.py.
+Split-K and the partial-sum output work as in kernels.py. The persistent decode kernel (persistent.py) reads the same
+layout through the same device functions (group_scales, dequantize_words).
 """
 import torch
 import triton
@@ -101,14 +102,14 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         for grp in range(g_first, g_last):
             first = tl.load(starts + grp)
             last = tl.load(starts + grp + 1, mask=grp + 1 < g_last, other=count)
-            scale, zero = _group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
+            scale, zero = group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
             for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
                 offs_j = j + tl.arange(0, BLOCK_K)
                 valid = offs_j < last
                 rows = tl.load(rows_ptr + g * K + k_begin + offs_j, mask=valid, other=0)
                 words = tl.load(w_words + rows[:, None] * row_words + offs_w[None, :],
                                 mask=valid[:, None] & w_mask[None, :], other=0)
-                w = _dequantize(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
+                w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
                 if BLOCK_T == 1:
                     xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
                     acc2 += xv[:, None] * w
@@ -141,9 +142,9 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
                 keep = tl.max(tl.abs(x), axis=0) > 0
             words = tl.load(w_words + offs_k[:, None] * row_words + offs_w[None, :],
                             mask=keep[:, None] & w_mask[None, :], other=0)
-            scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, N, offs_n, n_mask,
-                                        tl.sum(keep.to(tl.int32), 0), ZERO)
-            w = _dequantize(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
+            scale, zero = group_scales(scale_ptr, zero_ptr, k0 // GROUP, N, offs_n, n_mask,
+                                       tl.sum(keep.to(tl.int32), 0), ZERO)
+            w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
             if BLOCK_T == 1:
                 acc2 += x[:, None] * w
             else:
@@ -172,7 +173,7 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
 
 
 @triton.jit
-def _group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, kept, ZERO: tl.constexpr):
+def group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, kept, ZERO: tl.constexpr):
     """One group's fp16 scales (and zeros) for the strip's columns, as fp32; nothing is read unless kept > 0 (the
     group's kept rows)."""
     mask = n_mask & (tl.zeros_like(offs_n) + kept > 0)  # a block comparison: the interpreter mishandles scalar masks
@@ -185,7 +186,7 @@ def _group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, kept, ZERO: tl.co
 
 
 @triton.jit
-def _dequantize(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
+def dequantize_words(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """int32 words [BLOCK_K, BLOCK_N / PER_WORD] -> fp32 weights [BLOCK_K, BLOCK_N] in column order."""
     PER_WORD: tl.constexpr = 32 // BITS

@@ -14,6 +14,10 @@ layer, in phases:
     down: sparse GEMV of that; the epilogue adds it to the stream, and the last strip writes the next layer's
           attention norm (the last layer leaves the stream, which the model's final norm and LM head read)
 
+A GEMV tile reads the weights as the per-layer kernels store them: in the activations' dtype, int8 with a scale per
+output column, or group-wise quantized (grouped.py's 4-bit and 8-bit layouts, dequantized in registers by its device
+functions; a tile's rows are then whole groups, and a group's scales are read only when one of its rows is kept).
+
 A GEMV phase is cut into tiles (a strip of output columns by a slice of input rows) handed out by an atomic ticket per
 phase, so SMs that get more bandwidth take more tiles. A tile stores its fp32 partial sum; the strip's last tile (an
 atomic count) adds the strip's partials in order and runs the epilogue. Dependencies are counters in global memory
@@ -43,7 +47,9 @@ import triton
 import triton.language as tl
 
 from sparse_gemv.attention_tiles import attend, load_qkv, rms_norm_pairs, rope, rotate
+from sparse_gemv.grouped import dequantize_words, group_scales
 from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum_word_columns
+from sparse_gemv.quant import GROUP_SIZES, out_features
 
 EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
 PHASES = ("embed", "qkv", "attn", "o", "gu", "down")
@@ -83,17 +89,27 @@ def _signal(flag_ptr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, w_ptr, thr_ptr, col, group, k_begin, k_stop, K: tl.constexpr, N: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, PACK: tl.constexpr,
-               STAGES: tl.constexpr):
+def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, k_stop, K: tl.constexpr,
+               N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+               PACK: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr):
     """fp32 [BLOCK_N]: x[k] * w[k, col:col + BLOCK_N] summed over the rows k in [k_begin, k_stop) whose |x[k]| is over
     the group's threshold (the other rows' weights are not loaded). x: the [K] activations, written by another program
-    of this launch (read past L1); w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads)."""
+    of this launch (read past L1); w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads), or with BITS
+    4 / 8 group-wise quantized in grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]:
+    BLOCK_K is the group size and k_begin a group's first row, so each tile of rows is one group, whose scales are
+    read only when one of its rows is kept."""
     if PER_CHANNEL:
         thr_row = thr_ptr + group * K
     else:
         thr = tl.load(thr_ptr + group)
-    if PACK > 1:
+    if BITS > 0:
+        PER_WORD: tl.constexpr = 32 // BITS  # columns per int32 word
+        w_words = w_ptr.to(tl.pointer_type(tl.int32))
+        offs_w = col // PER_WORD + tl.arange(0, BLOCK_N // PER_WORD)
+        offs_n = col + tl.arange(0, BLOCK_N)
+        all_columns = tl.full((BLOCK_N,), 1, tl.int1)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    elif PACK > 1:
         w_words = w_ptr.to(tl.pointer_type(tl.int32))
         offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
         acc_0 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
@@ -112,7 +128,12 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, col, group, k_begin, k_stop, K: tl.constex
         else:
             keep = tl.abs(x) > thr
         xs = tl.where(keep, x, 0.0)[:, None]
-        if PACK > 1:
+        if BITS > 0:
+            words = tl.load(w_words + offs_k[:, None] * (N // PER_WORD) + offs_w[None, :], mask=keep[:, None], other=0)
+            scale, zero = group_scales(scale_ptr, zero_ptr, k0 // BLOCK_K, N, offs_n, all_columns,
+                                       tl.sum(keep.to(tl.int32), 0), ZERO)
+            acc += xs * dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
+        elif PACK > 1:
             w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
             acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
         else:
@@ -188,16 +209,16 @@ def _rope_qk(ptrs, mask, cos, sin, norm_ptrs, norm_mask, eps, HD: tl.constexpr, 
 @triton.jit
 def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr,
-          out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr,
-          err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr, z13_ptr, z2_ptr,
+          bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+          pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
           BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr, KR_O: tl.constexpr,
           BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr, KR_D: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr,
           BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
-          STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr,
-          QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
+          BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, DOT_FP32: tl.constexpr,
+          MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
     prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
     each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights)."""
@@ -214,6 +235,12 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     KS_O: tl.constexpr = (H * HD + KR_O - 1) // KR_O
     KS_GU: tl.constexpr = (D + KR_GU - 1) // KR_GU
     KS_D: tl.constexpr = (I + KR_D - 1) // KR_D
+    # group-wise quantized weights (BITS > 0): a row of N columns takes N / PER_BYTE bytes, and the fp16 scales and
+    # zeros are [groups of BLOCK_K rows, N] per layer
+    PER_BYTE: tl.constexpr = 2 if BITS == 4 else 1
+    G_D: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
+    G_O: tl.constexpr = (H * HD + BLOCK_K - 1) // BLOCK_K
+    G_I: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     C_NORM_TICKET: tl.constexpr = 6
     C_NORM_DONE: tl.constexpr = 8
     C_STRIP_QKV: tl.constexpr = 10
@@ -255,9 +282,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         if WAIT:
             _wait(ctr + C_NORM_DONE, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         k_begin = split * KR_QKV
-        acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * NQKV, tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1),
-                         col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV, BN_QKV, BLOCK_K,
-                         PER_CHANNEL, PACK, STAGES)
+        acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * (NQKV // PER_BYTE),
+                         tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1), sqkv_ptr + layer * G_D * NQKV,
+                         zqkv_ptr + layer * G_D * NQKV, col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV,
+                         BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES)
         acc = _scaled(acc, sqkv_ptr + layer * NQKV, col, SCALED, BN_QKV)
         tl.store(pqkv_ptr + split * NQKV + col + tl.arange(0, BN_QKV), acc)
         tl.debug_barrier()
@@ -309,8 +337,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         if WAIT:
             for kvh in range(k_begin // HD // REP, (k_stop - 1) // HD // REP + 1):
                 _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, prof, MAX_SPIN, PROFILE)
-        acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * D, to_ptr + layer * (H * HD if PER_CHANNEL else 1),
-                         col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL, PACK, STAGES)
+        acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * (D // PER_BYTE),
+                         to_ptr + layer * (H * HD if PER_CHANNEL else 1), so_ptr + layer * G_O * D,
+                         zo_ptr + layer * G_O * D, col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL,
+                         PACK, BITS, ZERO, STAGES)
         acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
         tl.store(po_ptr + split * D + col + tl.arange(0, BN_O), acc)
         tl.debug_barrier()
@@ -332,12 +362,14 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
             _wait(ctr + C_NORM_DONE + 1, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         k_begin = split * KR_GU
         k_stop = tl.minimum(k_begin + KR_GU, D)
-        w = w13_ptr + layer64 * D * 2 * I
+        w = w13_ptr + layer64 * D * (2 * I // PER_BYTE)
         thr = t13_ptr + layer * 2 * (D if PER_CHANNEL else 1)
-        gate = _gemv_rows(xa_ptr + D, w, thr, col, 0, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK,
-                          STAGES)
-        up = _gemv_rows(xa_ptr + D, w, thr, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK,
-                        STAGES)
+        scales = s13_ptr + layer * G_D * 2 * I
+        zeros = z13_ptr + layer * G_D * 2 * I
+        gate = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, col, 0, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
+                          PER_CHANNEL, PACK, BITS, ZERO, STAGES)
+        up = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
+                        PER_CHANNEL, PACK, BITS, ZERO, STAGES)
         gate = _scaled(gate, s13_ptr + layer * 2 * I, col, SCALED, BN_GU)
         up = _scaled(up, s13_ptr + layer * 2 * I, I + col, SCALED, BN_GU)
         tl.store(pgu_ptr + split * 2 * I + col + tl.arange(0, BN_GU), gate)
@@ -357,8 +389,9 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         k_stop = tl.minimum(k_begin + KR_D, I)
         if WAIT:
             _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, prof, MAX_SPIN, PROFILE)
-        acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * D, t2_ptr + layer * (I if PER_CHANNEL else 1), col, 0,
-                         k_begin, k_stop, I, D, BN_D, BLOCK_K, PER_CHANNEL, PACK, STAGES)
+        acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * (D // PER_BYTE), t2_ptr + layer * (I if PER_CHANNEL else 1),
+                         s2_ptr + layer * G_I * D, z2_ptr + layer * G_I * D, col, 0, k_begin, k_stop, I, D, BN_D,
+                         BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES)
         acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
         tl.store(pd_ptr + split * D + col + tl.arange(0, BN_D), acc)
         tl.debug_barrier()
@@ -379,17 +412,18 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
 
 @triton.jit
 def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr,
-                          kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
-                          pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, step_layer, eps, sm_scale,
-                          stride_cl, stride_ch, stride_cs,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr,
+                          z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr,
+                          resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr,
+                          step_layer, eps, sm_scale, stride_cl, stride_ch, stride_cs,
                           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
                           I: tl.constexpr, BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr,
                           KR_O: tl.constexpr, BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr,
                           KR_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr, BLOCK_STATS: tl.constexpr,
-                          PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, STAGES: tl.constexpr,
-                          DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
+                          PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, BITS: tl.constexpr,
+                          ZERO: tl.constexpr, STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr,
+                          C_SIZE: tl.constexpr,
                           NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
                           PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
                           PHASE: tl.constexpr):
@@ -400,12 +434,12 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
     if PHASE >= 0:
         _tile(PHASE, step_layer, tl.program_id(0), False,
               tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-              tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr,
-              out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr,
-              err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
+              tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr, z13_ptr, z2_ptr,
+              bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+              pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
-              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES, DOT_FP32, MAX_SPIN, False,
-              QKV_BIAS, QK_NORM)
+              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO, STAGES, DOT_FP32, MAX_SPIN,
+              False, QKV_BIAS, QK_NORM)
     else:
         for layer in range(L):
             for ph in tl.static_range(6):
@@ -430,13 +464,13 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                         start = tl.extra.cuda.globaltimer()
                     _tile(ph, layer, t, True,
                           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, bqkv_ptr, qkn_ptr,
-                          kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
-                          pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl,
-                          stride_ch, stride_cs,
+                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr,
+                          z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr,
+                          resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps,
+                          sm_scale, stride_cl, stride_ch, stride_cs,
                           L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
-                          BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, STAGES,
-                          DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
+                          BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO,
+                          STAGES, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
                     if PROFILE:
                         end = tl.extra.cuda.globaltimer()
                         slot = prof_ptr + (layer * 6 + ph) * 4
@@ -456,17 +490,19 @@ def _divisor_block(n: int, most: int) -> int:
     return block
 
 
-def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: int,
-                tile_bytes: int = TILE_BYTES) -> dict:
-    """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile, its rows a whole number of
-    BLOCK_K rows (a down tile's also of gate/up strips, which it waits for). Under the interpreter, where every
-    program costs milliseconds, a tile takes all rows of its strip except down's, split in two so partial sums are added."""
-    strip, block_k = 64, 64
+def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: float,
+                tile_bytes: int = TILE_BYTES, group_size: int = 0) -> dict:
+    """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile (weight_bytes: per weight, 0.5 at
+    4 bits), its rows a whole number of BLOCK_K rows (a down tile's also of gate/up strips, which it waits for).
+    BLOCK_K is 64 rows, or the group size of group-wise quantized weights (a row tile is one group). Under the
+    interpreter, where every program costs milliseconds, a tile takes all rows of its strip except down's, split in two
+    so partial sums are added."""
+    strip, block_k = 64, group_size or 64
     bn_qkv, bn_o, bn_gu, bn_d = (_divisor_block(head_dim, strip), _divisor_block(dim, strip),
                                  _divisor_block(inter, strip), _divisor_block(dim, strip))
 
     def rows(bn, k, align=block_k):
-        wanted = k if INTERPRET else tile_bytes // (bn * weight_bytes)
+        wanted = k if INTERPRET else int(tile_bytes / (bn * weight_bytes))
         return min(max(align, wanted // align * align), triton.cdiv(k, align) * align)
     kr_d = rows(bn_d, triton.cdiv(inter, 2) if INTERPRET else inter, max(block_k, bn_gu))
     return {"BN_QKV": bn_qkv, "KR_QKV": rows(bn_qkv, dim), "BN_O": bn_o, "KR_O": rows(bn_o, n_head * head_dim),
@@ -509,8 +545,9 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, device: torch.de
 @torch.library.custom_op("teal::decode_layers", mutates_args=("k_caches", "v_caches", "errors", "profile"))
 def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor, embedding: torch.Tensor,
                   norm_weights: torch.Tensor, weights: list[torch.Tensor], thresholds: list[torch.Tensor],
-                  scales: list[torch.Tensor], k_caches: torch.Tensor, v_caches: torch.Tensor, errors: torch.Tensor,
-                  profile: Optional[torch.Tensor], eps: float, programs: int, stepped: bool,
+                  scales: list[torch.Tensor], zeros: list[torch.Tensor], group_size: int, k_caches: torch.Tensor,
+                  v_caches: torch.Tensor, errors: torch.Tensor, profile: Optional[torch.Tensor], eps: float,
+                  programs: int, stepped: bool,
                   tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
                   qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -519,7 +556,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     token [1, 1] at input_pos [1]; freqs_cis: the RoPE table [positions, head_dim / 2, 2] fp32; embedding [vocab, dim];
     norm_weights [n_layer, 2, dim] (attention norm, FFN norm); weights: wqkv [n_layer, dim, (H + 2 H_kv) head_dim],
     wo [n_layer, H head_dim, dim], w13 [n_layer, dim, 2 inter], w2 [n_layer, inter, dim], in the kernels' [K, N] layout,
-    in the activations' dtype or int8 with scales (fp32 [n_layer, N] each); thresholds fp32 [n_layer, groups] or
+    in the activations' dtype or int8 with scales (fp32 [n_layer, N] each), or with group_size > 0 group-wise
+    quantized in sparse_gemv/grouped.py's layout (4 bits: uint8 [n_layer, K, N / 2]; 8 bits: int8 [n_layer, K, N])
+    with fp16 scales and, or none, zeros [n_layer, ceil(K / group_size), N]; thresholds fp32 [n_layer, groups] or
     [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
@@ -530,59 +569,65 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     qkv_biases [n_layer, (H + 2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim]
     (q norm, k norm), each head of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the
     embedding's dtype."""
-    check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
-                 qkv_biases, qk_norm_weights)
+    check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size,
+                 k_caches, v_caches, qkv_biases, qk_norm_weights)
     if not (token.is_cuda or INTERPRET):
         raise RuntimeError("teal::decode_layers runs Triton kernels: it needs a CUDA device, or TRITON_INTERPRET=1 "
                            "on the CPU (stepped mode)")
-    return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
-                  v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1), tile_bytes, num_warps,
-                  max_registers, profile, qkv_biases, qk_norm_weights)
+    return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros,
+                  group_size, k_caches, v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1),
+                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights)
 
 
 @decode_layers.register_fake
-def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches, errors,
-      profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0, qkv_biases=None,
-      qk_norm_weights=None):
+def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size, k_caches,
+      v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0,
+      qkv_biases=None, qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
-def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches,
-                 v_caches, qkv_biases=None, qk_norm_weights=None) -> None:
+def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size,
+                 k_caches, v_caches, qkv_biases=None, qk_norm_weights=None) -> None:
     if token.numel() != 1 or k_caches.dim() != 5 or k_caches.shape[1] != 1:
         raise ValueError(f"decode_layers: one token of one sequence (batch 1), got token {tuple(token.shape)} and "
                          f"caches {tuple(k_caches.shape)}; the persistent engine decodes batch 1 only")
-    if len(weights) != 4 or len(thresholds) != 4 or len(scales) not in (0, 4):
-        raise ValueError("decode_layers: weights and thresholds are (wqkv, wo, w13, w2), scales those four or none")
+    if len(weights) != 4 or len(thresholds) != 4 or len(scales) not in (0, 4) or len(zeros) not in (0, 4):
+        raise ValueError("decode_layers: weights and thresholds are (wqkv, wo, w13, w2), scales and zeros those four "
+                         "or none")
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
     wqkv, wo, w13, w2 = weights
-    inter = w13.shape[2] // 2
-    n_head = wqkv.shape[2] // head_dim - 2 * hkv
-    shapes = [(wqkv, (n_layer, dim, (n_head + 2 * hkv) * head_dim)), (wo, (n_layer, n_head * head_dim, dim)),
-              (w13, (n_layer, dim, 2 * inter)), (w2, (n_layer, inter, dim)), (norm_weights, (n_layer, 2, dim)),
-              (v_caches, tuple(k_caches.shape)), (qkv_biases, (n_layer, wqkv.shape[2])),
+    per_byte = 2 if wqkv.dtype == torch.uint8 else 1  # 4-bit weights: two columns a byte
+    inter = out_features(w13) // 2
+    n_head = out_features(wqkv) // head_dim - 2 * hkv
+    shapes = [(wqkv, (n_layer, dim, (n_head + 2 * hkv) * head_dim // per_byte)),
+              (wo, (n_layer, n_head * head_dim, dim // per_byte)), (w13, (n_layer, dim, 2 * inter // per_byte)),
+              (w2, (n_layer, inter, dim // per_byte)), (norm_weights, (n_layer, 2, dim)),
+              (v_caches, tuple(k_caches.shape)), (qkv_biases, (n_layer, out_features(wqkv))),
               (qk_norm_weights, (n_layer, 2, head_dim))]
     for t, shape in shapes:
         if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"decode_layers: expected a contiguous {shape}, got {tuple(t.shape)} (the layers' tensors "
                              f"stacked: [n_layer, K, N] weights, [n_layer, 2, dim] norms, equal caches, [n_layer, N] "
                              f"q/k/v biases, [n_layer, 2, head_dim] q/k norms)")
-    if n_head <= 0 or n_head % hkv or head_dim % 2 or wqkv.shape[2] % head_dim:
-        raise ValueError(f"decode_layers: q/k/v width {wqkv.shape[2]} does not fit {hkv} KV heads of {head_dim}")
-    int8 = wqkv.dtype == torch.int8
+    if n_head <= 0 or n_head % hkv or head_dim % 2 or out_features(wqkv) % head_dim:
+        raise ValueError(f"decode_layers: q/k/v width {out_features(wqkv)} does not fit {hkv} KV heads of {head_dim}")
+    int8 = wqkv.dtype == torch.int8 and not group_size
     dtype = embedding.dtype
-    if any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
-            bool(scales) != int8 or any(t is not None and t.dtype != dtype for t in
-                                        (k_caches, norm_weights, qkv_biases, qk_norm_weights)):
-        raise TypeError("decode_layers: weights in the embedding's dtype, or all int8 with scales; caches, norms and "
-                        "biases in the embedding's dtype")
+    if group_size:
+        check_grouped(weights, scales, zeros, group_size, (dim, head_dim, inter))
+    elif any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
+            bool(scales) != int8 or zeros:
+        raise TypeError("decode_layers: weights in the embedding's dtype, all int8 with scales, or group-wise "
+                        "quantized (group_size > 0)")
+    if any(t is not None and t.dtype != dtype for t in (k_caches, norm_weights, qkv_biases, qk_norm_weights)):
+        raise TypeError("decode_layers: caches, norms and biases in the embedding's dtype")
     for t, w, g in zip(thresholds, weights, (3, 1, 2, 1)):
         if t.dtype != torch.float32 or tuple(t.shape) not in ((n_layer, g), (n_layer, g, w.shape[1])) \
                 or t.dim() != thresholds[0].dim():
             raise ValueError(f"decode_layers: thresholds fp32 [n_layer, {g}] or [n_layer, {g}, K], all of one kind, "
                              f"got {tuple(t.shape)} {t.dtype}")
-    for s, w in zip(scales, weights):
+    for s, w in zip(scales if int8 else (), weights):
         if s.dtype != torch.float32 or tuple(s.shape) != (n_layer, w.shape[2]):
             raise ValueError(f"decode_layers: int8 scales fp32 [n_layer, N], got {tuple(s.shape)} {s.dtype}")
     if tuple(freqs_cis.shape) != (k_caches.shape[3], head_dim // 2, 2) or freqs_cis.dtype != torch.float32:
@@ -590,37 +635,60 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
                          f"{head_dim // 2}, 2], got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
 
 
+def check_grouped(weights, scales, zeros, group_size: int, widths) -> None:
+    """Group-wise quantized weights (sparse_gemv/grouped.py's layout, stacked): all 4-bit or all 8-bit, fp16 scales
+    and zeros [n_layer, ceil(K / group_size), N], and every strip of columns (a divisor of head_dim, dim or the
+    intermediate size) in whole int32 words."""
+    bits = {torch.uint8: 4, torch.int8: 8}.get(weights[0].dtype)
+    if group_size not in GROUP_SIZES or bits is None or any(w.dtype != weights[0].dtype for w in weights):
+        raise TypeError(f"decode_layers: group-wise weights are all uint8 (4-bit) or all int8 (8-bit), in groups of "
+                        f"{GROUP_SIZES}; got {[w.dtype for w in weights]} in groups of {group_size}")
+    if not scales:
+        raise TypeError("decode_layers: group-wise quantized weights need their scales")
+    for name, tensors in (("scales", scales), ("zeros", zeros)):
+        for t, w in zip(tensors, weights):
+            shape = (w.shape[0], triton.cdiv(w.shape[1], group_size), out_features(w))
+            if t.dtype != torch.float16 or tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"decode_layers: {name} of group-wise weights are contiguous fp16 {shape}, got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+    if any(n % (32 // bits) for n in widths):
+        raise ValueError(f"decode_layers: {bits}-bit weights need dim, head_dim and the intermediate size multiples of "
+                         f"{32 // bits} (whole int32 words), got {tuple(widths)}")
+
+
 _resident: dict = {}  # compiled kernel's key -> programs resident at once
 
 
-def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, k_caches, v_caches,
-           errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
-           max_registers: int = 0, profile: torch.Tensor | None = None, qkv_biases: torch.Tensor | None = None,
-           qk_norm_weights: torch.Tensor | None = None) -> torch.Tensor:
+def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size: int,
+           k_caches, v_caches, errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES,
+           num_warps: int = 4, max_registers: int = 0, profile: torch.Tensor | None = None,
+           qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None) -> torch.Tensor:
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
     wqkv, wo, w13, w2 = weights
-    inter = w13.shape[2] // 2
-    n_head = wqkv.shape[2] // head_dim - 2 * hkv
+    inter = out_features(w13) // 2
+    n_head = out_features(wqkv) // head_dim - 2 * hkv
     dtype = embedding.dtype
-    cfg = tile_config(dim, n_head, head_dim, inter, wqkv.element_size(), tile_bytes)
+    bits = (4 if wqkv.dtype == torch.uint8 else 8) if group_size else 0
+    cfg = tile_config(dim, n_head, head_dim, inter, bits / 8 if bits else wqkv.element_size(), tile_bytes, group_size)
     lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
     ks = lay["splits"]
     f32 = dict(dtype=torch.float32, device=device)
     counters = torch.zeros(n_layer * lay["C_SIZE"], dtype=torch.int32, device=device)
     out = torch.empty((1, 1, dim), dtype=dtype, device=device)
     xa = torch.empty(2 * dim, dtype=dtype, device=device)  # the attention norm's and the FFN norm's outputs
-    qkv = torch.empty(wqkv.shape[2], dtype=dtype, device=device)
+    qkv = torch.empty(out_features(wqkv), dtype=dtype, device=device)
     y = torch.empty(n_head * head_dim, dtype=dtype, device=device)
     g = torch.empty(inter, dtype=dtype, device=device)
     resid = torch.empty(dim, dtype=dtype, device=device)
-    parts = [torch.empty((ks[p], n), **f32) for p, n in (("QKV", wqkv.shape[2]), ("O", dim), ("GU", 2 * inter),
+    parts = [torch.empty((ks[p], n), **f32) for p, n in (("QKV", out_features(wqkv)), ("O", dim), ("GU", 2 * inter),
                                                            ("D", dim))]
     stats = torch.empty(lay["stats"], **f32)
     scale_args = scales if scales else thresholds
-    pack = 2 if wqkv.dtype == torch.bfloat16 else 4 if wqkv.dtype == torch.int8 else 1
-    args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args,
+    zero_args = zeros if zeros else scale_args
+    pack = 1 if bits else 2 if wqkv.dtype == torch.bfloat16 else 4 if wqkv.dtype == torch.int8 else 1
+    args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args, *zero_args,
             norm_weights if qkv_biases is None else qkv_biases,
             norm_weights if qk_norm_weights is None else qk_norm_weights, k_caches,
             v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors,
@@ -628,7 +696,8 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     meta = dict(L=n_layer, D=dim, H=n_head, HKV=hkv, HD=head_dim, I=inter, **cfg, BLOCK_S=64 if INTERPRET else 32,
                 BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
                 BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
-                PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales), PACK=pack, STAGES=1 if INTERPRET else 2,
+                PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales) and not bits, PACK=pack, BITS=bits,
+                ZERO=bool(zeros), STAGES=1 if INTERPRET else 2,
                 DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
                 QKV_BIAS=qkv_biases is not None, QK_NORM=qk_norm_weights is not None,
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
@@ -668,29 +737,31 @@ class DecodeLayers:
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
     layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps,
-    max_registers, qkv_biases and qk_norm_weights: teal::decode_layers'."""
+    max_registers, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size: those of group-wise
+    quantized weights."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
                  stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
-                 qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None):
+                 qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None, zeros=(),
+                 group_size: int = 0):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
-        self.scales = list(scales or ())
+        self.scales, self.zeros, self.group_size = list(scales or ()), list(zeros or ()), int(group_size)
         self.qkv_biases, self.qk_norm_weights = qkv_biases, qk_norm_weights
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
         self.tuning = (int(tile_bytes), int(num_warps), int(max_registers))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
         # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
         # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
-        for t in (self.norm_weights, *self.weights, *self.thresholds, *self.scales, self.errors, qkv_biases,
-                  qk_norm_weights):
+        for t in (self.norm_weights, *self.weights, *self.thresholds, *self.scales, *self.zeros, self.errors,
+                  qkv_biases, qk_norm_weights):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
 
     def __call__(self, token, input_pos, freqs_cis, embedding, k_caches, v_caches, profile=None) -> torch.Tensor:
         return torch.ops.teal.decode_layers(token, input_pos, freqs_cis, embedding, self.norm_weights, self.weights,
-                                            self.thresholds, self.scales, k_caches, v_caches, self.errors, profile,
-                                            self.eps, self.programs, self.stepped, *self.tuning, self.qkv_biases,
-                                            self.qk_norm_weights)
+                                            self.thresholds, self.scales, self.zeros, self.group_size, k_caches,
+                                            v_caches, self.errors, profile, self.eps, self.programs, self.stepped,
+                                            *self.tuning, self.qkv_biases, self.qk_norm_weights)
 
     def check(self) -> None:
         """Raise if a wait of an earlier step gave up (a dependency never came: a bug, never a slow GPU); syncs."""

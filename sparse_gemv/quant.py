@@ -17,8 +17,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def out_features(weight_t: torch.Tensor) -> int:
-    """Output channels of a group-wise quantized weight: two per byte at 4 bits."""
-    return weight_t.shape[1] * (2 if weight_t.dtype == torch.uint8 else 1)
+    """Output channels of a group-wise quantized weight [..., K, N / 2] or [..., K, N]: two per byte at 4 bits."""
+    return weight_t.shape[-1] * (2 if weight_t.dtype == torch.uint8 else 1)
 
 
 def dequantize_grouped(weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,

@@ -148,25 +148,38 @@ def all_reduce_launches():
 
 def persistent_launches():
     """The persistent decode kernel at Llama-3-8B's layer shapes (two layers; the layer count is a loop bound): bf16
-    weights with per-tensor thresholds, int8 with per-channel ones; and the variants of the new families in bf16:
-    Qwen2.5-7B's shapes with q/k/v biases, Qwen3-8B's with q/k norms."""
+    weights with per-tensor thresholds, int8 with per-channel ones, and group-wise quantized ones: 4-bit with zero
+    points in groups of 128 (--int4), 4-bit in groups of 32 without zero points (GGUF Q4_0) and 8-bit in groups of 32
+    (GGUF Q8_0); and the variants of the new families in bf16: Qwen2.5-7B's shapes with q/k/v biases, Qwen3-8B's with
+    q/k norms."""
     llama3, qwen25, qwen3 = (4096, 32, 8, 128, 14336), (3584, 28, 4, 128, 18944), (4096, 32, 8, 128, 12288)
-    cases = [("bf16", llama3, False, False, False, False), ("int8 per-channel", llama3, True, True, False, False),
-             ("qwen2.5-7b bf16 q/k/v biases", qwen25, False, False, True, False),
-             ("qwen3-8b bf16 q/k norms", qwen3, False, False, False, True)]
+    # name, shapes, stored weight dtype, (bits, group size, zero points) of group-wise weights, per-channel
+    # thresholds, q/k/v biases, q/k norms
+    cases = [("bf16", llama3, torch.bfloat16, None, False, False, False),
+             ("int8 per-channel", llama3, torch.int8, None, True, False, False),
+             ("4-bit g128 zeros", llama3, torch.uint8, (4, 128, True), False, False, False),
+             ("4-bit g32", llama3, torch.uint8, (4, 32, False), False, False, False),
+             ("8-bit g32", llama3, torch.int8, (8, 32, False), False, False, False),
+             ("qwen2.5-7b bf16 q/k/v biases", qwen25, torch.bfloat16, None, False, True, False),
+             ("qwen3-8b bf16 q/k norms", qwen3, torch.bfloat16, None, False, False, True)]
     layers = 2
-    for name, (dim, heads, kv_heads, head_dim, inter), int8, per_channel, bias, qk_norm in cases:
-        dtype = torch.int8 if int8 else torch.bfloat16
+    for name, (dim, heads, kv_heads, head_dim, inter), dtype, quant, per_channel, bias, qk_norm in cases:
+        bits, group_size, zero_point = quant or (0, 0, False)
         nqkv = (heads + 2 * kv_heads) * head_dim
-        weights = [torch.empty(layers, dim, nqkv, dtype=dtype), torch.empty(layers, heads * head_dim, dim, dtype=dtype),
-                   torch.empty(layers, dim, 2 * inter, dtype=dtype), torch.empty(layers, inter, dim, dtype=dtype)]
-        thresholds = [torch.zeros((layers, g, w.shape[1]) if per_channel else (layers, g))
-                      for g, w in zip((3, 1, 2, 1), weights)]
-        scales = [torch.ones(layers, w.shape[2]) for w in weights] if int8 else []
+        shapes = [(dim, nqkv), (heads * head_dim, dim), (dim, 2 * inter), (inter, dim)]
+        weights = [torch.empty(layers, k, n // (2 if bits == 4 else 1), dtype=dtype) for k, n in shapes]
+        thresholds = [torch.zeros((layers, g, k) if per_channel else (layers, g))
+                      for g, (k, _) in zip((3, 1, 2, 1), shapes)]
+        if group_size:
+            scales = [torch.ones(layers, -(-k // group_size), n, dtype=torch.float16) for k, n in shapes]
+        else:
+            scales = [torch.ones(layers, n) for _, n in shapes] if dtype == torch.int8 else []
+        zeros = [torch.zeros_like(s) for s in scales] if zero_point else []
         caches = [torch.zeros(layers, 1, kv_heads, 256, head_dim, dtype=torch.bfloat16) for _ in range(2)]
         args = (torch.zeros(1, 1, dtype=torch.int32), torch.tensor([7]), torch.zeros(256, head_dim // 2, 2),
                 torch.zeros(1000, dim, dtype=torch.bfloat16), torch.zeros(layers, 2, dim, dtype=torch.bfloat16),
-                weights, thresholds, scales, *caches, torch.zeros(1, dtype=torch.int32), 1e-5, 0, False)
+                weights, thresholds, scales, zeros, group_size, *caches, torch.zeros(1, dtype=torch.int32), 1e-5, 0,
+                False)
         family = dict(qkv_biases=torch.zeros(layers, nqkv, dtype=torch.bfloat16) if bias else None,
                       qk_norm_weights=torch.ones(layers, 2, head_dim, dtype=torch.bfloat16) if qk_norm else None)
         yield f"decode_layers {name}", lambda args=args, family=family: persistent.launch(*args, **family)

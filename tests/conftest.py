@@ -28,3 +28,12 @@ def default_checkpoint():
     if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
         convert([])
     return DEFAULT_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def default_q4_1_checkpoint(default_checkpoint, tmp_path_factory):
+    """The same GGUF converted with its Q4_1 projections kept (convert_hf_checkpoint.py --keep_quantization)."""
+    from convert_hf_checkpoint import main as convert
+    path = tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct-Q4_1"
+    convert(["--keep_quantization", "--out_dir", str(path)])
+    return path

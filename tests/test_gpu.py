@@ -327,10 +327,12 @@ def test_compiled_sparse_decode_of_each_family_matches_the_masked_reference(fami
 
 
 
-def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100, **family):
+def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100,
+                     group_quant=None, **family):
     """A random model at Llama-3-8B's head layout (GQA 32/8 of 128) and narrower widths (or the ModelArgs in `family`
-    instead), sparse, with thresholds at the `sparsity` quantile of each projection's inputs over a random prefill;
-    caches for block_size positions. Norm weights and biases uniform in [0.5, 1.5]."""
+    instead), sparse (weights in dtype, int8 or group-wise quantized), with thresholds at the `sparsity` quantile of
+    each projection's inputs over a random prefill; caches for block_size positions. Norm weights and biases uniform
+    in [0.5, 1.5]."""
     from model import ModelArgs, Transformer
     from sparse import LAYER_GROUPS, sparse_layers, sparsify
     args = ModelArgs(**{**dict(n_layer=n_layer, n_head=32, n_local_heads=8, dim=4096, intermediate_size=7168,
@@ -344,7 +346,7 @@ def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer
                 p.normal_(0.0, p.shape[1] ** -0.5)
             else:
                 p.uniform_(0.5, 1.5)
-    model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8)
+    model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8, group_quant=group_quant)
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda m, a, key=(i, path): inputs.__setitem__(key, a[0]))
              for i, path, layer in sparse_layers(model)]
@@ -363,16 +365,27 @@ def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer
     return model
 
 
-@pytest.mark.parametrize("dtype,int8,per_channel,sparsity", [
-    (torch.bfloat16, False, False, 0.0), (torch.bfloat16, False, False, 0.5), (torch.bfloat16, False, True, 0.9),
-    (torch.bfloat16, True, False, 0.5), (torch.bfloat16, True, True, 0.0), (torch.float32, False, False, 0.5)])
-def test_persistent_decode_matches_stepped_and_per_layer(dtype, int8, per_channel, sparsity):
+def _quant(name):
+    from sparse import GroupQuant
+    return {"int4_g128_zeros": GroupQuant(4, 128, True), "int4_g32": GroupQuant(4, 32, False),
+            "q8_0": GroupQuant(8, 32, False)}.get(name)
+
+
+@pytest.mark.parametrize("dtype,int8,per_channel,sparsity,quant", [
+    (torch.bfloat16, False, False, 0.0, None), (torch.bfloat16, False, False, 0.5, None),
+    (torch.bfloat16, False, True, 0.9, None), (torch.bfloat16, True, False, 0.5, None),
+    (torch.bfloat16, True, True, 0.0, None), (torch.float32, False, False, 0.5, None),
+    (torch.bfloat16, False, False, 0.5, "int4_g128_zeros"), (torch.bfloat16, False, True, 0.0, "int4_g128_zeros"),
+    (torch.bfloat16, False, True, 0.9, "int4_g32"), (torch.bfloat16, False, False, 0.5, "q8_0"),
+    (torch.float32, False, False, 0.5, "int4_g128_zeros")])
+def test_persistent_decode_matches_stepped_and_per_layer(dtype, int8, per_channel, sparsity, quant):
     """The persistent launch against its stepped mode (the same tiles, partial sums added in the same order: equal
-    bits, whichever program took which tile) and against the per-layer path (the model's own kernels), teacher-forced
-    over 24 steps: logits within 3% of the largest (bf16 roundings and the thresholds they move) or 1e-4 (fp32), and
-    the greedy token the same unless the per-layer top two are that close."""
-    check_persistent_against_stepped_and_per_layer(persistent_model(dtype, int8, per_channel, sparsity, block_size=64),
-                                                   dtype)
+    bits, whichever program took which tile) and against the per-layer path (the model's own kernels: for group-wise
+    quantized weights grouped.py's), teacher-forced over 24 steps: logits within 3% of the largest (bf16 roundings and
+    the thresholds they move) or 1e-4 (fp32), and the greedy token the same unless the per-layer top two are that
+    close."""
+    model = persistent_model(dtype, int8, per_channel, sparsity, block_size=64, group_quant=_quant(quant))
+    check_persistent_against_stepped_and_per_layer(model, dtype)
 
 
 # The new families' layers at their models' shapes (fewer layers): Qwen3-0.6B's attention (16 heads of 128 at 1024 wide:

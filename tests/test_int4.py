@@ -207,16 +207,15 @@ def test_gguf_tensors_repack_bit_exactly(kind, tmp_path):
         assert np.array_equal(zeros.t().contiguous().numpy().view(np.uint8).reshape(40, 3, 2), blocks[..., 2:4])
 
 
-def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_tokens(default_checkpoint, tmp_path):
+def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_tokens(default_checkpoint,
+                                                                                   default_q4_1_checkpoint):
     # The default GGUF converted twice: dequantized to fp32 (the default checkpoint) and with its Q4_1 projections
     # repacked. Their weights are equal, and so are their greedy tokens, dense and at 50% sparsity (the quantized
     # one runs its projections through the sparse op, which dequantizes on the fly on CPU).
-    from convert_hf_checkpoint import main as convert
     from generate import generate, load_sparse_model
     from model import load_model
     from tokenizer import load_tokenizer
-    quantized_checkpoint = tmp_path / "SmolLM2-135M-Instruct-Q4_1"
-    convert(["--keep_quantization", "--out_dir", str(quantized_checkpoint)])
+    quantized_checkpoint = default_q4_1_checkpoint
     quantized = load_model(quantized_checkpoint, dtype=torch.float32)
     dense = load_model(default_checkpoint, dtype=torch.float32)
     assert (quantized_checkpoint / "model.safetensors").stat().st_size * 2.5 < \

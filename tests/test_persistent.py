@@ -2,8 +2,9 @@
 against the per-layer path, whose CPU ops are the PyTorch references (masked matmuls, attention by
 scaled_dot_product_attention). Tiny random models: two layers each, so the hand-off from one layer's down projection
 to the next layer's attention norm is exercised; a Llama-like one with grouped-query attention and a Mistral-like one
-with a single KV head, a head size that is not dim / n_head, an intermediate size of 3 x 32 and tied embeddings; and
-the new families' tiny models (tests/test_families.py): Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms, head size
+with a single KV head, a head size that is not dim / n_head, an intermediate size of 3 x 32 and tied embeddings; for
+group-wise quantized weights also one whose widths (160, 192) hold several groups of 128 rows and a short last one;
+and the new families' tiny models (tests/test_families.py): Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms, head size
 24 at 64 wide and 4 heads) and Llama-3.2 (tied embeddings, Llama-3 RoPE scaling), every parameter random."""
 import copy
 import math
@@ -13,7 +14,7 @@ import torch
 
 from generate import check_engine, decode_step, generate, persistent_layers
 from model import ModelArgs, Transformer
-from sparse import LAYER_GROUPS, sparse_layers, sparsify
+from sparse import LAYER_GROUPS, GroupQuant, sparse_layers, sparsify
 from sparse_gemv.persistent import decode_layers
 from tests.test_families import tiny_family_model
 
@@ -22,11 +23,13 @@ CONFIGS = {
                   rope_base=500000.0),
     "mistral": dict(vocab_size=80, n_layer=2, n_head=2, n_local_heads=1, head_dim=32, dim=64, intermediate_size=96,
                     tie_embeddings=True),
+    "groups": dict(vocab_size=64, n_layer=2, n_head=2, n_local_heads=1, head_dim=64, dim=160, intermediate_size=192),
 }
 PROMPT = torch.tensor([3, 17, 42, 7], dtype=torch.int)
 
 
-def tiny_model(name: str, dtype, int8: bool = False, per_channel: bool = False, seed: int = 0) -> Transformer:
+def tiny_model(name: str, dtype, int8: bool = False, per_channel: bool = False, seed: int = 0,
+               group_quant: GroupQuant | None = None) -> Transformer:
     args = ModelArgs(block_size=128, name=name, **CONFIGS[name])
     torch.manual_seed(seed)
     model = Transformer(args)
@@ -38,7 +41,7 @@ def tiny_model(name: str, dtype, int8: bool = False, per_channel: bool = False, 
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
             else:
                 p.uniform_(0.5, 1.5)
-    model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8)
+    model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8, group_quant=group_quant)
     model.setup_caches(1, 96)
     return model
 
@@ -180,6 +183,64 @@ def test_greedy_tokens_identical_over_64_steps():
     assert compare_decode(ref, model, layers, steps=64, atol=ATOL[torch.float32]) > 0  # not the same code path
 
 
+# Group-wise quantized weights (sparse_gemv/grouped.py's layouts): 4-bit in groups of 32 and 128, with zero points
+# (GGUF Q4_1's kind) and without (Q4_0's), and 8-bit in groups of 32 (Q8_0), at 0 / 0.5 / 0.9 with uniform and
+# per-channel thresholds. The per-layer path on the CPU multiplies by the dequantized weight (the op's reference), the
+# persistent tiles dequantize in registers group by group: fp32 products in another order, within ATOL.
+@pytest.mark.parametrize("name,quant,per_channel,sparsities", [
+    ("mistral", GroupQuant(4, 32, True), False, (0.0, 0.5, 0.9)),
+    ("mistral", GroupQuant(4, 32, False), True, (0.0, 0.5, 0.9)),
+    ("groups", GroupQuant(4, 128, True), True, (0.0, 0.5, 0.9)),
+    ("groups", GroupQuant(4, 128, False), False, (0.0, 0.5, 0.9)),
+    ("groups", GroupQuant(8, 32, False), False, (0.5,)),
+    ("llama", GroupQuant(8, 32, False), True, (0.0, 0.9)),
+])
+def test_stepped_grouped_weights_match_the_per_layer_path(name, quant, per_channel, sparsities):
+    model = tiny_model(name, torch.float32, per_channel=per_channel, group_quant=quant)
+    ref = copy.deepcopy(model)
+    layers = persistent_layers(model, stepped=True)
+    assert layers.group_size == quant.group_size and len(layers.zeros) == (4 if quant.zero_point else 0)
+    for s in sparsities:
+        calibrate(ref, s)
+        for (_, _, a), (_, _, b) in zip(sparse_layers(ref), sparse_layers(model)):
+            b.thresholds.copy_(a.thresholds)
+        compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32])
+
+
+def test_grouped_weights_with_bf16_activations_at_sparsity_0():
+    """bf16 activations with 4-bit weights (the GPU's --int4): the dequantized fp32 weights times bf16 inputs, rounded
+    where the model rounds; within the interpreter's bf16 tolerance (ATOL's comment)."""
+    model = tiny_model("mistral", torch.bfloat16, group_quant=GroupQuant(4, 32, True))
+    compare_decode(copy.deepcopy(model), model, persistent_layers(model, stepped=True), steps=2,
+                   atol=ATOL[torch.bfloat16])
+
+
+def test_grouped_weights_give_the_per_layer_greedy_tokens_over_24_steps():
+    model = tiny_model("mistral", torch.float32, group_quant=GroupQuant(4, 32, True))
+    calibrate(model, 0.5)
+    ref = copy.deepcopy(model)
+    layers = persistent_layers(model, stepped=True)
+    assert compare_decode(ref, model, layers, steps=24, atol=ATOL[torch.float32]) > 0
+
+
+def test_default_model_at_its_own_q4_1_gives_the_per_layer_greedy_tokens(default_q4_1_checkpoint):
+    """SmolLM2-135M-Instruct from its GGUF's own Q4_1 weights (4-bit, groups of 32, zero points; convert
+    --keep_quantization) at 50% greedy sparsity: the persistent engine's stepped mode gives the per-layer engine's
+    greedy tokens. The interpreter runs every tile of every layer one after another (at these shapes, dim 576, 9 query
+    and 3 KV heads of 64, intermediate 1536, thousands of 32-row group tiles a layer), so the model keeps its first two
+    layers and the persistent step decodes one token after the prefill's."""
+    from generate import load_sparse_model
+    from tokenizer import load_tokenizer
+    model, _ = load_sparse_model(default_q4_1_checkpoint, "cpu", torch.float32, 0.5, "greedy", None)
+    del model.layers[2:]
+    assert model.layers[1].feed_forward.w13.group_quant == GroupQuant(4, 32, True)
+    prompt = torch.tensor(load_tokenizer(default_q4_1_checkpoint).encode("The capital of France is"), dtype=torch.int)
+    want = generate(copy.deepcopy(model), prompt, 2, temperature=0)
+    step, layers = decode_step(model, "persistent-stepped")
+    assert layers.group_size == 32 and layers.weights[2].dtype == torch.uint8 and len(layers.zeros) == 4
+    assert torch.equal(generate(model, prompt, 2, temperature=0, decode_fn=step), want)
+
+
 def test_generate_runs_through_the_compiled_persistent_step_and_stacks_without_copies():
     """generate() with decode_step's persistent function, compiled whole (fullgraph: the op traces through its fake
     implementation, its cache writes declared), gives the per-layer greedy tokens; the layers' tensors are views of
@@ -224,8 +285,6 @@ def test_engine_refusals():
         check_engine("persistent", None, 2, "cuda")
     with pytest.raises(SystemExit, match="CATS"):
         check_engine("persistent", None, 1, "cuda", "cats")
-    with pytest.raises(SystemExit, match="int4"):
-        check_engine("persistent", None, 1, "cuda", int4=True)
     model = tiny_model("llama", torch.float32)
     model.layers[0].attention.wqkv = torch.nn.Linear(64, 128)
     with pytest.raises(ValueError, match="sparsify"):
@@ -236,15 +295,15 @@ def test_bad_inputs_are_refused():
     model = tiny_model("llama", torch.float32)
     layers = persistent_layers(model, stepped=True)
     args = (torch.zeros(1, 1, dtype=torch.int), torch.tensor([4]), model.freqs_cis, model.tok_embeddings.weight,
-            layers.norm_weights, layers.weights, layers.thresholds, layers.scales, model.k_caches, model.v_caches,
-            layers.errors, None, 1e-5, 0, True)
+            layers.norm_weights, layers.weights, layers.thresholds, layers.scales, layers.zeros, layers.group_size,
+            model.k_caches, model.v_caches, layers.errors, None, 1e-5, 0, True)
 
     def call(**change):
         names = ("token", "input_pos", "freqs_cis", "embedding", "norm_weights", "weights", "thresholds", "scales",
-                 "k_caches", "v_caches")
-        given = dict(zip(names, args[:10]))
+                 "zeros", "group_size", "k_caches", "v_caches")
+        given = dict(zip(names, args[:12]))
         given.update(change)
-        decode_layers(*given.values(), *args[10:])
+        decode_layers(*given.values(), *args[12:])
     with pytest.raises(ValueError, match="batch 1"):
         call(token=torch.zeros(2, 1, dtype=torch.int))
     with pytest.raises(ValueError, match="contiguous"):
@@ -259,18 +318,35 @@ def test_bad_inputs_are_refused():
         decode_layers(*args, qk_norm_weights=torch.ones(2, 2, 8))
     with pytest.raises(TypeError, match="biases"):
         decode_layers(*args, qkv_biases=torch.zeros(2, 128, dtype=torch.float64))
+    with pytest.raises(TypeError, match="group-wise"):
+        call(zeros=[torch.zeros(2, 1, w.shape[2], dtype=torch.float16) for w in layers.weights])
+    quantized = persistent_layers(tiny_model("llama", torch.float32, group_quant=GroupQuant(4, 32, True)))
+    grouped = dict(weights=quantized.weights, scales=quantized.scales, zeros=quantized.zeros, group_size=32)
+    call(**grouped)  # well-formed: runs
+    with pytest.raises(TypeError, match="groups of"):
+        call(**{**grouped, "group_size": 48})
+    with pytest.raises(ValueError, match=r"scales of group-wise weights are contiguous fp16 \(2, 1, 128\)"):
+        call(**{**grouped, "group_size": 64})  # dim 64: one group of 64 rows, not two of 32
+    with pytest.raises(ValueError, match="scales of group-wise weights"):
+        call(**{**grouped, "scales": [s.float() for s in quantized.scales]})
+    with pytest.raises(ValueError, match="zeros of group-wise weights"):
+        call(**{**grouped, "zeros": [z[:, :1] for z in quantized.zeros]})
+    with pytest.raises(TypeError, match="need their scales"):
+        call(**{**grouped, "scales": []})
 
 
 def test_persistent_loop_as_one_program_takes_every_tile_in_order():
     """The persistent launch (tickets, readiness counters, the waits' targets) run as one program, the only way the
     interpreter can: it takes every tile in order, so each wait must find its target already met (its polls are capped
     at 4, after which the error flag is set and check() raises). Its logits equal the per-layer model's (the reference
-    decode, sparse ops one layer at a time) within the fp32 tolerance."""
-    model = tiny_model("llama", torch.float32, int8=True, per_channel=True)
-    calibrate(model, 0.5)
-    ref = copy.deepcopy(model)
-    layers = persistent_layers(model, programs=1)
-    assert compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32]) > 0
+    decode, sparse ops one layer at a time) within the fp32 tolerance: int8 weights, and 4-bit ones in groups of 128
+    whose K splits (down's) end in a short group."""
+    for name, int8, quant in (("llama", True, None), ("groups", False, GroupQuant(4, 128, True))):
+        model = tiny_model(name, torch.float32, int8=int8, per_channel=True, group_quant=quant)
+        calibrate(model, 0.5)
+        ref = copy.deepcopy(model)
+        layers = persistent_layers(model, programs=1)
+        assert compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32]) > 0
 
 
 def test_cli_refuses_what_the_engine_does_not_run():
