@@ -182,26 +182,25 @@ class SparseLinear(nn.Module):
         (decode_partials): there their fp32 sum ("sum"), or the partials themselves ("keep"). The bias, if any, is
         added to the product ("keep" takes none)."""
         if x.shape[-2] == 1 or self.mask_prefill:
-            tokens = x.numel() // self.in_features  # above MAX_TOKENS the ops multiply densely: no partials to save
+            rows = x.reshape(-1, self.in_features)
+            if skips_rows_on_cpu(rows, self.scales) and not torch.compiler.is_compiling():
+                # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
+                y = sparse_gemv_rows(rows, self.weight_t, self.thresholds, self.split_sizes)
+                return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+            tokens = rows.shape[0]  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
             leave = self.decode_partials in ("sum", "add") or (self.decode_partials == "keep" and x.shape[-2] == 1)
             if leave and tokens <= MAX_TOKENS and torch.compiler.is_compiling():
-                parts = torch.ops.teal.sparse_gemv_partials(x.reshape(-1, self.in_features), self.weight_t,
-                                                            self.thresholds, self.split_sizes, self.compact, self.scales,
-                                                            self.zeros, self.group_size)
+                parts = torch.ops.teal.sparse_gemv_partials(rows, self.weight_t, self.thresholds, self.split_sizes,
+                                                            self.compact, self.scales, self.zeros, self.group_size)
                 if self.decode_partials == "keep":
                     if self.bias is not None:
                         raise ValueError("a layer with a bias cannot leave its partial sums to the attention op")
                     return parts.view(parts.shape[0], *x.shape[:-1], self.out_features)
                 y = add_partials(parts, torch.float32 if self.decode_partials == "sum" else x.dtype)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-            if skips_rows_on_cpu(x.reshape(-1, self.in_features), self.scales) and not torch.compiler.is_compiling():
-                # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
-                y = sparse_gemv_rows(x.reshape(-1, self.in_features), self.weight_t, self.thresholds, self.split_sizes)
-            else:
-                y = torch.ops.teal.sparse_gemv(x.reshape(-1, self.in_features), self.weight_t, self.thresholds,
-                                               self.split_sizes, self.compact, self.scales, self.zeros,
-                                               self.group_size)
+            y = torch.ops.teal.sparse_gemv(rows, self.weight_t, self.thresholds, self.split_sizes, self.compact,
+                                           self.scales, self.zeros, self.group_size)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         if self.group_size:  # prefill: dequantize on the fly
             return self._add_bias(x @ self.dense_weight(x.dtype))

@@ -5,12 +5,15 @@ per-sample weights and summed. PyTorch's CPU embedding_bag (FBGEMM) streams just
 reads half the bytes, where masking and multiplying densely reads them all. Each group of columns (q/k/v, gate/up)
 has its own kept rows: weight_t [K, N] is viewed as [K * N / unit, unit] rows of `unit` columns (the groups' common
 divisor), and every unit of a group's columns is one bag over that group's kept rows. No Triton here.
+
+A decode step on CPU is bound by the fixed cost of each operation as much as by bytes (a small model's step is
+thousands of them), so the one-token path is a handful of operations: one mask for all units, one nonzero, and the
+bag index, bag starts and per-sample weights each in one operation.
 """
 import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
@@ -18,24 +21,35 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
     x: [T, K]; weight_t: [K, N] contiguous, x's dtype; thresholds: [G] or [G, K] float32. Returns [T, N] in x's dtype.
     Inputs are compared in float32, as the kernels and the reference compare them."""
     tokens, k = x.shape
-    if tokens == 1 and len(split_sizes) == 1:  # o and down in a decode step: the same, in fewer operations
-        row = (x.view(-1).abs().float() > thresholds.view(-1)).nonzero().view(-1)
-        return F.embedding_bag(row, weight_t, row.new_zeros(1), mode="sum",
-                               per_sample_weights=x.view(-1).index_select(0, row))
-    unit, group_of_unit = units_of(tuple(split_sizes), x.device)
+    unit, group_of_unit, first_bags = units_of(tuple(split_sizes), x.device)
     units = group_of_unit.numel()
-    unit_thresholds = thresholds.view(len(split_sizes), -1).index_select(0, group_of_unit)
+    # [units, K] or [units, 1]: each column unit's thresholds (a view when every group is one unit)
+    unit_thresholds = thresholds.view(len(split_sizes), -1)
+    if units > len(split_sizes):
+        unit_thresholds = unit_thresholds.index_select(0, group_of_unit)
+    if tokens == 1 and units == 1:  # o and down in a decode step: one bag, starting at 0
+        values = x.view(k)
+        row = (values.abs().float() > unit_thresholds.view(-1)).nonzero().view(-1)
+        return torch.embedding_bag(weight_t, row, first_bags, False, 0, False, values.index_select(0, row))[0]
+    if tokens == 1:
+        values = x.view(k)
+        bag, row = torch.where(values.abs().float() > unit_thresholds)  # by unit, rows ascending within each
+        y = torch.embedding_bag(weight_t.view(k * units, unit), torch.add(bag, row, alpha=units),
+                                torch.searchsorted(bag, first_bags), False, 0, False, values.index_select(0, row))[0]
+        return y.view(1, units * unit)
     kept = x.abs().float()[:, None, :] > unit_thresholds  # [T, units, K]
     token, bag_unit, row = kept.nonzero().unbind(1)  # bag (token, unit) by bag, rows ascending within each
     lengths = kept.sum(2).view(-1)
-    y = F.embedding_bag(row * units + bag_unit, weight_t.view(k * units, unit), torch.cumsum(lengths, 0) - lengths,
-                        mode="sum", per_sample_weights=x.view(-1).index_select(0, token * k + row))
+    y = torch.embedding_bag(weight_t.view(k * units, unit), row * units + bag_unit, torch.cumsum(lengths, 0) - lengths,
+                            False, 0, False, x.view(-1).index_select(0, token * k + row))[0]
     return y.view(tokens, units * unit)
 
 
 @functools.lru_cache
-def units_of(split_sizes: tuple[int, ...], device: torch.device) -> tuple[int, torch.Tensor]:
-    """The column unit (the groups' common divisor) and each unit's group."""
+def units_of(split_sizes: tuple[int, ...], device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The column unit (the groups' common divisor), each unit's group, and the units' indices (0, 1, ...: where a
+    one-token step's bags start is the first kept entry of each)."""
     unit = math.gcd(*split_sizes)
-    return unit, torch.repeat_interleave(torch.arange(len(split_sizes), device=device),
-                                         torch.tensor(split_sizes, device=device) // unit)
+    group_of_unit = torch.repeat_interleave(torch.arange(len(split_sizes), device=device),
+                                            torch.tensor(split_sizes, device=device) // unit)
+    return unit, group_of_unit, torch.arange(group_of_unit.numel(), device=device)
