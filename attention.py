@@ -82,9 +82,10 @@ def decode_attention_cpu(qkv, freqs_cis, k_cache, v_cache, input_pos):
     pos = int(input_pos.reshape(()))
     k_cache[:b, :, pos] = qk[:, h:]
     v_cache[:b, :, pos] = qkv[:, 0, (h + hkv) * d:].view(b, hkv, d)
-    q = qk[:, :h].view(b, hkv, h // hkv, d)  # the query heads of each KV head
-    scores = torch.matmul(q.float(), k_cache[:b, :, :pos + 1].float().transpose(-1, -2)) * d ** -0.5
-    y = torch.matmul(torch.softmax(scores, dim=-1), v_cache[:b, :, :pos + 1].float())
+    q = qk[:, :h].reshape(b * hkv, h // hkv, d)  # the query heads of each KV head
+    keys, values = (cache[:b, :, :pos + 1].flatten(0, 1).float() for cache in (k_cache, v_cache))  # [B H_kv, P, D]
+    scores = torch.bmm(q.float(), keys.transpose(1, 2)).mul_(d ** -0.5)
+    y = torch.bmm(torch.softmax(scores, dim=-1), values)
     return y.to(k_cache.dtype).view(b, 1, h * d)
 
 
