@@ -26,7 +26,7 @@ from cli import add_int4_args, fraction, int4_quant, non_negative_int, positive_
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
-from sparse_gemv.persistent import DecodeLayers, _device_limits
+from sparse_gemv.persistent import _device_limits
 from thresholds.file import MAX_SPARSITY
 
 
@@ -103,9 +103,8 @@ def main(argv=None):
         set_uniform(model, table[s])
         moved = kept_bytes(model, token, pos)
         for per_sm, tile_kb, warps, regs in itertools.product(a.programs_per_sm, a.tile_kb, a.warps, a.max_registers):
-            layers = DecodeLayers(base.norm_weights, base.weights, base.thresholds, base.scales, base.eps,
-                                  per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps, max_registers=regs,
-                                  zeros=base.zeros, group_size=base.group_size)
+            layers = base.launched(programs=per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps,
+                                   max_registers=regs)
             args = (token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
             try:
                 step_s = time_steps(layers, args)

@@ -39,6 +39,7 @@ rounded to the activations' dtype, residual adds and norms as model.RMSNorm does
 teal::decode_attention. The kernel knows layer shapes and weight layouts only: the caller stacks every layer's tensors
 ([n_layer, ...], generate.persistent_layers) and passes the caches, the RoPE table and the embedding table.
 """
+import copy
 import functools
 from typing import Optional
 
@@ -762,6 +763,21 @@ class DecodeLayers:
                                             self.thresholds, self.scales, self.zeros, self.group_size, k_caches,
                                             v_caches, self.errors, profile, self.eps, self.programs, self.stepped,
                                             *self.tuning, self.qkv_biases, self.qk_norm_weights)
+
+    def launched(self, **launch) -> "DecodeLayers":
+        """The same stacked tensors (and error flag) launched otherwise: any of programs, stepped, tile_bytes,
+        num_warps and max_registers changed. A copy, so no tensor the layers hold can be left out."""
+        other = copy.copy(self)
+        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers"), self.tuning))
+        for name, value in launch.items():
+            if name in tuning:
+                tuning[name] = int(value)
+            elif name in ("programs", "stepped"):
+                setattr(other, name, type(getattr(self, name))(value))
+            else:
+                raise TypeError(f"DecodeLayers.launched: no launch setting {name!r}")
+        other.tuning = tuple(tuning.values())
+        return other
 
     def check(self) -> None:
         """Raise if a wait of an earlier step gave up (a dependency never came: a bug, never a slow GPU); syncs."""

@@ -417,7 +417,7 @@ def check_persistent_against_stepped_and_per_layer(model, dtype):
     from generate import persistent_layers
     ref = copy.deepcopy(model)
     layers = persistent_layers(model)
-    stepped = stepped_copy(layers)
+    stepped = layers.launched(stepped=True)
     prompt = torch.randint(0, 2048, (1, 6), device="cuda")
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     with torch.no_grad():
@@ -460,18 +460,10 @@ def test_persistent_decode_1000_steps_in_cuda_graphs_without_a_hang():
     elapsed = time.perf_counter() - start
     layers.check()
     want = generate(model, prompt, 1000, temperature=0,
-                    decode_fn=functools.partial(decode_one_token_persistent, layers=stepped_copy(layers)))
+                    decode_fn=functools.partial(decode_one_token_persistent, layers=layers.launched(stepped=True)))
     assert torch.equal(got, want)
     assert elapsed < 60, f"1000 steps took {elapsed:.1f} s"
     torch._dynamo.reset()
-
-
-def stepped_copy(layers):
-    """The same stacked tensors, launched one phase at a time."""
-    import copy
-    stepped = copy.copy(layers)
-    stepped.stepped = True
-    return stepped
 
 
 def test_persistent_grid_guard_refuses_more_programs_than_fit():
