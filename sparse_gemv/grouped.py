@@ -12,12 +12,17 @@ output channel, the precision GGUF stores them in, so its blocks repack into thi
 The kernel walks a program's K range one group at a time. Predicated: a group's tile of rows loads only the rows over
 threshold, and its scales only when one of them is. Compact: the kept rows of the K range are listed first, with
 where each group's kept rows start in the list; each group with a kept row loads its scales once and then only its
-kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantized in registers: each nibble (byte) is
-written into the low mantissa bits of 2^23 by one logic op, which reads as the float 2^23 + q exactly, and a
-subtraction leaves q (as the int8 kernel widens its bytes); then q * scale (+ zero). One token accumulates
-elementwise products over the tile and reduces once at the end; several tokens take a tensor-core product per tile.
-Split-K and the partial-sum output work as in kernels.py. The persistent decode kernel (persistent.py) reads the same
-layout through the same device functions (group_scales, dequantize_words).
+kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantized in registers.
+
+One token (the decode step) walks a tile in slabs of ROWS rows that the threads load four words (16 bytes) each, and
+keeps each of a word's fields (nibbles, bytes) in its own accumulator, so no word is ever spread into columns until
+the end and no sum crosses threads inside the loop. A field is isolated in the low mantissa bits of 2^23 by one AND,
+reading as 2^23 + u * 2^shift (u the unsigned code, shift its place in its 16-bit half), and one fma with the
+group's scale takes 2^23 off and scales in a single rounding: with the product with x, two fmas and an AND a
+weight. The zero point (or the -8 / -128 that makes a code signed) is applied once a group, times the sum of the
+group's kept x. Several tokens dequantize a tile to [BLOCK_K, BLOCK_N] (the 2^23 trick, then q * scale (+ zero),
+dequantize_words) and take a tensor-core product per tile. Split-K and the partial-sum output work as in kernels.py.
+The persistent decode kernel (persistent.py) reads the same layout through group_scales and dequantize_words.
 """
 import torch
 import triton
@@ -35,7 +40,8 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
                                 PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                                 COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                                EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr):
+                                EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr,
+                                ROWS: tl.constexpr, ALIGNED: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS  # columns per int32 word
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -46,7 +52,12 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
     g_end = tl.where(g == 0, N0, tl.where(g == 1, N0 + N1, N))
     strip = pid_n - tl.where(g == 0, 0, tl.where(g == 1, s0, s0 + s1))
     offs_n = g_start + strip * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = (g_start + strip * BLOCK_N) // PER_WORD + tl.arange(0, BLOCK_N // PER_WORD)
+    word0 = (g_start + strip * BLOCK_N) // PER_WORD
+    row_words = N // PER_WORD
+    if ALIGNED:  # strips and rows start on 16 bytes: one-token tiles load four words at a time
+        word0 = tl.multiple_of(word0, 4)
+        row_words = tl.multiple_of(row_words, 4)
+    offs_w = word0 + tl.arange(0, BLOCK_N // PER_WORD)
     if EVEN_N:
         n_mask = tl.full((BLOCK_N,), 1, tl.int1)
         w_mask = tl.full((BLOCK_N // PER_WORD,), 1, tl.int1)
@@ -54,7 +65,6 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         n_mask = offs_n < g_end
         w_mask = offs_w < g_end // PER_WORD
     w_words = w_ptr.to(tl.pointer_type(tl.int32))
-    row_words = N // PER_WORD
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
 
@@ -69,7 +79,20 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if BLOCK_T == 1:
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        # One token: a tile is walked in slabs of ROWS rows, [ROWS, words], which the program's threads load
+        # four words each; acc_f accumulates column PER_WORD * word + f of each slab row elementwise (an fma per
+        # weight, no sum across threads until the end). acc_4..7 stay zero and unused at 8 bits.
+        words_at = w_words + offs_w[None, :]
+        w_mask2 = w_mask[None, :]
+        columns = PER_WORD * offs_w.to(tl.int64)  # scale columns: int64, so each field's is an offset from them
+        acc_0 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_1 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_2 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_3 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_4 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_5 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_6 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
+        acc_7 = tl.zeros((ROWS, BLOCK_N // PER_WORD), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
 
@@ -102,18 +125,35 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         for grp in range(g_first, g_last):
             first = tl.load(starts + grp)
             last = tl.load(starts + grp + 1, mask=grp + 1 < g_last, other=count)
-            scale, zero = group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
-            for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
-                offs_j = j + tl.arange(0, BLOCK_K)
-                valid = offs_j < last
-                rows = tl.load(rows_ptr + g * K + k_begin + offs_j, mask=valid, other=0)
-                words = tl.load(w_words + rows[:, None] * row_words + offs_w[None, :],
-                                mask=valid[:, None] & w_mask[None, :], other=0)
-                w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
-                if BLOCK_T == 1:
-                    xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-                    acc2 += xv[:, None] * w
-                else:
+            if BLOCK_T == 1:
+                mask = w_mask & (tl.zeros_like(offs_w) + first < last)  # the group's scales, once, if a row is kept
+                s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
+                    scale_ptr, zero_ptr, grp, N, columns, mask, BITS, ZERO)
+                x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+                for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
+                    for i in tl.static_range(BLOCK_K // ROWS):
+                        offs_j = j + i * ROWS + tl.arange(0, ROWS)
+                        valid = offs_j < last
+                        rows = tl.load(rows_ptr + g * K + k_begin + offs_j, mask=valid, other=0)
+                        x = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+                        words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask2,
+                                        other=0)
+                        x_sum += x
+                        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
+                            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x,
+                            s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS)
+                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_offsets(
+                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
+                    z_7, BITS)
+            else:
+                scale, zero = group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
+                for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
+                    offs_j = j + tl.arange(0, BLOCK_K)
+                    valid = offs_j < last
+                    rows = tl.load(rows_ptr + g * K + k_begin + offs_j, mask=valid, other=0)
+                    words = tl.load(w_words + rows[:, None] * row_words + offs_w[None, :],
+                                    mask=valid[:, None] & w_mask[None, :], other=0)
+                    w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
                     xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + rows[None, :],
                                  mask=t_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
                     if PER_CHANNEL:
@@ -124,15 +164,37 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         # Predicated: one group per tile; rows under threshold are masked out of the weight load, and a group's
         # scales are loaded only when one of its rows is kept.
         for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < k_stop
-            if PER_CHANNEL:
-                thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
             if BLOCK_T == 1:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_stop
+                if PER_CHANNEL:
+                    thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                keep = tl.abs(x) > thr
-                x = tl.where(keep, x, 0.0)
+                kept = tl.max((tl.abs(x) > thr).to(tl.int32))
+                mask = w_mask & (tl.zeros_like(offs_w) + kept > 0)  # the group's scales if one of its rows is kept
+                s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
+                    scale_ptr, zero_ptr, k0 // GROUP, N, columns, mask, BITS, ZERO)
+                x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+                for i in tl.static_range(BLOCK_K // ROWS):
+                    rows = k0 + i * ROWS + tl.arange(0, ROWS)
+                    r_mask = rows < k_stop
+                    if PER_CHANNEL:
+                        thr = tl.load(thr_row + rows, mask=r_mask, other=float("inf"))
+                    x = tl.load(x_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+                    x = tl.where(tl.abs(x) > thr, x, 0.0)  # a kept row's x is not 0: it masks the row's words
+                    words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask2, other=0)
+                    x_sum += x
+                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
+                        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x,
+                        s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS)
+                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_offsets(
+                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
+                    z_7, BITS)
             else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_stop
+                if PER_CHANNEL:
+                    thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
                 x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
                 if PER_CHANNEL:
@@ -140,19 +202,16 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
                 else:
                     x = tl.where(tl.abs(x) > thr, x, 0.0)
                 keep = tl.max(tl.abs(x), axis=0) > 0
-            words = tl.load(w_words + offs_k[:, None] * row_words + offs_w[None, :],
-                            mask=keep[:, None] & w_mask[None, :], other=0)
-            scale, zero = group_scales(scale_ptr, zero_ptr, k0 // GROUP, N, offs_n, n_mask,
-                                       tl.sum(keep.to(tl.int32), 0), ZERO)
-            w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
-            if BLOCK_T == 1:
-                acc2 += x[:, None] * w
-            else:
+                words = tl.load(w_words + offs_k[:, None] * row_words + offs_w[None, :],
+                                mask=keep[:, None] & w_mask[None, :], other=0)
+                scale, zero = group_scales(scale_ptr, zero_ptr, k0 // GROUP, N, offs_n, n_mask,
+                                           tl.sum(keep.to(tl.int32), 0), ZERO)
+                w = dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
                 acc = _dot(x, w, acc, DOT_FP32, x_ptr)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if BLOCK_T == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]
+        acc = word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS, BLOCK_N)[None, :]
 
     out_ptrs = offs_t[:, None] * stride_yt + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
@@ -206,6 +265,118 @@ def dequantize_words(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr,
 
 
 @triton.jit
+def field_scales(scale_row, zero_row, columns, mask, FIELD: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """A group's scale and offset, fp32 [words], for column PER_WORD * word + FIELD (scale_row, zero_row: the
+    group's rows of scales and zeros; columns: PER_WORD * word, int64), in the terms of field_weights and add_offsets:
+    the field's unsigned code u (a 4-bit q; an 8-bit q + 128) weighs scale * u + offset."""
+    scale = tl.load(scale_row + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
+    if ZERO:
+        offset = tl.load(zero_row + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
+    else:
+        offset = tl.zeros_like(scale)
+    if BITS == 8:
+        offset -= 128.0 * scale
+    elif not ZERO:
+        offset -= 8.0 * scale
+    return scale, offset
+
+
+@triton.jit
+def group_field_scales(scale_ptr, zero_ptr, grp, N, columns, mask, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """field_scales for the eight fields of a word (at 8 bits four: the last four repeat them, never used)."""
+    scale_row = scale_ptr + grp * N
+    zero_row = zero_ptr + grp * N
+    s_0, z_0 = field_scales(scale_row, zero_row, columns, mask, 0, BITS, ZERO)
+    s_1, z_1 = field_scales(scale_row, zero_row, columns, mask, 1, BITS, ZERO)
+    s_2, z_2 = field_scales(scale_row, zero_row, columns, mask, 2, BITS, ZERO)
+    s_3, z_3 = field_scales(scale_row, zero_row, columns, mask, 3, BITS, ZERO)
+    if BITS == 4:
+        s_4, z_4 = field_scales(scale_row, zero_row, columns, mask, 4, BITS, ZERO)
+        s_5, z_5 = field_scales(scale_row, zero_row, columns, mask, 5, BITS, ZERO)
+        s_6, z_6 = field_scales(scale_row, zero_row, columns, mask, 6, BITS, ZERO)
+        s_7, z_7 = field_scales(scale_row, zero_row, columns, mask, 7, BITS, ZERO)
+    else:
+        s_4, s_5, s_6, s_7, z_4, z_5, z_6, z_7 = s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3
+    return s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7
+
+
+@triton.jit
+def field_weights(half, scale, FIELD: tl.constexpr, BITS: tl.constexpr):
+    """Field FIELD of words as fp32 weights scaled by 2^shift, the field's place in its 16-bit half: u * scale *
+    2^shift. half is the field's half of each word, moved to the low 16 bits and OR-ed with 2^23's bits (add_slab_
+    products); one AND isolates the field in the low mantissa bits of 2^23, which read as 2^23 + u * 2^shift, and one
+    fma takes 2^23 off and scales in a single rounding (2^23 * scale is exact), giving u * scale * 2^shift exactly
+    as fp32 rounds u * scale, times a power of two."""
+    SHIFT: tl.constexpr = (FIELD % (16 // BITS)) * BITS
+    code = half & (0x4B000000 | (((1 << BITS) - 1) << SHIFT))
+    return tl.fma(code.to(tl.float32, bitcast=True), scale[None, :], (scale * -8388608.0)[None, :])
+
+
+@triton.jit
+def add_slab_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4,
+                      s_5, s_6, s_7, BITS: tl.constexpr):
+    """acc_f [rows, words] += x [rows] * field f's weights times 2^shift (field_weights) of a slab's int32 words: an
+    fma a weight after its dequantization (an AND and an fma). word_columns takes the powers of two off; the
+    offsets come in once a group (add_offsets)."""
+    if BITS == 8:
+        words = words ^ -2139062144  # 0x80808080: every byte + 128, unsigned
+    low = words | 0x4B000000
+    high = (words >> 16) | 0x4B000000
+    acc_0 += x[:, None] * field_weights(low, s_0, 0, BITS)
+    acc_1 += x[:, None] * field_weights(low, s_1, 1, BITS)
+    if BITS == 4:
+        acc_2 += x[:, None] * field_weights(low, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(low, s_3, 3, BITS)
+        acc_4 += x[:, None] * field_weights(high, s_4, 4, BITS)
+        acc_5 += x[:, None] * field_weights(high, s_5, 5, BITS)
+        acc_6 += x[:, None] * field_weights(high, s_6, 6, BITS)
+        acc_7 += x[:, None] * field_weights(high, s_7, 7, BITS)
+    else:
+        acc_2 += x[:, None] * field_weights(high, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(high, s_3, 3, BITS)
+    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
+
+
+@triton.jit
+def add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
+                z_7, BITS: tl.constexpr):
+    """A group's offsets (zero points, or the -8 / -128 that makes a code signed: field_scales' z_f) times the sum
+    of its kept x (x_sum [rows]: each slab row's share), once a group instead of once a weight; times the field's
+    2^shift, as add_slab_products' products are."""
+    PER_HALF: tl.constexpr = 16 // BITS
+    acc_0 += x_sum[:, None] * z_0[None, :]
+    acc_1 += (x_sum * (1 << (1 % PER_HALF) * BITS))[:, None] * z_1[None, :]
+    acc_2 += (x_sum * (1 << (2 % PER_HALF) * BITS))[:, None] * z_2[None, :]
+    acc_3 += (x_sum * (1 << (3 % PER_HALF) * BITS))[:, None] * z_3[None, :]
+    acc_4 += (x_sum * (1 << (4 % PER_HALF) * BITS))[:, None] * z_4[None, :]
+    acc_5 += (x_sum * (1 << (5 % PER_HALF) * BITS))[:, None] * z_5[None, :]
+    acc_6 += (x_sum * (1 << (6 % PER_HALF) * BITS))[:, None] * z_6[None, :]
+    acc_7 += (x_sum * (1 << (7 % PER_HALF) * BITS))[:, None] * z_7[None, :]
+    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
+
+
+@triton.jit
+def word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The per-field sums summed over their rows, the fields' powers of two taken off, and put back in column order
+    (column PER_WORD * word + field): [BLOCK_N] fp32."""
+    PER_HALF: tl.constexpr = 16 // BITS
+    c_0 = tl.sum(acc_0, axis=0)
+    c_1 = tl.sum(acc_1, axis=0) * (1.0 / (1 << (1 % PER_HALF) * BITS))
+    c_2 = tl.sum(acc_2, axis=0) * (1.0 / (1 << (2 % PER_HALF) * BITS))
+    c_3 = tl.sum(acc_3, axis=0) * (1.0 / (1 << (3 % PER_HALF) * BITS))
+    if BITS == 8:  # [word, a, b]: field 2a + b
+        acc = tl.join(tl.join(c_0, c_2), tl.join(c_1, c_3))
+    else:  # [word, a, b, c]: field 4a + 2b + c
+        c_4 = tl.sum(acc_4, axis=0)
+        c_5 = tl.sum(acc_5, axis=0) * (1.0 / (1 << (5 % PER_HALF) * BITS))
+        c_6 = tl.sum(acc_6, axis=0) * (1.0 / (1 << (6 % PER_HALF) * BITS))
+        c_7 = tl.sum(acc_7, axis=0) * (1.0 / (1 << (7 % PER_HALF) * BITS))
+        acc = tl.join(tl.join(tl.join(c_0, c_4), tl.join(c_2, c_6)), tl.join(tl.join(c_1, c_5), tl.join(c_3, c_7)))
+    return tl.reshape(acc, (BLOCK_N,))
+
+
+@triton.jit
 def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
     """Several tokens: the tile's product on tensor cores, in the activations' dtype with fp32 accumulation."""
     if DOT_FP32:
@@ -213,13 +384,17 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
     return tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
 
 
-def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int) -> dict:
-    """Tile and K split, by rule. A predicated tile is one group of rows; the strip width keeps a tile's dequantized
-    weights at 8192 fp32 values (64 registers a thread with four warps), so 128-row groups take 64-column strips.
-    Compact tiles are 32 kept rows of one group. The K split is doubled until the grid gives every SM about two
-    programs, while each split keeps at least two groups."""
-    bn = max(8192 // group_size, 64) if not compact else 128
-    bk = 32 if compact else group_size
+def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, tokens: int = 1) -> dict:
+    """Tile and K split, by rule. A predicated tile is one group of rows. One token: 512 columns, so each thread
+    dequantizes many weights (16 rows of four words for 128-row groups of 4-bit weights) per group's scales it
+    loads; compact tiles are 64 kept rows of one group (at most the group), 256 columns. Several tokens keep a tile's
+    dequantized weights, the tensor-core operand, at 8192 fp32 values (64 registers a thread with four warps):
+    128-row groups take 64-column strips, compact tiles 32 x 128. The K split is doubled until the grid gives every
+    SM about two programs, while each split keeps at least two groups."""
+    if tokens == 1:
+        bn, bk = (256, min(64, group_size)) if compact else (512, group_size)
+    else:
+        bn, bk = (128, 32) if compact else (max(8192 // group_size, 64), group_size)
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)
     split = 1
     while strips * split < 2 * sms and split < MAX_SPLIT_K and k // (2 * split) >= 2 * group_size:
@@ -227,12 +402,19 @@ def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
 
 
-def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int) -> dict:
+def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, tokens: int = 1) -> dict:
     """The launch's meta-parameters (its SPLIT_K is how many partials reduce=False returns)."""
     if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
         return {"BLOCK_N": 32, "BLOCK_K": 16 if compact else group_size,
                 "SPLIT_K": 2 if k >= 2 * group_size else 1, "COMPACT": compact, "STAGES": 1}
-    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size)
+    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size, tokens)
+
+
+def tile_rows(words: int, block_k: int, warps: int) -> int:
+    """One-token slabs' ROWS: the rows a program's threads take at once when each thread loads four consecutive words
+    (16 bytes) of a row and the threads of a row cover its `words`."""
+    per_row = max(1, min(32 * warps, words // 4))
+    return max(1, min(block_k, 32 * warps // per_row))
 
 
 def workspace_rows(k: int, group_size: int) -> int:
@@ -256,7 +438,7 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size))
+    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size, t))
     if not meta["COMPACT"] and meta["BLOCK_K"] != group_size:  # a predicated tile reads one group's scales
         raise ValueError(f"sparse_gemv: the predicated variant takes BLOCK_K = group_size ({group_size}), "
                          f"got BLOCK_K={meta['BLOCK_K']}")
@@ -277,6 +459,8 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
              "EVEN_N": all(s % meta["BLOCK_N"] == 0 for s in split_sizes), "REDUCE": reduce,
              "LIST_CHUNK": min(MAX_LIST_CHUNK, max(group_size, triton.next_power_of_2(
                  k_range(k, meta["SPLIT_K"], group_size)))) if meta["COMPACT"] else 1}
+    flags["ALIGNED"] = all(s % (4 * 32 // bits) == 0 for s in split_sizes) and meta["BLOCK_N"] % (4 * 32 // bits) == 0
+    flags["ROWS"] = tile_rows(meta["BLOCK_N"] * bits // 32, meta["BLOCK_K"], warps) if block_t == 1 else 1
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _grouped_sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y if reduce else partials

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse import GroupQuant, SparseLinear, quantize_groupwise
-from sparse_gemv import sparse_gemv, sparse_gemv_reference
+from sparse_gemv import grouped, sparse_gemv, sparse_gemv_reference
 from sparse_gemv.grouped import grouped_sparse_gemv_triton
 from sparse_gemv.quant import dequantize_grouped, pack_int4, unpack_int4
 
@@ -110,6 +110,22 @@ def test_grouped_kernel_matches_the_dequantized_product(fmt, tokens, dtype):
     assert parts.shape[0] == (2 if x.shape[1] >= 2 * group_size else 1) and rel_err(parts.sum(0), ref) < TOL[dtype]
     # the op's CPU path (the reference, dequantizing on the fly) agrees
     assert rel_err(sparse_gemv(x, q, thr, splits, False, scales, zeros, group_size), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_grouped_kernel_one_token_tiles_of_several_slabs(fmt):
+    # GPU-wide one-token strips: a tile is walked in several slabs of ROWS rows (the CPU default tiles take one),
+    # predicated (the tile is a group) and compact (32 kept rows), K split in two; strips wider than the layer's
+    # q/k/v groups leave most columns masked.
+    x, q, scales, zeros, group_size, splits, w64 = problem(fmt, 1, torch.float32, k=300)
+    words = 32 // (8 if fmt == "int8 (Q8_0)" else 4)
+    thr = thresholds_for(x, 0.5, len(splits), per_channel=True)
+    ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+    for compact, block_k in ((False, group_size), (True, 32)):
+        config = {"BLOCK_N": 32 * words, "BLOCK_K": block_k, "SPLIT_K": 2, "COMPACT": compact, "STAGES": 1}
+        assert grouped.tile_rows(32, block_k, 4) < block_k  # 32 words a row: 16 rows a slab
+        y = grouped_sparse_gemv_triton(x, q, scales, zeros, group_size, thr, splits, compact, config=config)
+        assert rel_err(y, ref) < TOL[torch.float32], compact
 
 
 def test_grouped_kernel_skips_the_rows_and_scales_of_dropped_inputs():
