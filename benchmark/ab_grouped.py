@@ -8,7 +8,7 @@ in the same run.
 
     mkdir -p .gpu && git show a108518:sparse_gemv/grouped.py > .gpu/grouped_before.py
     python -m benchmark.ab_grouped before=.gpu/grouped_before.py after=sparse_gemv/grouped.py \\
-        --tiles after:256x128 after:512x64c after:256x32c
+        --tiles after:512x128 after:256x32c
 
 Writes benchmark/results/gemv-ab-grouped<tag>-<device>.json (rows {shape, N, K, sparsity, kernels, BLOCK_N, BLOCK_K,
 SPLIT_K, COMPACT, picked, us, kept_GBps, rel_err}) and a PNG of each revision's best time against sparsity.

@@ -385,14 +385,15 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
 
 
 def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, tokens: int = 1) -> dict:
-    """Tile and K split, by rule. A predicated tile is one group of rows. One token: 512 columns, so each thread
-    dequantizes many weights (16 rows of four words for 128-row groups of 4-bit weights) per group's scales it
-    loads; compact tiles are 64 kept rows of one group (at most the group), 256 columns. Several tokens keep a tile's
-    dequantized weights, the tensor-core operand, at 8192 fp32 values (64 registers a thread with four warps):
-    128-row groups take 64-column strips, compact tiles 32 x 128. The K split is doubled until the grid gives every
-    SM about two programs, while each split keeps at least two groups."""
+    """Tile and K split, by rule. A predicated tile is one group of rows. One token: 256 columns, so each thread
+    dequantizes 256 weights (8 rows of four words for 128-row groups of 4-bit weights) per group's scales it loads,
+    while a launch still builds in seconds (512 columns unroll twice the code); compact tiles are 64 kept rows of one
+    group (at most the group), 256 columns. Several tokens keep a tile's dequantized weights, the tensor-core operand,
+    at 8192 fp32 values (64 registers a thread with four warps): 128-row groups take 64-column strips, compact tiles
+    32 x 128. The K split is doubled until the grid gives every SM about two programs, while each split keeps at
+    least two groups."""
     if tokens == 1:
-        bn, bk = (256, min(64, group_size)) if compact else (512, group_size)
+        bn, bk = 256, (min(64, group_size) if compact else group_size)
     else:
         bn, bk = (128, 32) if compact else (max(8192 // group_size, 64), group_size)
     strips = sum(triton.cdiv(s, bn) for s in split_sizes)

@@ -91,7 +91,8 @@ def sparse_gemv_launches():
 def grouped_sparse_gemv_launches():
     """(description, call) for the group-wise quantized sparse GEMV at the Llama-3-8B decode shapes: 4-bit with zero
     points in groups of 128 (--int4) and 8-bit in groups of 32 (GGUF Q8_0, the tiles of any 32-row group); predicated
-    and compact, one token and four, per-channel thresholds, partial sums."""
+    and compact, one token and four; per-channel thresholds and partial sums at the gate/up shape only (flags that
+    change no tile, while a one-token launch, its tile loop unrolled over 16-byte slabs, takes seconds to build)."""
     shapes = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate/up": (4096, (14336, 14336)),
               "down": (14336, (4096,))}
     formats = [(4, 128, True), (8, 32, False)]
@@ -102,7 +103,8 @@ def grouped_sparse_gemv_launches():
             scales = torch.empty(-(-k // group_size), n, dtype=torch.float16)
             zeros = torch.empty_like(scales) if zero_point else None
             cases = [(compact, tokens, False, True) for compact in (False, True) for tokens in (1, 4)]
-            cases += [(False, 1, True, True), (False, 1, False, False)]  # per-channel thresholds; partial sums
+            if name == "gate/up":
+                cases += [(False, 1, True, True), (False, 1, False, False)]  # per-channel thresholds; partial sums
             for compact, tokens, per_channel, reduce in cases:
                 x = torch.zeros(tokens, k, dtype=torch.bfloat16)
                 thresholds = torch.zeros((len(splits), k) if per_channel else (len(splits),))
