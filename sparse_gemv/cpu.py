@@ -21,7 +21,7 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
     x: [T, K]; weight_t: [K, N] contiguous, x's dtype; thresholds: [G] or [G, K] float32. Returns [T, N] in x's dtype.
     Inputs are compared in float32, as the kernels and the reference compare them."""
     tokens, k = x.shape
-    unit, group_of_unit, first_bags = units_of(tuple(split_sizes), x.device)
+    unit, group_of_unit, first_bags = units_of(tuple(split_sizes), torch.get_num_threads(), x.device)
     units = group_of_unit.numel()
     # [units, K] or [units, 1]: each column unit's thresholds (a view when every group is one unit)
     unit_thresholds = thresholds.view(len(split_sizes), -1)
@@ -46,10 +46,13 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
 
 
 @functools.lru_cache
-def units_of(split_sizes: tuple[int, ...], device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """The column unit (the groups' common divisor), each unit's group, and the units' indices (0, 1, ...: where a
-    one-token step's bags start is the first kept entry of each)."""
+def units_of(split_sizes: tuple[int, ...], threads: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The column unit (the groups' common divisor, halved until there are as many units as threads: embedding_bag
+    spreads its bags over the threads, and o or down would otherwise be one bag on one thread), each unit's group,
+    and the units' indices (0, 1, ...: where a one-token step's bags start is the first kept entry of each)."""
     unit = math.gcd(*split_sizes)
+    while sum(split_sizes) // unit < threads and unit % 2 == 0:
+        unit //= 2
     group_of_unit = torch.repeat_interleave(torch.arange(len(split_sizes), device=device),
                                             torch.tensor(split_sizes, device=device) // unit)
     return unit, group_of_unit, torch.arange(group_of_unit.numel(), device=device)

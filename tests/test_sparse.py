@@ -1,5 +1,6 @@
 """Sparse decoding end to end on the CPU against an independent masked-dense reference."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -314,11 +315,17 @@ def test_kernel_variant_is_chosen_per_layer():
 @pytest.mark.parametrize("splits", [(64,), (64, 32, 32), (96, 96)])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_cpu_rows_path_skips_rows_and_matches_the_reference(dtype, splits, tokens, per_channel):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_rows_path_skips_rows_and_matches_the_reference(dtype, splits, tokens, per_channel, threads, request):
     # The CPU decode product (embedding_bag over kept rows) against the masked-dense reference. Every skipped row is
     # set to NaN: a path that read it, even to multiply it by zero, would return NaN. Tolerance: the two sum in a
-    # different order, within 1e-5 relative in fp32 and two bf16 steps in bf16.
-    from sparse_gemv.cpu import sparse_gemv_rows
+    # different order, within 1e-5 relative in fp32 and two bf16 steps in bf16. With two threads a one-group layer's
+    # columns are cut into two bags.
+    from sparse_gemv.cpu import sparse_gemv_rows, units_of
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    unit = units_of(splits, threads, torch.device("cpu"))[0]
+    assert sum(splits) // unit >= threads and all(s % unit == 0 for s in splits)
     from sparse_gemv.ops import sparse_gemv_reference
     g = torch.Generator().manual_seed(tokens + len(splits))
     k = 80
