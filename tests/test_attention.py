@@ -110,7 +110,9 @@ def test_split_cache_combines_to_math(dtype, pos):
 @pytest.mark.parametrize("batch, pos", [(1, 20), (2, 0), (2, 49)])
 def test_op_on_cpu_matches_the_reference_and_math(batch, pos):
     # The CPU path attends over the written positions only (the reference over the whole cache, masked): equal caches,
-    # and outputs within fp32 rounding of a different summation order (1e-6).
+    # and outputs within fp32 rounding of a different summation order (1e-6). The caches are bit-equal because ATen's
+    # CPU complex product (the CPU path's RoPE) rounds each product and the sum as apply_rotary_emb's real arithmetic
+    # does, unfused; a build that contracts it into FMAs would differ in the last bit of the K cache.
     args = make(batch, 9, 3, 50, 64, pos, torch.float32)
     args[2].nan_to_num_(0.0), args[3].nan_to_num_(0.0)  # SDPA's masked softmax multiplies masked positions by zero
     ref_args = tuple(a.clone() for a in args)
