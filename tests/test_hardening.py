@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import convert_hf_checkpoint
 import generate
 from benchmark import anchors, bench_cpu_decode, bench_decode, bench_persistent, perplexity
-from convert_hf_checkpoint import convert_gguf, convert_hf_folder, write_checkpoint
+from convert_hf_checkpoint import convert_gguf, convert_hf_folder
 from model import ModelArgs, config_hash, load_model
 from sparse_gemv import sparse_gemv_reference
 from sparse_gemv.kernels import sparse_gemv_triton

@@ -254,8 +254,6 @@ def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_token
 @pytest.mark.parametrize("name,bad", [("weight_t", lambda t: t.float()), ("weight_t", lambda t: t[:-1]),
                                       ("scales", lambda t: t.float()), ("zeros", lambda t: t[:, :-1])])
 def test_quantized_checkpoint_with_a_misshapen_tensor_is_refused_at_load(tmp_path, name, bad):
-    import json
-
     from safetensors.torch import save_file
 
     from model import ModelArgs, Transformer, load_model
