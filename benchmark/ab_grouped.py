@@ -17,6 +17,7 @@ import argparse
 import datetime
 import hashlib
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from benchmark.bench_gemv import check_result, graph_time_us, rotating_copies, s
 from benchmark.common import copy_bandwidth, write_result
 from sparse import GroupQuant, quantize_groupwise
 from sparse_gemv import sparse_gemv_reference
+from sparse_gemv.grouped import k_split
 from sparse_gemv.quant import dequantize_grouped
 
 SHAPES = {"14336x4096": (4096, [14336]), "4096x14336": (14336, [4096]), "8b gate/up": (4096, [14336, 14336]),
@@ -45,10 +47,7 @@ def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, til
         compact = tile.endswith("c")
         bn, bk = (int(v) for v in tile.rstrip("c").split("x"))
         base = module.pick_grouped_config(k, groups, compact, sms, quant.group_size)
-        strips = sum(triton.cdiv(s, bn) for s in groups)
-        split = 1
-        while strips * split < 2 * sms and split < 32 and k // (2 * split) >= 2 * quant.group_size:
-            split *= 2
+        split = k_split(k, groups, bn, sms, quant.group_size)  # today's rule, for every revision's tiles
         out.append(({**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, False))
     return out
 
@@ -113,7 +112,7 @@ def main(argv=None):
     pairs = [spec.split("=", 1) for spec in a.kernels]
     if len(pairs) < 2 or any(len(pair) != 2 or not Path(pair[1]).is_file() for pair in pairs):
         raise SystemExit(f"ab_grouped: give two or more LABEL=PATH of existing grouped.py files, got {a.kernels}")
-    if any(":" not in t or t.split(":")[0] not in dict(pairs) for t in a.tiles):
+    if any(not re.fullmatch(r"[^:]+:\d+x\d+c?", t) or t.split(":")[0] not in dict(pairs) for t in a.tiles):
         raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[c] with a given label, got {a.tiles}")
     if not torch.cuda.is_available():
         raise SystemExit("ab_grouped.py measures GPU kernels and needs CUDA")

@@ -390,17 +390,23 @@ def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size
     while a launch still builds in seconds (512 columns unroll twice the code); compact tiles are 64 kept rows of one
     group (at most the group), 256 columns. Several tokens keep a tile's dequantized weights, the tensor-core operand,
     at 8192 fp32 values (64 registers a thread with four warps): 128-row groups take 64-column strips, compact tiles
-    32 x 128. The K split is doubled until the grid gives every SM about two programs, while each split keeps at
-    least two groups."""
+    32 x 128. The K split: k_split's."""
     if tokens == 1:
         bn, bk = 256, (min(64, group_size) if compact else group_size)
     else:
         bn, bk = (128, 32) if compact else (max(8192 // group_size, 64), group_size)
-    strips = sum(triton.cdiv(s, bn) for s in split_sizes)
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": k_split(k, split_sizes, bn, sms, group_size), "COMPACT": compact,
+            "STAGES": 3, "num_warps": 4}
+
+
+def k_split(k: int, split_sizes, block_n: int, sms: int, group_size: int) -> int:
+    """K splits for strips of block_n columns: doubled until the grid gives every SM about two programs, while each
+    split keeps at least two groups."""
+    strips = sum(triton.cdiv(s, block_n) for s in split_sizes)
     split = 1
     while strips * split < 2 * sms and split < MAX_SPLIT_K and k // (2 * split) >= 2 * group_size:
         split *= 2
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "COMPACT": compact, "STAGES": 3, "num_warps": 4}
+    return split
 
 
 def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, tokens: int = 1) -> dict:
