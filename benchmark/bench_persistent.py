@@ -21,6 +21,7 @@ import torch
 import triton
 
 from benchmark.bench_decode import calibrate_on_random_prefill, set_uniform
+from benchmark.bench_gemv import graph_time_us
 from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, fraction, int4_quant, non_negative_int, positive_int, user_errors
 from generate import persistent_layers
@@ -53,23 +54,7 @@ def kept_bytes(model, token, pos) -> int:
 
 def time_steps(layers, args, steps: int = 10, replays: int = 20) -> float:
     """Median seconds per step of `steps` persistent steps captured in one CUDA graph."""
-    for _ in range(3):
-        layers(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        for _ in range(steps):
-            layers(*args)
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / steps)
-    return sorted(times)[replays // 2]
+    return graph_time_us(lambda i: layers(*args), steps, replays) / 1e6
 
 
 @user_errors
