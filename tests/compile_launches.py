@@ -115,6 +115,20 @@ def grouped_sparse_gemv_launches():
                     c=compact, r=reduce: grouped.grouped_sparse_gemv_triton(x, w, s, z, g, t, sp, c, r)
 
 
+def lm_head_launches():
+    """A GGUF's LM head kept quantized (its tied token embedding's table, or an untied output.weight) through the
+    grouped kernel at threshold 0, one token: Llama-3-8B's head (4096 -> 128256), Q8_0, Q4_1 and Q4_0 (groups of 32),
+    where no K split pays (a grid of strips alone fills the GPU) and the launch writes y directly."""
+    k, n = 4096, 128256
+    for bits, zero_point in ((8, False), (4, True), (4, False)):
+        weight = torch.empty(k, n // 2, dtype=torch.uint8) if bits == 4 else torch.empty(k, n, dtype=torch.int8)
+        scales = torch.empty(k // 32, n, dtype=torch.float16)
+        zeros = torch.empty_like(scales) if zero_point else None
+        name = {(8, False): "Q8_0", (4, True): "Q4_1", (4, False): "Q4_0"}[bits, zero_point]
+        yield f"lm_head {name} T=1", lambda x=torch.zeros(1, k, dtype=torch.bfloat16), w=weight, s=scales, z=zeros: (
+            grouped.grouped_sparse_gemv_triton(x, w, s, z, 32, torch.zeros(1), (n,)))
+
+
 def attention_launches():
     """Llama-3-8B heads (32 query, 8 KV, head dim 128), a cache long enough to split, bf16 and fp16, q/k/v whole
     or as a sparse projection's fp32 partial sums."""
@@ -203,7 +217,8 @@ def main(capabilities: list[int]) -> None:
         kernels._has_pdl = lambda device: capability >= 90
         persistent._index = lambda device: 0
         persistent._device_limits = lambda index: (sms, 65536, max_shared + 1024, 2048)
-        for description, call in [*sparse_gemv_launches(), *grouped_sparse_gemv_launches(), *attention_launches(),
+        for description, call in [*sparse_gemv_launches(), *grouped_sparse_gemv_launches(), *lm_head_launches(),
+                                  *attention_launches(),
                                   *cats_launches(), *all_reduce_launches(), *persistent_launches()]:
             for recorder in recorders.values():
                 recorder.launches.clear()

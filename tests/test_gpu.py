@@ -277,6 +277,64 @@ def test_compiled_decode_in_cuda_graphs_matches_eager(sparse):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q4_0"])
+@pytest.mark.parametrize("k,n", [(576, 49152), (4096, 128256)])
+def test_quantized_lm_head_matches_the_dequantized_product(fmt, k, n):
+    # A GGUF's LM head kept quantized, through the grouped kernel at threshold 0 (the op with its launch config: no K
+    # split at these widths), SmolLM2's and Llama-3-8B's shapes: against the float64 product of the dequantized table.
+    from sparse import GroupQuant, quantize_groupwise
+    from sparse_gemv.quant import dequantize_grouped
+    quant = GroupQuant(8 if fmt == "Q8_0" else 4, 32, fmt == "Q4_1")
+    g = torch.Generator(device="cuda").manual_seed(k)
+    q, scales, zeros = quantize_groupwise(torch.randn(n, k, device="cuda", generator=g) / k ** 0.5, quant)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda", generator=g)
+    y = sparse_gemv(x, q, torch.zeros(1, device="cuda"), [n], False, scales, zeros, 32)
+    assert rel_err(y, x.double() @ dequantize_grouped(q, scales, zeros, 32, torch.float64)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("engine", ["per-layer", "persistent"])
+def test_quantized_embedding_and_head_in_cuda_graphs_match_eager(engine):
+    # The default model's formats at its widths (two layers, random weights, fp32 activations): 4-bit projections in
+    # groups of 32 with zeros (Q4_1), and one Q8_0 table for the tied token embedding (QuantizedEmbedding) and the LM
+    # head (a SparseLinear at threshold 0). The compiled step (CUDA graphs: the lookup, and the head's grouped kernel
+    # after the layers, per-layer or persistent) gives the eager per-layer step's greedy tokens.
+    import generate
+    from model import ModelArgs, Transformer
+    from sparse import GroupQuant, QuantizedEmbedding, SparseLinear, quantize_groupwise, set_thresholds, sparsify
+    args = ModelArgs(n_layer=2, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536, vocab_size=49152,
+                     block_size=64, tie_embeddings=True)
+    table = GroupQuant(8, 32, False)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = Transformer(args).cuda().float().eval()
+        sparsify(m, group_quant=GroupQuant(4, 32, True))
+        set_thresholds(m, torch.full((2, 7), 0.3))
+        weight_t, scales, _ = quantize_groupwise(m.tok_embeddings.weight.detach(), table)
+        m.tok_embeddings = QuantizedEmbedding(49152, 576, table, torch.float32, device="cuda")
+        m.output = SparseLinear(576, 49152, (49152,), group_quant=table, device="cuda")
+        m.tok_embeddings.weight_t.data, m.tok_embeddings.scales.data = weight_t, scales
+        m.output.weight_t, m.output.scales = m.tok_embeddings.weight_t, m.tok_embeddings.scales
+        m.output.reserve_workspace()
+        m.setup_caches(1, 64)
+        models.append(m)
+    eager, compiled = models
+    step, _ = generate.decode_step(compiled, engine)
+    step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    prompt = torch.randint(0, 49152, (1, 5), device="cuda", dtype=torch.int)
+    with torch.no_grad():
+        eager(prompt, torch.arange(5, device="cuda"))
+        compiled(prompt, torch.arange(5, device="cuda"))
+        token = prompt[:, -1:]
+        for pos in range(5, 30):
+            input_pos = torch.tensor([pos], device="cuda", dtype=torch.int)
+            want = eager(token, input_pos)
+            got = step(compiled, token, input_pos, temperature=0)
+            assert int(got) == int(want.argmax()), f"position {pos}"
+            token = got.view(1, 1).clone()
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("d,inter", [(4096, 14336), (576, 1536), (1000, 333)])

@@ -1,14 +1,14 @@
 """Group-wise quantized weights (4-bit RTN and GGUF Q4_0 / Q4_1 / Q8_0): quantization against a float64 reference,
-the sparse GEMV under TRITON_INTERPRET against the dequantized weight's PyTorch product, GGUF repacking, and the
-default model at its own Q4_1."""
+the sparse GEMV under TRITON_INTERPRET against the dequantized weight's PyTorch product, GGUF repacking, quantized
+token embeddings and LM heads, and the default model at its own Q4_1 (token embedding Q8_0)."""
 import numpy as np
 import pytest
 import torch
 
-from sparse import GroupQuant, SparseLinear, quantize_groupwise
+from sparse import GroupQuant, QuantizedEmbedding, SparseLinear, quantize_groupwise
 from sparse_gemv import grouped, sparse_gemv, sparse_gemv_reference
 from sparse_gemv.grouped import grouped_sparse_gemv_triton
-from sparse_gemv.quant import dequantize_grouped, pack_int4, unpack_int4
+from sparse_gemv.quant import dequantize_columns, dequantize_grouped, grouped_matmul, pack_int4, unpack_int4
 
 # Relative Frobenius error of the kernels against the float64 product of the same dequantized weights: fp32
 # accumulation; bf16 activations (and, with several tokens, the tensor-core product's bf16 operands) round to 8 bits.
@@ -234,11 +234,16 @@ def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_token
     quantized_checkpoint = default_q4_1_checkpoint
     quantized = load_model(quantized_checkpoint, dtype=torch.float32)
     dense = load_model(default_checkpoint, dtype=torch.float32)
-    assert (quantized_checkpoint / "model.safetensors").stat().st_size * 2.5 < \
+    # 5x smaller: the Q4_1 projections and the Q8_0 token embedding, which is also the tied LM head, kept
+    assert (quantized_checkpoint / "model.safetensors").stat().st_size * 5 < \
         (default_checkpoint / "model.safetensors").stat().st_size
     layer = quantized.layers[7].feed_forward.w13
     assert layer.group_quant == GroupQuant(4, 32, True)
     assert torch.equal(layer.dense_weight(torch.float32), dense.layers[7].feed_forward.w13.weight.detach().t())
+    assert isinstance(quantized.tok_embeddings, QuantizedEmbedding)
+    assert quantized.tok_embeddings.group_quant == quantized.output.group_quant == GroupQuant(8, 32, False)
+    assert quantized.output.weight_t is quantized.tok_embeddings.weight_t  # one table
+    assert torch.equal(quantized.output.dense_weight(torch.float32).t(), dense.tok_embeddings.weight.detach())
     tok = load_tokenizer(default_checkpoint)
     prompt = torch.tensor(tok.encode("The capital of France is"), dtype=torch.int)
     for sparsity in (0.0, 0.5):
@@ -271,3 +276,125 @@ def test_quantized_checkpoint_with_a_misshapen_tensor_is_refused_at_load(tmp_pat
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"group_size": "32"})
     with pytest.raises(ValueError, match=rf"{key} is torch\.\w+[ ;]"):  # names the tensor and what it is
         load_model(tmp_path, dtype=torch.float32)
+
+
+# Quantized tables: an embedding lookup dequantizes the rows it returns, an LM head multiplies by the whole table (the
+# grouped kernel on a GPU, quant.grouped_matmul on the CPU). Relative error of either product against the float64
+# product of the same dequantized weights: fp32 products and sums.
+HEAD_TOL = 1e-5
+
+
+@pytest.mark.parametrize("quant", [GroupQuant(8, 32, False), GroupQuant(4, 32, True), GroupQuant(4, 32, False)],
+                         ids=["Q8_0", "Q4_1", "Q4_0"])
+def test_quantized_table_lookup_and_head_against_the_dequantized_table(quant):
+    # A [vocab, dim] table quantized in the head's layout ([dim, vocab], groups along dim; dim 200 ends in a short
+    # group). The lookup is the dequantized table's rows bit for bit; the head's product, on the CPU and through the
+    # grouped kernel (under the interpreter, threshold 0: dense), is the dequantized table's within HEAD_TOL.
+    g = torch.Generator().manual_seed(quant.bits + quant.zero_point)
+    table = torch.randn(96, 200, generator=g) * 0.1
+    weight_t, scales, zeros = quantize_groupwise(table, quant)
+    dequantized = dequantize_grouped(weight_t, scales, zeros, 32)  # [dim, vocab]
+    embedding = QuantizedEmbedding(96, 200, quant, torch.float32)
+    embedding.weight_t.data, embedding.scales.data = weight_t, scales
+    if zeros is not None:
+        embedding.zeros.data = zeros
+    idx = torch.tensor([[0, 95, 7, 7], [1, 2, 50, 51]])
+    assert torch.equal(embedding(idx), dequantized.t()[idx])
+    assert embedding(idx[:, :1]).dtype == torch.float32
+    assert torch.equal(dequantize_columns(weight_t, scales, zeros, 32, idx.view(-1), torch.bfloat16),
+                       dequantized.t()[idx.view(-1)].bfloat16())
+    head = SparseLinear(200, 96, (96,), group_quant=quant)
+    head.weight_t.data, head.scales.data = weight_t, scales
+    if zeros is not None:
+        head.zeros.data = zeros
+    for tokens in (1, 12):  # a decode step (the op's CPU path) and a prefill (the layer's dense product)
+        x = torch.randn(1, tokens, 200, generator=g)
+        ref = x.double() @ dequantized.double()
+        assert rel_err(head(x), ref) < HEAD_TOL
+        assert rel_err(grouped_matmul(x, weight_t, scales, zeros, 32), ref) < HEAD_TOL
+    x = torch.randn(1, 200, generator=g)
+    y = grouped_sparse_gemv_triton(x, weight_t, scales, zeros, 32, torch.zeros(1), (96,))
+    assert rel_err(y, x.double() @ dequantized.double()) < HEAD_TOL
+
+
+def quantized_gguf(path, head: str | None, dim: int = 64, hidden: int = 96, layers: int = 2):
+    """A tiny llama GGUF quantized as the default model is (projections Q4_1, token embedding Q8_0), with a byte-level
+    BPE vocabulary of 264 tokens (whole int32 words of 4-bit columns); head: the type of an untied output.weight, or
+    None for tied embeddings."""
+    import gguf
+    from tokenizers import pre_tokenizers
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["th"] + [f"<pad{i}>" for i in range(5)]
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, layers), (w.add_context_length, 64), (w.add_embedding_length, dim),
+                       (w.add_feed_forward_length, hidden), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_tokenizer_model, "gpt2"), (w.add_token_list, tokens),
+                       (w.add_token_types, [1] * (len(tokens) - 2) + [3, 3]), (w.add_token_merges, ["t h"]),
+                       (w.add_bos_token_id, len(tokens) - 2), (w.add_eos_token_id, len(tokens) - 1)):
+        add(value)
+    rng = np.random.default_rng(0)
+
+    def add(name, shape, kind="Q4_1"):
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            return
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    add("token_embd.weight", (len(tokens), dim), "Q8_0")
+    add("output_norm.weight", (dim,))
+    if head is not None:
+        add("output.weight", (len(tokens), dim), head)
+    for i in range(layers):
+        b = f"blk.{i}."
+        for name, shape in (("attn_q", (dim, dim)), ("attn_k", (dim // 2, dim)), ("attn_v", (dim // 2, dim)),
+                            ("attn_output", (dim, dim)), ("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim)),
+                            ("ffn_down", (dim, hidden))):
+            add(f"{b}{name}.weight", shape)
+        add(b + "attn_norm.weight", (dim,))
+        add(b + "ffn_norm.weight", (dim,))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("head", [None, "Q8_0", "Q4_1", "Q4_0"], ids=["tied", "Q8_0", "Q4_1", "Q4_0"])
+def test_gguf_embedding_and_head_keep_their_quantization(tmp_path, head):
+    # A GGUF converted twice, with --keep_quantization and without (dequantized, fp32). The kept token embedding is
+    # the file's Q8_0 blocks bit for bit; its lookups are the dequantized table's rows exactly; the head (the same
+    # tensors when tied) multiplies as the dequantized one within HEAD_TOL; and both models give the same greedy
+    # tokens, the quantized one through the per-layer and the persistent (stepped) engines.
+    import gguf
+    from safetensors.torch import load_file
+
+    from convert_hf_checkpoint import convert_gguf
+    from generate import decode_step, generate
+    from model import load_model
+    path = quantized_gguf(tmp_path / "m.gguf", head)
+    kept = convert_gguf(path, tmp_path / "kept", keep_quantization=True)
+    dense = load_model(convert_gguf(path, tmp_path / "dense"), dtype=torch.float32)
+    state = load_file(kept / "model.safetensors")
+    assert "tok_embeddings.weight" not in state and "output.weight" not in state
+    assert ("output.weight_t" in state) == (head is not None)
+    blocks = np.asarray(next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight").data)
+    blocks = blocks.reshape(264, 2, 34)  # [vocab, dim / 32 blocks, fp16 d and 32 int8]
+    assert np.array_equal(state["tok_embeddings.scales"].t().contiguous().numpy().view(np.uint8).reshape(264, 2, 2),
+                          blocks[..., :2])
+    assert np.array_equal(state["tok_embeddings.weight_t"].t().contiguous().numpy().view(np.uint8).reshape(264, 2, 32),
+                          blocks[..., 2:])
+    model = load_model(kept, dtype=torch.float32)
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding) and isinstance(model.output, SparseLinear)
+    assert (model.output.weight_t is model.tok_embeddings.weight_t) == (head is None)
+    if head is not None:
+        assert model.output.group_quant == GroupQuant(8 if head == "Q8_0" else 4, 32, head == "Q4_1")
+    ids = torch.arange(264).view(2, -1)
+    assert torch.equal(model.tok_embeddings(ids), dense.tok_embeddings.weight.detach()[ids])
+    x = torch.randn(1, 3, 64)
+    assert rel_err(model.output(x), x.double() @ dense.output.weight.detach().double().t()) < HEAD_TOL
+    prompt = torch.tensor([5, 17, 42, 7], dtype=torch.int)
+    want = generate(dense, prompt, 6, temperature=0)
+    assert torch.equal(generate(model, prompt, 6, temperature=0), want)
+    step, _ = decode_step(model, "persistent-stepped")
+    assert torch.equal(generate(model, prompt, 3, temperature=0, decode_fn=step), want[:, :prompt.numel() + 3])

@@ -318,7 +318,8 @@ def test_every_kernel_launch_builds_for_ampere_and_hopper():
                        "_attention_combine_kernel", "_one_shot_all_reduce_rmsnorm_kernel", "_decode_layers_kernel",
                        "_cats_gate_up_kernel"}
     assert sum(kernel == "_sparse_gemv_kernel" for _, kernel in names[80]) == 72  # 4 shapes x 18 variants
-    assert sum(kernel == "_grouped_sparse_gemv_kernel" for _, kernel in names[80]) == 36  # 4 shapes x 2 formats x 4 + 4
+    # 4 shapes x 2 formats x 4 + 4, and 3 LM heads (Q8_0, Q4_1, Q4_0)
+    assert sum(kernel == "_grouped_sparse_gemv_kernel" for _, kernel in names[80]) == 39
     assert sum(kernel == "_cats_gate_up_kernel" for _, kernel in names[80]) == 6  # 3 dtypes x 1 or 4 tokens
     for cap, rows in launches.items():
         for r in rows:

@@ -226,17 +226,26 @@ def test_grouped_weights_give_the_per_layer_greedy_tokens_over_8_steps():
 
 def test_default_model_at_its_own_q4_1_gives_the_per_layer_greedy_tokens(default_q4_1_checkpoint):
     """SmolLM2-135M-Instruct from its GGUF's own Q4_1 weights (4-bit, groups of 32, zero points; convert
-    --keep_quantization) at 50% greedy sparsity: the persistent engine's stepped mode gives the per-layer engine's
-    greedy tokens. The interpreter runs every tile of every layer one after another (at these shapes, dim 576, 9 query
-    and 3 KV heads of 64, intermediate 1536, thousands of 32-row group tiles a layer), so the model keeps its first
-    layer and the persistent step decodes one token after the prefill's."""
+    --keep_quantization) and Q8_0 token embedding, also its tied LM head, at 50% greedy sparsity: the persistent
+    engine's stepped mode and the per-layer engine give the greedy tokens of the same model with the embedding and
+    head dequantized to fp32 (nn.Embedding, nn.Linear). The interpreter runs every tile of every layer one after
+    another (at these shapes, dim 576, 9 query and 3 KV heads of 64, intermediate 1536, thousands of 32-row group
+    tiles a layer), so the model keeps its first layer and the persistent step decodes one token after the
+    prefill's."""
     from generate import load_sparse_model
+    from sparse import QuantizedEmbedding
     from tokenizer import load_tokenizer
     model, _ = load_sparse_model(default_q4_1_checkpoint, "cpu", torch.float32, 0.5, "greedy", None)
     del model.layers[1:]
     assert model.layers[0].feed_forward.w13.group_quant == GroupQuant(4, 32, True)
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding) and model.output.group_quant == GroupQuant(8, 32, False)
     prompt = torch.tensor(load_tokenizer(default_q4_1_checkpoint).encode("The capital of France is"), dtype=torch.int)
-    want = generate(copy.deepcopy(model), prompt, 2, temperature=0)
+    fp32_table = copy.deepcopy(model)
+    fp32_table.tok_embeddings = torch.nn.Embedding.from_pretrained(model.output.dense_weight(torch.float32).t())
+    fp32_table.output = torch.nn.Linear(576, 49152, bias=False)
+    fp32_table.output.weight = fp32_table.tok_embeddings.weight
+    want = generate(fp32_table, prompt, 2, temperature=0)
+    assert torch.equal(generate(copy.deepcopy(model), prompt, 2, temperature=0), want)
     step, layers = decode_step(model, "persistent-stepped")
     assert layers.group_size == 32 and layers.weights[2].dtype == torch.uint8 and len(layers.zeros) == 4
     assert torch.equal(generate(model, prompt, 2, temperature=0, decode_fn=step), want)
