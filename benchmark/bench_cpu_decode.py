@@ -1,23 +1,27 @@
 """CPU decoding, dense against sparse, with the memory bandwidth a plain copy reaches in the same process.
 
     python -m benchmark.bench_cpu_decode                       # default SmolLM2, dense and 0.5 (uniform), 5 rounds
-    python -m benchmark.bench_cpu_decode --sparsity 0.4 0.5 --rounds 7 --threads 1
+    python -m benchmark.bench_cpu_decode --sparsity 0.4 0.5 --rounds 7 --threads 1 2
 
-generate.py's model loading and timed generation (greedy, the default prompt). Each round runs a plain copy of a
-buffer larger than the last-level cache, then one generation per model, so that a machine whose load changes
-affects every model alike; the figures are the medians over rounds. Decode tokens/s leave out the prefill (the time
-to the first token). The dense model's bytes per step are its weights (generate.weight_bytes); the copy's bandwidth
-counts the bytes read and written. The load average before and after is recorded: on a shared machine, say so.
-Writes JSON and a PNG.
+generate.py's model loading and timed generation (greedy, the default prompt). Each round runs, for every thread count,
+a plain copy of a buffer larger than the last-level cache, then one generation per model, so that a machine whose load
+changes affects every model alike; the figures are the medians over rounds, and decode_vs_dense_paired is the median
+of each round's own sparse / dense ratio (the two runs of a round are seconds apart). Decode tokens/s leave out the
+prefill (the time to the first token); decode_cpu_ms is the process's CPU time per decode step, which leaves out the
+time other tenants of a shared machine held the core (with several threads it also counts their spinning). The dense
+model's bytes per step are its weights (generate.weight_bytes); the copy's bandwidth counts the bytes read and written.
+The load average before and after every round is recorded: on a shared machine, say so. Writes JSON and a PNG.
 """
 import argparse
 import datetime
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from benchmark.common import copy_bandwidth, write_result
 from cli import fraction, positive_int
@@ -45,15 +49,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--max_new_tokens", type=positive_int, default=100)
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--threads", type=positive_int, help="default: as generate.py picks them")
+    p.add_argument("--threads", type=positive_int, nargs="+", help="thread counts, measured in turn in every round "
+                   "(default: the one generate.py picks)")
     p.add_argument("--compile", action="store_true", help="decode steps compiled (generate.py --compile)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmark/results/cpu-decode-<model>[-compiled].json; "
                    "PNG beside)")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.max_new_tokens < 2:
         raise SystemExit("--rounds must be at least 1 and --max_new_tokens at least 2")
+    threads = a.threads or [cpu_threads()]
     load_before = os.getloadavg()
-    torch.set_num_threads(cpu_threads(a.threads))
     models = {0.0: load_sparse_model(a.checkpoint_path, "cpu", torch.float32, 0.0, a.sparsity_mode, None)[0]}
     for s in a.sparsity:
         models[s] = load_sparse_model(a.checkpoint_path, "cpu", torch.float32, s, a.sparsity_mode, None)[0]
@@ -61,53 +66,74 @@ def main(argv=None):
     prompt = torch.tensor(tokenizer.encode(a.prompt), dtype=torch.int)
     decode_fns = {s: torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if a.compile
                   else decode_one_token for s in models}
-    for s, model in models.items():  # warm-up (and compilation)
-        timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
-    samples = {s: [] for s in models}
-    copies = []
-    for _ in range(a.rounds):
-        copies.append(copy_bandwidth("cpu", 512 << 20, repeats=10) * 1e9)  # bytes/s
-        for s, model in models.items():
-            seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
-            new = seq.shape[1] - prompt.numel()
-            samples[s].append({"tok_s": new / times["total"],
-                               "decode_tok_s": (new - 1) / (times["total"] - times["to_first"]), "seq": seq})
+    for t in threads:
+        torch.set_num_threads(t)
+        for s, model in models.items():  # warm-up (and compilation)
+            timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s])
+    samples = {(t, s): [] for t in threads for s in models}
+    copies = {t: [] for t in threads}
+    loads = []
+    for _ in tqdm(range(a.rounds), desc="rounds"):
+        loads.append(os.getloadavg()[0])
+        for t in threads:
+            torch.set_num_threads(t)
+            copies[t].append(copy_bandwidth("cpu", 512 << 20, repeats=10) * 1e9)  # bytes/s
+            for s, model in models.items():
+                first = []  # the process's CPU time at the first token, when decoding starts
+                seq, times = timed_generate(model, prompt, a.max_new_tokens, temperature=0, decode_fn=decode_fns[s],
+                                            callback=lambda _: first or first.append(time.process_time()))
+                cpu = time.process_time() - first[0]
+                new = seq.shape[1] - prompt.numel()
+                samples[t, s].append({"tok_s": new / times["total"],
+                                      "decode_tok_s": (new - 1) / (times["total"] - times["to_first"]),
+                                      "decode_cpu_ms": 1e3 * cpu / (new - 1), "seq": seq})
+    loads.append(os.getloadavg()[0])
     load_after = os.getloadavg()
 
     def median(values):
         return sorted(values)[len(values) // 2]
-    copy = median(copies)
     dense_bytes = weight_bytes(models[0.0])["total"]
     rows = []
-    for s, model in models.items():
-        tok_s = median([r["tok_s"] for r in samples[s]])
-        decode = median([r["decode_tok_s"] for r in samples[s]])
-        sizes = weight_bytes(model)
-        moved = sizes["total"]
-        row = {"sparsity": s, "tok_s": tok_s, "decode_tok_s": decode,
-               "tok_s_rounds": [r["tok_s"] for r in samples[s]],
-               "decode_tok_s_rounds": [r["decode_tok_s"] for r in samples[s]]}
-        if s > 0:
-            real = measure_realized_sparsity(model, samples[s][-1]["seq"], prompt.numel())
-            moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
-            row.update(realized_sparsity=real["model"])
-        row.update(bytes_per_step=moved, gb_s=moved * decode / 1e9, fraction_of_copy=moved * decode / copy,
-                   tok_s_vs_dense=tok_s / median([r["tok_s"] for r in samples[0.0]]),
-                   decode_vs_dense=decode / median([r["decode_tok_s"] for r in samples[0.0]]))
-        rows.append(row)
-        print(f"sparsity {s}: {tok_s:.2f} tokens/s ({row['tok_s_vs_dense']:.2f}x dense), decode {decode:.2f} "
-              f"tokens/s ({row['decode_vs_dense']:.2f}x), {row['gb_s']:.2f} GB/s = {row['fraction_of_copy']:.0%} of "
-              f"copy" + (f", realised sparsity {row['realized_sparsity']:.3f}" if s > 0 else ""))
-    print(f"copy bandwidth {copy / 1e9:.2f} GB/s (median of rounds {[round(c / 1e9, 2) for c in copies]}), "
-          f"{torch.get_num_threads()} threads, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    result = {"model": models[0.0].config.name, "device": cpu_name(), "cores": os.cpu_count(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32", "compile": a.compile,
+    for t in threads:
+        copy = median(copies[t])
+        dense = samples[t, 0.0]
+        for s, model in models.items():
+            runs = samples[t, s]
+            tok_s = median([r["tok_s"] for r in runs])
+            decode = median([r["decode_tok_s"] for r in runs])
+            sizes = weight_bytes(model)
+            moved = sizes["total"]
+            row = {"threads": t, "sparsity": s, "tok_s": tok_s, "decode_tok_s": decode,
+                   "decode_cpu_ms": median([r["decode_cpu_ms"] for r in runs]),
+                   "tok_s_rounds": [r["tok_s"] for r in runs], "decode_tok_s_rounds": [r["decode_tok_s"] for r in runs],
+                   "decode_cpu_ms_rounds": [r["decode_cpu_ms"] for r in runs]}
+            if s > 0:
+                real = measure_realized_sparsity(model, runs[-1]["seq"], prompt.numel())
+                moved = sizes["total"] - sizes["sparse"] + real["sparse_bytes_moved"]
+                row.update(realized_sparsity=real["model"])
+            paired = [r["decode_tok_s"] / d["decode_tok_s"] for r, d in zip(runs, dense)]
+            row.update(bytes_per_step=moved, gb_s=moved * decode / 1e9, fraction_of_copy=moved * decode / copy,
+                       copy_gb_s=copy / 1e9, tok_s_vs_dense=tok_s / median([r["tok_s"] for r in dense]),
+                       decode_vs_dense=decode / median([r["decode_tok_s"] for r in dense]),
+                       decode_vs_dense_paired=median(paired), decode_vs_dense_rounds=paired,
+                       cpu_vs_dense=median([r["decode_cpu_ms"] for r in dense]) / row["decode_cpu_ms"])
+            rows.append(row)
+            print(f"{t} thread{'s' if t > 1 else ''}, sparsity {s}: {tok_s:.2f} tokens/s ({row['tok_s_vs_dense']:.2f}x "
+                  f"dense), decode {decode:.2f} tokens/s ({row['decode_vs_dense']:.2f}x, paired by round "
+                  f"{row['decode_vs_dense_paired']:.2f}x), {row['decode_cpu_ms']:.1f} ms CPU a step "
+                  f"({row['cpu_vs_dense']:.2f}x), {row['gb_s']:.2f} GB/s = {row['fraction_of_copy']:.0%} of copy "
+                  f"({copy / 1e9:.1f} GB/s)" + (f", realised sparsity {row['realized_sparsity']:.3f}" if s > 0 else ""))
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, by round "
+          f"{[round(x, 2) for x in loads]}")
+    result = {"model": models[0.0].config.name, "device": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+              "torch": torch.__version__, "dtype": "float32", "compile": a.compile,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmark.bench_cpu_decode " + " ".join(sys.argv[1:] if argv is None else argv),
               "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "rounds": a.rounds,
-              "sparsity_mode": a.sparsity_mode, "copy_gb_s": copy / 1e9, "copy_gb_s_rounds": [c / 1e9 for c in copies],
+              "sparsity_mode": a.sparsity_mode, "copy_gb_s": {t: median(copies[t]) / 1e9 for t in threads},
+              "copy_gb_s_rounds": {t: [c / 1e9 for c in copies[t]] for t in threads},
               "dense_weight_bytes": dense_bytes, "load_average_before": load_before, "load_average_after": load_after,
-              "rows": rows}
+              "load_average_rounds": loads, "rows": rows}
     stem = f"cpu-decode-{result['model']}" + ("-compiled" if a.compile else "")
     out = a.out or REPO / "benchmark" / "results" / f"{stem}.json"
     write_result(result, out, plot)
@@ -118,17 +144,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7, 4))
     for row in result["rows"]:
-        label = "dense" if row["sparsity"] == 0 else f"sparsity {row['sparsity']}"
+        label = f"{row['threads']} thr, " + ("dense" if row["sparsity"] == 0 else f"sparsity {row['sparsity']}")
         ax.plot(range(1, len(row["decode_tok_s_rounds"]) + 1), row["decode_tok_s_rounds"], "o-",
-                label=f"{label}: {row['decode_tok_s']:.1f} tok/s")
+                label=f"{label}: {row['decode_tok_s']:.1f} tok/s" + (f" ({row['decode_vs_dense_paired']:.2f}x)"
+                                                                     if row["sparsity"] else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{result['model']} on CPU{', compiled' if result['compile'] else ''}, {result['threads']} threads; "
-                 f"copy {result['copy_gb_s']:.1f} GB/s")
-    ax.legend()
+    loads = result["load_average_rounds"]
+    ax.set_title(f"{result['model']} on CPU{', compiled' if result['compile'] else ''}, {result['cores']} cores; "
+                 f"load {min(loads):.1f}-{max(loads):.1f}", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

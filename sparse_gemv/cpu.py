@@ -25,6 +25,16 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], reading only kept rows.
     x: [T, K]; weight_t: [K, N] contiguous, x's dtype; thresholds: [G] or [G, K] float32. Returns [T, N] in x's dtype.
     Inputs are compared in float32, as the kernels and the reference compare them."""
+    unit, index, offsets, per_sample_weights = kept_row_bags(x, thresholds, split_sizes)
+    rows = weight_t if unit == weight_t.shape[1] else weight_t.view(-1, unit)
+    y = torch.embedding_bag(rows, index, offsets, False, 0, False, per_sample_weights)[0]
+    return y if y.shape[0] == x.shape[0] else y.view(x.shape[0], -1)
+
+
+def kept_row_bags(x: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> tuple[int, torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """The bags sparse_gemv_rows sums, one per token and column unit: (unit, the kept rows' indices into weight_t viewed
+    as rows of `unit` columns, where each bag starts in them, the kept inputs as per-sample weights)."""
     tokens, k = x.shape
     unit, group_of_unit, first_bags = units_of(tuple(split_sizes), torch.get_num_threads(), x.device)
     units = group_of_unit.numel()
@@ -35,19 +45,16 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
     if tokens == 1 and units == 1:  # o and down in a decode step: one bag, starting at 0
         values = x.view(k)
         row = (values.abs().float() > unit_thresholds.view(-1)).nonzero().view(-1)
-        return torch.embedding_bag(weight_t, row, first_bags, False, 0, False, values.index_select(0, row))[0]
+        return unit, row, first_bags, values.index_select(0, row)
     if tokens == 1:
         values = x.view(k)
         bag, row = torch.where(values.abs().float() > unit_thresholds)  # by unit, rows ascending within each
-        y = torch.embedding_bag(weight_t.view(k * units, unit), torch.add(bag, row, alpha=units),
-                                torch.searchsorted(bag, first_bags), False, 0, False, values.index_select(0, row))[0]
-        return y.view(1, units * unit)
+        return unit, torch.add(bag, row, alpha=units), torch.searchsorted(bag, first_bags), values.index_select(0, row)
     kept = x.abs().float()[:, None, :] > unit_thresholds  # [T, units, K]
     token, bag_unit, row = kept.nonzero().unbind(1)  # bag (token, unit) by bag, rows ascending within each
     lengths = kept.sum(2).view(-1)
-    y = torch.embedding_bag(weight_t.view(k * units, unit), row * units + bag_unit, torch.cumsum(lengths, 0) - lengths,
-                            False, 0, False, x.view(-1).index_select(0, token * k + row))[0]
-    return y.view(tokens, units * unit)
+    return (unit, row * units + bag_unit, torch.cumsum(lengths, 0) - lengths,
+            x.view(-1).index_select(0, token * k + row))
 
 
 def grouped_sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

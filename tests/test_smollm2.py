@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from model import load_model
@@ -177,3 +178,25 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     assert cpu_threads(6) == 6  # asked for
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads() == torch.get_num_threads()  # the user's setting, which torch took at start
+
+
+def test_cpu_decode_bench_pairs_dense_and_sparse_by_round(default_checkpoint, tmp_path, request):
+    # Two rounds of 2 tokens at one thread (two threads would spin against whatever else runs on a CI machine): a row
+    # per (threads, sparsity), the sparse row's paired ratio the median of the rounds' own sparse / dense ratios, the
+    # load average of every round, and the plot beside the JSON.
+    import functools
+    import json
+    from benchmark import bench_cpu_decode
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    out = tmp_path / "cpu.json"
+    bench_cpu_decode.main(["--checkpoint_path", str(default_checkpoint), "--rounds", "2", "--max_new_tokens", "2",
+                           "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    dense, sparse = result["rows"]
+    assert (dense["threads"], dense["sparsity"], sparse["threads"], sparse["sparsity"]) == (1, 0.0, 1, 0.5)
+    ratios = [s / d for s, d in zip(sparse["decode_tok_s_rounds"], dense["decode_tok_s_rounds"])]
+    assert sparse["decode_vs_dense_rounds"] == pytest.approx(ratios)
+    assert sparse["decode_vs_dense_paired"] == pytest.approx(max(ratios))  # the upper median of two
+    assert sparse["decode_cpu_ms"] > 0 and 0.3 < sparse["realized_sparsity"] < 0.7
+    assert len(result["load_average_rounds"]) == 3 and list(result["copy_gb_s"]) == ["1"]
+    assert out.with_suffix(".png").stat().st_size > 0
