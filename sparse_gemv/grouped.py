@@ -22,7 +22,8 @@ group's scale takes 2^23 off and scales in a single rounding: with the product w
 weight. The zero point (or the -8 / -128 that makes a code signed) is applied once a group, times the sum of the
 group's kept x. Several tokens dequantize a tile to [BLOCK_K, BLOCK_N] (the 2^23 trick, then q * scale (+ zero),
 dequantize_words) and take a tensor-core product per tile. Split-K and the partial-sum output work as in kernels.py.
-The persistent decode kernel (persistent.py) reads the same layout through group_scales and dequantize_words.
+The persistent decode kernel (persistent.py) reads the same layout one group at a time through add_group_products,
+the predicated one-token tile's loop body.
 """
 import torch
 import triton
@@ -165,31 +166,10 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         # scales are loaded only when one of its rows is kept.
         for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
             if BLOCK_T == 1:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < k_stop
-                if PER_CHANNEL:
-                    thr = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-                x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                kept = tl.max((tl.abs(x) > thr).to(tl.int32))
-                mask = w_mask & (tl.zeros_like(offs_w) + kept > 0)  # the group's scales if one of its rows is kept
-                s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
-                    scale_ptr, zero_ptr, k0 // GROUP, N, columns, mask, BITS, ZERO)
-                x_sum = tl.zeros((ROWS,), dtype=tl.float32)
-                for i in tl.static_range(BLOCK_K // ROWS):
-                    rows = k0 + i * ROWS + tl.arange(0, ROWS)
-                    r_mask = rows < k_stop
-                    if PER_CHANNEL:
-                        thr = tl.load(thr_row + rows, mask=r_mask, other=float("inf"))
-                    x = tl.load(x_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
-                    x = tl.where(tl.abs(x) > thr, x, 0.0)  # a kept row's x is not 0: it masks the row's words
-                    words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask2, other=0)
-                    x_sum += x
-                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
-                        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x,
-                        s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS)
-                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_offsets(
-                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
-                    z_7, BITS)
+                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_products(
+                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr_row if PER_CHANNEL else thr, k0,
+                    k_stop, words_at, row_words, w_mask, scale_ptr, zero_ptr, N, columns, PER_CHANNEL, BITS, ZERO,
+                    BLOCK_K, ROWS, "")
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_stop
@@ -262,6 +242,49 @@ def dequantize_words(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr,
     if ZERO:
         return value * scale[None, :] + zero[None, :]
     return value * scale[None, :]
+
+
+@triton.jit
+def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr, k0, k_stop, words_at,
+                       row_words, w_mask, scale_ptr, zero_ptr, N, columns, PER_CHANNEL: tl.constexpr,
+                       BITS: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+                       X_CACHE: tl.constexpr):
+    """One token, one group: the kept rows among the GROUP rows from k0 (a group's first row; rows from k_stop on are
+    out of range) times x, added to the per-field accumulators [ROWS, words] (add_slab_products) in slabs of ROWS
+    rows. thr: the threshold, or with PER_CHANNEL a pointer to the rows' thresholds (indexed by row); words_at: the
+    strip's int32 words of row 0, [1, words] pointers, a row row_words further on; w_mask: the strip's words in range;
+    columns: field_scales'. The group's scales are loaded once, only if one of its rows is kept; a skipped row's words
+    are not loaded. X_CACHE: x's cache modifier. The per-layer kernel's predicated tiles and the persistent kernel's
+    GEMV tiles (persistent.py) both take their one-token groups here."""
+    offs_k = k0 + tl.arange(0, GROUP)
+    k_mask = offs_k < k_stop
+    if PER_CHANNEL:
+        thr_k = tl.load(thr + offs_k, mask=k_mask, other=float("inf"))
+    else:
+        thr_k = thr
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+    kept = tl.max((tl.abs(x) > thr_k).to(tl.int32))
+    # the group's scales, only if one of its rows is kept (a block mask: the interpreter mishandles scalar ones)
+    mask = tl.where(w_mask, kept, 0) > 0
+    s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
+        scale_ptr, zero_ptr, k0 // GROUP, N, columns, mask, BITS, ZERO)
+    x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+    for i in tl.static_range(GROUP // ROWS):
+        rows = k0 + i * ROWS + tl.arange(0, ROWS)
+        r_mask = rows < k_stop
+        if PER_CHANNEL:
+            thr_r = tl.load(thr + rows, mask=r_mask, other=float("inf"))
+        else:
+            thr_r = thr
+        x = tl.load(x_ptr + rows, mask=r_mask, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+        x = tl.where(tl.abs(x) > thr_r, x, 0.0)  # a kept row's x is not 0: it masks the row's words
+        words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
+        x_sum += x
+        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
+            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7,
+            BITS)
+    return add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5,
+                       z_6, z_7, BITS)
 
 
 @triton.jit

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from sparse_gemv.attention_tiles import attend, load_qkv, rms_norm_pairs, rope, rotate
-from sparse_gemv.grouped import dequantize_words, group_scales
+from sparse_gemv.grouped import add_group_products, word_columns
 from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum_word_columns
 from sparse_gemv.quant import GROUP_SIZES, out_features
 
@@ -59,6 +59,10 @@ PHASES = ("embed", "qkv", "attn", "o", "gu", "down")
 MAX_SPIN = 4 if INTERPRET else 1 << 22
 TILE_BYTES = 64 << 10  # weight bytes per GEMV tile: the granularity at which a phase's last SM finishes
 MAX_PROGRAMS_PER_SM = 4
+# Strip width of group-wise quantized weights (launch's grouped_strip, where the widths allow): a 4-bit row of it is
+# 128 bytes (a cache line, as a 64-column bf16 strip is) and a 128-row group 16 KB, which 4 warps load in 8 slabs of
+# 16 rows, 16 bytes a thread, each thread loading the group's scales of its 32 columns once for all 8.
+GROUPED_STRIP = 256
 
 
 @triton.jit
@@ -92,24 +96,36 @@ def _signal(flag_ptr):
 @triton.jit
 def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, k_stop, K: tl.constexpr,
                N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
-               PACK: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr):
+               PACK: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr):
     """fp32 [BLOCK_N]: x[k] * w[k, col:col + BLOCK_N] summed over the rows k in [k_begin, k_stop) whose |x[k]| is over
     the group's threshold (the other rows' weights are not loaded). x: the [K] activations, written by another program
     of this launch (read past L1); w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads), or with BITS
     4 / 8 group-wise quantized in grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]:
-    BLOCK_K is the group size and k_begin a group's first row, so each tile of rows is one group, whose scales are
-    read only when one of its rows is kept."""
+    BLOCK_K is the group size and k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's
+    add_group_products in slabs whose rows the program's WARPS warps load 16 bytes a thread."""
     if PER_CHANNEL:
-        thr_row = thr_ptr + group * K
+        thr = thr_ptr + group * K  # the group's thresholds, one a row
     else:
         thr = tl.load(thr_ptr + group)
     if BITS > 0:
         PER_WORD: tl.constexpr = 32 // BITS  # columns per int32 word
-        w_words = w_ptr.to(tl.pointer_type(tl.int32))
-        offs_w = col // PER_WORD + tl.arange(0, BLOCK_N // PER_WORD)
-        offs_n = col + tl.arange(0, BLOCK_N)
-        all_columns = tl.full((BLOCK_N,), 1, tl.int1)
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        WORDS: tl.constexpr = BLOCK_N // PER_WORD
+        ROWS: tl.constexpr = min(BLOCK_K, max(1, 4 * 32 * WARPS // WORDS))  # four words a thread
+        word0 = col // PER_WORD  # col: a multiple of the strip width
+        if WORDS % 4 == 0:  # a strip's row is whole 16-byte vectors, loaded four words a thread
+            word0 = tl.multiple_of(word0, 4)
+        offs_w = word0 + tl.arange(0, WORDS)
+        words_at = w_ptr.to(tl.pointer_type(tl.int32)) + offs_w[None, :]
+        columns = PER_WORD * offs_w.to(tl.int64)
+        all_words = tl.full((WORDS,), 1, tl.int1)
+        acc_0 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_1 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_2 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_3 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_4 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_5 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_6 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
+        acc_7 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
     elif PACK > 1:
         w_words = w_ptr.to(tl.pointer_type(tl.int32))
         offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
@@ -121,26 +137,29 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, 
         offs_n = col + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_stop
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if PER_CHANNEL:
-            keep = tl.abs(x) > tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-        else:
-            keep = tl.abs(x) > thr
-        xs = tl.where(keep, x, 0.0)[:, None]
         if BITS > 0:
-            words = tl.load(w_words + offs_k[:, None] * (N // PER_WORD) + offs_w[None, :], mask=keep[:, None], other=0)
-            scale, zero = group_scales(scale_ptr, zero_ptr, k0 // BLOCK_K, N, offs_n, all_columns,
-                                       tl.sum(keep.to(tl.int32), 0), ZERO)
-            acc += xs * dequantize_words(words, scale, zero, BITS, ZERO, BLOCK_K, BLOCK_N)
-        elif PACK > 1:
-            w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
-            acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_products(
+                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr, k0, k_stop, words_at,
+                N // PER_WORD, all_words, scale_ptr, zero_ptr, N, columns, PER_CHANNEL, BITS, ZERO, BLOCK_K, ROWS,
+                ".cg")
         else:
-            w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
-            acc += xs * w.to(tl.float32)
-    if PACK > 1:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_stop
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if PER_CHANNEL:
+                keep = tl.abs(x) > tl.load(thr + offs_k, mask=k_mask, other=float("inf"))
+            else:
+                keep = tl.abs(x) > thr
+            xs = tl.where(keep, x, 0.0)[:, None]
+            if PACK > 1:
+                w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
+                acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+            else:
+                w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
+                acc += xs * w.to(tl.float32)
+    if BITS > 0:
+        total = word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS, BLOCK_N)
+    elif PACK > 1:
         total = sum_word_columns(acc_0, acc_1, acc_2, acc_3, PACK, BLOCK_N)
     else:
         total = tl.sum(acc, axis=0)
@@ -218,8 +237,9 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
           BN_GU: tl.constexpr, KR_GU: tl.constexpr, BN_D: tl.constexpr, KR_D: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr,
           BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
-          BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, DOT_FP32: tl.constexpr,
-          MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
+          BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr,
+          DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr,
+          QK_NORM: tl.constexpr):
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
     prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
     each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights)."""
@@ -286,7 +306,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * (NQKV // PER_BYTE),
                          tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1), sqkv_ptr + layer * G_D * NQKV,
                          zqkv_ptr + layer * G_D * NQKV, col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV,
-                         BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES)
+                         BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
         acc = _scaled(acc, sqkv_ptr + layer * NQKV, col, SCALED, BN_QKV)
         tl.store(pqkv_ptr + split * NQKV + col + tl.arange(0, BN_QKV), acc)
         tl.debug_barrier()
@@ -341,7 +361,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * (D // PER_BYTE),
                          to_ptr + layer * (H * HD if PER_CHANNEL else 1), so_ptr + layer * G_O * D,
                          zo_ptr + layer * G_O * D, col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL,
-                         PACK, BITS, ZERO, STAGES)
+                         PACK, BITS, ZERO, STAGES, WARPS)
         acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
         tl.store(po_ptr + split * D + col + tl.arange(0, BN_O), acc)
         tl.debug_barrier()
@@ -368,9 +388,9 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         scales = s13_ptr + layer * G_D * 2 * I
         zeros = z13_ptr + layer * G_D * 2 * I
         gate = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, col, 0, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
-                          PER_CHANNEL, PACK, BITS, ZERO, STAGES)
+                          PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
         up = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
-                        PER_CHANNEL, PACK, BITS, ZERO, STAGES)
+                        PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
         gate = _scaled(gate, s13_ptr + layer * 2 * I, col, SCALED, BN_GU)
         up = _scaled(up, s13_ptr + layer * 2 * I, I + col, SCALED, BN_GU)
         tl.store(pgu_ptr + split * 2 * I + col + tl.arange(0, BN_GU), gate)
@@ -392,7 +412,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
             _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, prof, MAX_SPIN, PROFILE)
         acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * (D // PER_BYTE), t2_ptr + layer * (I if PER_CHANNEL else 1),
                          s2_ptr + layer * G_I * D, z2_ptr + layer * G_I * D, col, 0, k_begin, k_stop, I, D, BN_D,
-                         BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES)
+                         BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
         acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
         tl.store(pd_ptr + split * D + col + tl.arange(0, BN_D), acc)
         tl.debug_barrier()
@@ -423,8 +443,8 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                           KR_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_NORM: tl.constexpr, BLOCK_STATS: tl.constexpr,
                           PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr, BITS: tl.constexpr,
-                          ZERO: tl.constexpr, STAGES: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr,
-                          C_SIZE: tl.constexpr,
+                          ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr, DOT_FP32: tl.constexpr,
+                          MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
                           NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
                           PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
                           PHASE: tl.constexpr):
@@ -439,8 +459,8 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
               bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
               pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
-              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO, STAGES, DOT_FP32, MAX_SPIN,
-              False, QKV_BIAS, QK_NORM)
+              BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO, STAGES, WARPS, DOT_FP32,
+              MAX_SPIN, False, QKV_BIAS, QK_NORM)
     else:
         for layer in range(L):
             for ph in tl.static_range(6):
@@ -471,7 +491,7 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                           sm_scale, stride_cl, stride_ch, stride_cs,
                           L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
                           BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO,
-                          STAGES, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
+                          STAGES, WARPS, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
                     if PROFILE:
                         end = tl.extra.cuda.globaltimer()
                         slot = prof_ptr + (layer * 6 + ph) * 4
@@ -492,13 +512,13 @@ def _divisor_block(n: int, most: int) -> int:
 
 
 def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: float,
-                tile_bytes: int = TILE_BYTES, group_size: int = 0) -> dict:
+                tile_bytes: int = TILE_BYTES, group_size: int = 0, grouped_strip: int = GROUPED_STRIP) -> dict:
     """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile (weight_bytes: per weight, 0.5 at
     4 bits), its rows a whole number of BLOCK_K rows (a down tile's also of gate/up strips, which it waits for).
-    BLOCK_K is 64 rows, or the group size of group-wise quantized weights (a row tile is one group). Under the
-    interpreter, where every program costs milliseconds, a tile takes all rows of its strip except down's, split in two
-    so partial sums are added."""
-    strip, block_k = 64, group_size or 64
+    BLOCK_K is 64 rows, or the group size of group-wise quantized weights (a row tile is one group), whose strips are
+    grouped_strip columns where the widths allow. Under the interpreter, where every program costs milliseconds, a tile
+    takes all rows of its strip except down's, split in two so partial sums are added."""
+    strip, block_k = (grouped_strip, group_size) if group_size else (64, 64)
     bn_qkv, bn_o, bn_gu, bn_d = (_divisor_block(head_dim, strip), _divisor_block(dim, strip),
                                  _divisor_block(inter, strip), _divisor_block(dim, strip))
 
@@ -550,7 +570,7 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                   v_caches: torch.Tensor, errors: torch.Tensor, profile: Optional[torch.Tensor], eps: float,
                   programs: int, stepped: bool,
                   tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
-                  qkv_biases: Optional[torch.Tensor] = None,
+                  grouped_strip: int = GROUPED_STRIP, qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
 
@@ -563,8 +583,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
-    but for programs=1: the persistent loop as one program). tile_bytes, num_warps and
-    max_registers (0: the compiler's choice) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the
+    but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
+    choice) and grouped_strip (group-wise weights' columns per strip) tune the launch; profile: None, or int64
+    [n_layer, 6, 4] to fill with the
     persistent launch's phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch
     2.11's ADInplaceOrView kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2:
     qkv_biases [n_layer, (H + 2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim]
@@ -577,13 +598,13 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros,
                   group_size, k_caches, v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1),
-                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights)
+                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights, grouped_strip)
 
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size, k_caches,
       v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0,
-      qkv_biases=None, qk_norm_weights=None):
+      grouped_strip=GROUPED_STRIP, qkv_biases=None, qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
@@ -663,7 +684,10 @@ _resident: dict = {}  # compiled kernel's key -> programs resident at once
 def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size: int,
            k_caches, v_caches, errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES,
            num_warps: int = 4, max_registers: int = 0, profile: torch.Tensor | None = None,
-           qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None) -> torch.Tensor:
+           qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None,
+           grouped_strip: int = GROUPED_STRIP) -> torch.Tensor:
+    if grouped_strip < 32 or grouped_strip & (grouped_strip - 1):
+        raise ValueError(f"decode_layers: grouped_strip is a power of two of at least 32 columns, got {grouped_strip}")
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
@@ -672,7 +696,8 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     n_head = out_features(wqkv) // head_dim - 2 * hkv
     dtype = embedding.dtype
     bits = (4 if wqkv.dtype == torch.uint8 else 8) if group_size else 0
-    cfg = tile_config(dim, n_head, head_dim, inter, bits / 8 if bits else wqkv.element_size(), tile_bytes, group_size)
+    cfg = tile_config(dim, n_head, head_dim, inter, bits / 8 if bits else wqkv.element_size(), tile_bytes, group_size,
+                      grouped_strip)
     lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
     ks = lay["splits"]
     f32 = dict(dtype=torch.float32, device=device)
@@ -698,7 +723,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                 BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
                 BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
                 PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales) and not bits, PACK=pack, BITS=bits,
-                ZERO=bool(zeros), STAGES=1 if INTERPRET else 2,
+                ZERO=bool(zeros), STAGES=1 if INTERPRET else 2, WARPS=num_warps,
                 DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
                 QKV_BIAS=qkv_biases is not None, QK_NORM=qk_norm_weights is not None,
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
@@ -738,18 +763,18 @@ class DecodeLayers:
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
     layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps,
-    max_registers, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size: those of group-wise
-    quantized weights."""
+    max_registers, grouped_strip, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size: those of
+    group-wise quantized weights."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
                  stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
                  qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None, zeros=(),
-                 group_size: int = 0):
+                 group_size: int = 0, grouped_strip: int = GROUPED_STRIP):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
         self.scales, self.zeros, self.group_size = list(scales or ()), list(zeros or ()), int(group_size)
         self.qkv_biases, self.qk_norm_weights = qkv_biases, qk_norm_weights
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
-        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers))
+        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers), int(grouped_strip))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
         # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
         # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
@@ -766,9 +791,9 @@ class DecodeLayers:
 
     def launched(self, **launch) -> "DecodeLayers":
         """The same stacked tensors (and error flag) launched otherwise: any of programs, stepped, tile_bytes,
-        num_warps and max_registers changed. A copy, so no tensor the layers hold can be left out."""
+        num_warps, max_registers and grouped_strip changed. A copy, so no tensor the layers hold can be left out."""
         other = copy.copy(self)
-        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers"), self.tuning))
+        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers", "grouped_strip"), self.tuning))
         for name, value in launch.items():
             if name in tuning:
                 tuning[name] = int(value)

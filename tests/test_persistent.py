@@ -187,25 +187,29 @@ def test_greedy_tokens_identical_over_64_steps():
 # Group-wise quantized weights (sparse_gemv/grouped.py's layouts): 4-bit in groups of 32 and 128, with zero points
 # (GGUF Q4_1's kind) and without (Q4_0's), and 8-bit in groups of 32 (Q8_0), at 0 / 0.5 / 0.9 with uniform and
 # per-channel thresholds. The per-layer path on the CPU multiplies by the dequantized weight (the op's reference), the
-# persistent tiles dequantize in registers group by group: fp32 products in another order, within ATOL.
-@pytest.mark.parametrize("name,quant,per_channel,sparsities", [
-    ("mistral", GroupQuant(4, 32, True), False, (0.0, 0.5, 0.9)),
-    ("mistral", GroupQuant(4, 32, False), True, (0.0, 0.5, 0.9)),
-    ("groups", GroupQuant(4, 128, True), True, (0.0, 0.5, 0.9)),
-    ("groups", GroupQuant(4, 128, False), False, (0.0, 0.5, 0.9)),
-    ("groups", GroupQuant(8, 32, False), False, (0.5,)),
-    ("llama", GroupQuant(8, 32, False), True, (0.0, 0.9)),
+# persistent tiles dequantize in registers group by group: fp32 products in another order, within ATOL. A tile walks
+# a group in slabs of as many rows as its threads load 16 bytes of at once: with 4 warps the tiny strips take a group
+# in one slab, with 1 warp in several (a 128-row group of a 64-column 4-bit strip in 8 slabs of 16 rows, the short
+# group at K = 160 in slabs past its end). One step each: the interpreter runs every group's eight nibble fields as
+# numpy calls, and the steps after the first are decode_layers' cache reads, which the greedy tests below cover.
+@pytest.mark.parametrize("name,quant,per_channel,sparsities,warps", [
+    ("mistral", GroupQuant(4, 32, True), False, (0.0, 0.5, 0.9), 1),
+    ("mistral", GroupQuant(4, 32, False), True, (0.0, 0.5, 0.9), 4),
+    ("groups", GroupQuant(4, 128, True), True, (0.0, 0.5, 0.9), 4),
+    ("groups", GroupQuant(4, 128, False), False, (0.5,), 1),
+    ("groups", GroupQuant(8, 32, False), False, (0.5,), 1),
+    ("llama", GroupQuant(8, 32, False), True, (0.0, 0.9), 4),
 ])
-def test_stepped_grouped_weights_match_the_per_layer_path(name, quant, per_channel, sparsities):
+def test_stepped_grouped_weights_match_the_per_layer_path(name, quant, per_channel, sparsities, warps):
     model = tiny_model(name, torch.float32, per_channel=per_channel, group_quant=quant)
     ref = copy.deepcopy(model)
-    layers = persistent_layers(model, stepped=True)
+    layers = persistent_layers(model, stepped=True, num_warps=warps)
     assert layers.group_size == quant.group_size and len(layers.zeros) == (4 if quant.zero_point else 0)
     for s in sparsities:
         calibrate(ref, s)
         for (_, _, a), (_, _, b) in zip(sparse_layers(ref), sparse_layers(model)):
             b.thresholds.copy_(a.thresholds)
-        compare_decode(ref, model, layers, steps=2, atol=ATOL[torch.float32])
+        compare_decode(ref, model, layers, steps=1, atol=ATOL[torch.float32])
 
 
 def test_grouped_weights_with_bf16_activations_at_sparsity_0():
@@ -328,6 +332,8 @@ def test_bad_inputs_are_refused():
         decode_layers(*args, qk_norm_weights=torch.ones(2, 2, 8))
     with pytest.raises(TypeError, match="biases"):
         decode_layers(*args, qkv_biases=torch.zeros(2, 128, dtype=torch.float64))
+    with pytest.raises(ValueError, match="grouped_strip is a power of two"):
+        decode_layers(*args, grouped_strip=96)
     with pytest.raises(TypeError, match="group-wise"):
         call(zeros=[torch.zeros(2, 1, w.shape[2], dtype=torch.float16) for w in layers.weights])
     quantized = persistent_layers(tiny_model("llama", torch.float32, group_quant=GroupQuant(4, 32, True)))
