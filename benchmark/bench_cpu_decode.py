@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from benchmark.common import copy_bandwidth, write_result
-from cli import fraction, positive_int
+from cli import fraction, positive_int, user_errors
 from generate import (cpu_threads, decode_one_token, load_sparse_model, measure_realized_sparsity, timed_generate,
                       weight_bytes)
 from thresholds.file import MAX_SPARSITY, MODES
@@ -40,6 +40,7 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+@user_errors
 def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import triton
 
 from benchmark.common import copy_bandwidth, write_result
-from cli import add_int4_args, fraction, int4_quant, positive_int
+from cli import add_int4_args, fraction, int4_quant, positive_int, user_errors
 from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persistent, measure_realized_sparsity,
                       persistent_embedding, persistent_layers, prefill, set_pdl, timed_generate, weight_bytes)
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
@@ -315,6 +315,7 @@ def allreduce_us(dim: int, dtype, n: int = 64) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@user_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS), help="named config with random weights")

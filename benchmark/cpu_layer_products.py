@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmark.common import write_result
-from cli import fraction, positive_int
+from cli import fraction, positive_int, user_errors
 from generate import generate, load_sparse_model
 from sparse import LAYER_GROUPS, sparse_layers
 from sparse_gemv.cpu import kept_row_bags, sparse_gemv_rows
@@ -57,6 +57,7 @@ def unit_widths(layer) -> list[int]:
                   reverse=True)
 
 
+@user_errors
 def main(argv=None):
     from convert_hf_checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
