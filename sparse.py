@@ -194,8 +194,10 @@ class SparseLinear(nn.Module):
                 # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
                 y = sparse_gemv_rows(rows, self.weight_t, self.thresholds, self.split_sizes)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-            if self.group_size and skips_rows_on_cpu(rows, None) and not torch.compiler.is_compiling():
-                # the same for group-wise quantized weights: the op's CPU path, dequantizing a slab at a time
+            if (self.group_size and rows.device.type == "cpu" and rows.shape[0] <= MAX_TOKENS
+                    and not torch.compiler.is_compiling()):
+                # eager CPU decoding of group-wise quantized weights: the op's CPU path, every row read and dequantized
+                # a slab at a time
                 y = grouped_sparse_gemv_cpu(rows, self.weight_t, self.scales, self.zeros, self.group_size,
                                             self.thresholds, self.split_sizes)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
