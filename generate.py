@@ -25,6 +25,7 @@ from cli import add_int4_args, fraction, int4_quant, non_empty, non_negative_flo
 from model import Transformer, load_model
 from sparse import (LAYER_GROUPS, GroupQuant, QuantizedEmbedding, SparsityMeter, cats_layers, catsify, frozen,
                     set_mask_prefill, sparse_layers, sparsify)
+from sparse_gemv.cpu import fused_kernel
 from thresholds.file import MAX_SPARSITY, MODES, ThresholdFile, apply_thresholds, check_sparsity, default_thresholds
 from tokenizer import load_tokenizer
 
@@ -484,6 +485,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if rank is not None:
         from tp import apply_tp
         apply_tp(model)
+    if device == "cpu" and dtype == torch.float32 and (a.sparsity or a.thresholds):
+        fused_kernel()  # built (once) here, not inside the first sample's time
     tokenizer = load_tokenizer(checkpoint)
     if a.interactive:
         tokenizer.chat_prompt("")  # a chat template that cannot be used fails now, not at the first message

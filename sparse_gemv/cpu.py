@@ -1,30 +1,86 @@
 """The sparse GEMV on CPU: only the kept weight rows are read, as the Triton kernel reads them on a GPU.
 
-y = sum over kept inputs k of x[k] * weight_t[k, :] is an embedding bag: rows of weight_t looked up by index, scaled by
-per-sample weights and summed. PyTorch's CPU embedding_bag (FBGEMM) streams just those rows, so at 50% sparsity a step
-reads half the bytes, where masking and multiplying densely reads them all. Each group of columns (q/k/v, gate/up)
-has its own kept rows: weight_t [K, N] is viewed as [K * N / unit, unit] rows of `unit` columns (the groups' common
-divisor), and every unit of a group's columns is one bag over that group's kept rows. No Triton here.
+For float32, a fused C++ kernel (cpu_kernel.cpp, built on first use into torch's extension cache by
+torch.utils.cpp_extension): per token and group it compacts the kept inputs, then each of torch's threads streams the
+kept rows' segments of its own range of columns into an accumulator in L1. Where no compiler works, and for other
+dtypes, the kept rows are summed by torch.embedding_bag instead (sparse_gemv_bags).
 
-A decode step on CPU is bound by the fixed cost of each operation as much as by bytes (a small model's step is
-thousands of them), so the one-token path is a handful of operations: one mask for all units, one nonzero, and the
-bag index, bag starts and per-sample weights each in one operation.
+y = sum over kept inputs k of x[k] * weight_t[k, :] is an embedding bag: rows of weight_t looked up by index, scaled by
+per-sample weights and summed. PyTorch's CPU embedding_bag (FBGEMM) streams just those rows. Each group of columns
+(q/k/v, gate/up) has its own kept rows: weight_t [K, N] is viewed as [K * N / unit, unit] rows of `unit` columns (the
+groups' common divisor), and every unit of a group's columns is one bag over that group's kept rows. The one-token
+path builds its bags in a handful of operations (one mask for all units, one nonzero, and the bag index, bag starts
+and per-sample weights each in one operation): a step is thousands of them.
 
 Group-wise quantized weights (grouped.py's layout) take grouped_sparse_gemv_cpu instead: the masked product, the
 weight dequantized a slab of columns at a time (quant.grouped_matmul), every row read.
 """
 import functools
+import hashlib
 import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from sparse_gemv.quant import grouped_matmul
+
+KERNEL_SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+KERNEL_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's own OpenMP pool
 
 
 def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], reading only kept rows.
     x: [T, K]; weight_t: [K, N] contiguous, x's dtype; thresholds: [G] or [G, K] float32. Returns [T, N] in x's dtype.
     Inputs are compared in float32, as the kernels and the reference compare them."""
+    kernel = fused_kernel() if x.dtype == torch.float32 else None
+    if kernel is not None:
+        return kernel(x.contiguous(), weight_t, thresholds, split_sizes)
+    return sparse_gemv_bags(x, weight_t, thresholds, split_sizes)
+
+
+@functools.cache
+def fused_kernel():
+    """torch.ops.teal_cpu.sparse_gemv_rows, compiled on first use (a note while it builds), or None, with one warning
+    line, where it cannot be built. The build folder is named by a hash of the source, torch and Python, so a changed
+    source or a new torch builds afresh and never loads a stale library."""
+    from torch.utils import cpp_extension
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return cannot_build(f"no C++ compiler: {compiler} is not on PATH")
+    source = KERNEL_SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{torch.__version__} {sys.version} {KERNEL_FLAGS}".encode()).hexdigest()[:16]
+    name = f"teal_cpu_{key}"
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    start = time.perf_counter()
+    fresh = not (build / f"{name}.so").exists()
+    if fresh:
+        print("building the CPU sparse kernel (once, ~10 s) ...", file=sys.stderr, flush=True)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name, [str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(build), is_python_module=False)
+    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        return cannot_build(f"{type(e).__name__}: " + next((line for line in lines if "error:" in line), lines[-1]))
+    if fresh:
+        print(f"built the CPU sparse kernel in {time.perf_counter() - start:.0f} s ({build})", file=sys.stderr,
+              flush=True)
+    return torch.ops.teal_cpu.sparse_gemv_rows.default
+
+
+def cannot_build(reason: str) -> None:
+    print(f"warning: the CPU sparse kernel could not be built ({reason[:200]}); CPU sparse decoding falls back to "
+          "torch.embedding_bag, which is slower", file=sys.stderr, flush=True)
+
+
+def sparse_gemv_bags(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
+    """sparse_gemv_rows through torch.embedding_bag: for dtypes other than float32, and where the fused kernel cannot
+    be built."""
     unit, index, offsets, per_sample_weights = kept_row_bags(x, thresholds, split_sizes)
     rows = weight_t if unit == weight_t.shape[1] else weight_t.view(-1, unit)
     y = torch.embedding_bag(rows, index, offsets, False, 0, False, per_sample_weights)[0]
@@ -33,7 +89,7 @@ def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.
 
 def kept_row_bags(x: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> tuple[int, torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor]:
-    """The bags sparse_gemv_rows sums, one per token and column unit: (unit, the kept rows' indices into weight_t viewed
+    """The bags sparse_gemv_bags sums, one per token and column unit: (unit, the kept rows' indices into weight_t viewed
     as rows of `unit` columns, where each bag starts in them, the kept inputs as per-sample weights)."""
     tokens, k = x.shape
     unit, group_of_unit, first_bags = units_of(tuple(split_sizes), torch.get_num_threads(), x.device)

@@ -316,12 +316,13 @@ def test_kernel_variant_is_chosen_per_layer():
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_rows_path_skips_rows_and_matches_the_reference(dtype, splits, tokens, per_channel, threads, request):
-    # The CPU decode product (embedding_bag over kept rows) against the masked-dense reference. Every skipped row is
+def test_cpu_embedding_bag_path_skips_rows_and_matches_the_reference(dtype, splits, tokens, per_channel, threads, request):
+    # The CPU decode product through embedding_bag (bf16 and fp16, and fp32 where the fused kernel cannot be built)
+    # against the masked-dense reference. Every skipped row is
     # set to NaN: a path that read it, even to multiply it by zero, would return NaN. Tolerance: the two sum in a
     # different order, within 1e-5 relative in fp32 and two bf16 steps in bf16. With two threads a one-group layer's
     # columns are cut into two bags.
-    from sparse_gemv.cpu import sparse_gemv_rows, units_of
+    from sparse_gemv.cpu import sparse_gemv_bags, units_of
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     torch.set_num_threads(threads)
     unit = units_of(splits, threads, torch.device("cpu"))[0]
@@ -336,14 +337,14 @@ def test_cpu_rows_path_skips_rows_and_matches_the_reference(dtype, splits, token
     thresholds = torch.rand(shape, generator=g) * 1.2
     if not per_channel:
         thresholds[-1] = 10.0  # the last group keeps no row: its columns are zero
-    y = sparse_gemv_rows(x, weight_t, thresholds, splits)
+    y = sparse_gemv_bags(x, weight_t, thresholds, splits)
     nan_rows = weight_t.clone()
     col = 0
     for group, size in enumerate(splits):
         skipped = (x.abs().float() <= thresholds[group]).all(0)  # rows no token keeps
         nan_rows[skipped, col:col + size] = float("nan")
         col += size
-    assert torch.equal(sparse_gemv_rows(x, nan_rows, thresholds, splits), y)
+    assert torch.equal(sparse_gemv_bags(x, nan_rows, thresholds, splits), y)
     want = sparse_gemv_reference(x, weight_t, thresholds, splits)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2e-2)
     torch.testing.assert_close(y, want, **tol)
