@@ -485,8 +485,6 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
     if rank is not None:
         from tp import apply_tp
         apply_tp(model)
-    if device == "cpu" and dtype == torch.float32 and (a.sparsity or a.thresholds):
-        fused_kernel()  # built (once) here, not inside the first sample's time
     tokenizer = load_tokenizer(checkpoint)
     if a.interactive:
         tokenizer.chat_prompt("")  # a chat template that cannot be used fails now, not at the first message
@@ -495,6 +493,8 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else "")
         + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else "")
         + (f", {a.engine} engine" if a.engine != "per-layer" else ""))
+    if device == "cpu" and dtype == torch.float32 and (a.sparsity or a.thresholds):
+        fused_kernel()  # built (once) here, not inside the first sample's time
 
     if a.compile and device == "cpu":
         log("note: --compile is made for CUDA graphs. On CPU it compiles for a minute or more first, then speeds a dense "

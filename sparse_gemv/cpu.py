@@ -59,7 +59,7 @@ def fused_kernel():
     start = time.perf_counter()
     fresh = not (build / f"{name}.so").exists()
     if fresh:
-        print("building the CPU sparse kernel (once, ~10 s) ...", file=sys.stderr, flush=True)
+        print("building the CPU sparse kernel (once, ~5 s) ...", file=sys.stderr, flush=True)
     try:
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name, [str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS, extra_ldflags=["-fopenmp"],
