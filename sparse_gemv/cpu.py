@@ -53,7 +53,9 @@ def fused_kernel():
     if shutil.which(compiler) is None:
         return cannot_build(f"no C++ compiler: {compiler} is not on PATH")
     source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + f"{torch.__version__} {sys.version} {KERNEL_FLAGS}".encode()).hexdigest()[:16]
+    # -march=native: a home folder shared by machines of other CPUs must not load another CPU's build
+    key = hashlib.sha256(source + f"{torch.__version__} {sys.version} {KERNEL_FLAGS} {cpu_features()}".encode())
+    key = key.hexdigest()[:16]
     name = f"teal_cpu_{key}"
     build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     start = time.perf_counter()
@@ -71,6 +73,16 @@ def fused_kernel():
         print(f"built the CPU sparse kernel in {time.perf_counter() - start:.0f} s ({build})", file=sys.stderr,
               flush=True)
     return torch.ops.teal_cpu.sparse_gemv_rows.default
+
+
+def cpu_features() -> str:
+    """The CPU's model and instruction-set flags, as Linux reports them ('' elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    lines = info.splitlines()
+    return " ".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
 def cannot_build(reason: str) -> None:
