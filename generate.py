@@ -493,7 +493,7 @@ def run(a: argparse.Namespace, rank: int | None) -> None:
         + (f", sparsity {a.sparsity} ({a.sparsity_mode})" if a.sparsity else "") + (", int8 weights" if a.int8 else "")
         + (f", 4-bit weights (groups of {a.group_size}{', zero points' if a.zero_point else ''})" if a.int4 else "")
         + (f", {a.engine} engine" if a.engine != "per-layer" else ""))
-    if device == "cpu" and dtype == torch.float32 and (a.sparsity or a.thresholds):
+    if device == "cpu" and next(sparse_layers(model), None) is not None:  # sparse or quantized layers
         fused_kernel()  # built (once) here, not inside the first sample's time
 
     if a.compile and device == "cpu":

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_gemv import MAX_TOKENS, add_partials  # importing the package registers the torch.ops.teal ops
-from sparse_gemv.cpu import grouped_sparse_gemv_cpu, sparse_gemv_rows
+from sparse_gemv.cpu import sparse_gemv_rows
 from sparse_gemv.ops import skips_rows_on_cpu
 from sparse_gemv.quant import GROUP_SIZES, dequantize_columns, dequantize_grouped, grouped_matmul, pack_int4
 
@@ -190,16 +190,10 @@ class SparseLinear(nn.Module):
         added to the product ("keep" takes none)."""
         if x.shape[-2] == 1 or self.mask_prefill:
             rows = x.reshape(-1, self.in_features)
-            if skips_rows_on_cpu(rows, self.scales) and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and skips_rows_on_cpu(rows, self.scales):
                 # eager CPU decoding: the row-skipping product without the op's dispatch and checks, a cost per layer
-                y = sparse_gemv_rows(rows, self.weight_t, self.thresholds, self.split_sizes)
-                return self._add_bias(y.view(*x.shape[:-1], self.out_features))
-            if (self.group_size and rows.device.type == "cpu" and rows.shape[0] <= MAX_TOKENS
-                    and not torch.compiler.is_compiling()):
-                # eager CPU decoding of group-wise quantized weights: the op's CPU path, every row read and dequantized
-                # a slab at a time
-                y = grouped_sparse_gemv_cpu(rows, self.weight_t, self.scales, self.zeros, self.group_size,
-                                            self.thresholds, self.split_sizes)
+                y = sparse_gemv_rows(rows, self.weight_t, self.thresholds, self.split_sizes, self.scales, self.zeros,
+                                     self.group_size)
                 return self._add_bias(y.view(*x.shape[:-1], self.out_features))
             tokens = rows.shape[0]  # above MAX_TOKENS the ops multiply densely: no partials to save
             # "keep" only for single-token steps: the reader that adds them is the decode step's attention op

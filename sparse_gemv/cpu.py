@@ -1,9 +1,14 @@
 """The sparse GEMV on CPU: only the kept weight rows are read, as the Triton kernel reads them on a GPU.
 
-For float32, a fused C++ kernel (cpu_kernel.cpp, built on first use into torch's extension cache by
-torch.utils.cpp_extension): per token and group it compacts the kept inputs, then each of torch's threads streams the
-kept rows' segments of its own range of columns into an accumulator in L1. Where no compiler works, and for other
-dtypes, the kept rows are summed by torch.embedding_bag instead (sparse_gemv_bags).
+A fused C++ kernel (cpu_kernel.cpp, built on first use into torch's extension cache by torch.utils.cpp_extension): per
+token and group it compacts the kept inputs, then each of torch's threads streams the kept rows' segments of its own
+range of columns into an accumulator in L1. It takes float32 weights, and quantized ones: group-wise 4-bit or 8-bit
+(grouped.py's layout), summed over a group's kept rows and scaled once a group, and int8 with one scale per column.
+At threshold 0 (dense decoding) it is the quantized weights' fast product too.
+
+Where no compiler works, float weights' kept rows are summed by torch.embedding_bag instead (sparse_gemv_bags), and
+group-wise quantized weights take grouped_sparse_gemv_cpu (every row read and dequantized a slab of columns at a time);
+int8 ones with one scale per column take ops.sparse_gemv_reference.
 
 y = sum over kept inputs k of x[k] * weight_t[k, :] is an embedding bag: rows of weight_t looked up by index, scaled by
 per-sample weights and summed. PyTorch's CPU embedding_bag (FBGEMM) streams just those rows. Each group of columns
@@ -11,9 +16,6 @@ per-sample weights and summed. PyTorch's CPU embedding_bag (FBGEMM) streams just
 groups' common divisor), and every unit of a group's columns is one bag over that group's kept rows. The one-token
 path builds its bags in a handful of operations (one mask for all units, one nonzero, and the bag index, bag starts
 and per-sample weights each in one operation): a step is thousands of them.
-
-Group-wise quantized weights (grouped.py's layout) take grouped_sparse_gemv_cpu instead: the masked product, the
-weight dequantized a slab of columns at a time (quant.grouped_matmul), every row read.
 """
 import functools
 import hashlib
@@ -33,10 +35,16 @@ KERNEL_SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 KERNEL_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's own OpenMP pool
 
 
-def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
+def sparse_gemv_rows(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes,
+                     scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                     group_size: int = 0) -> torch.Tensor:
     """y[:, group g] = (x * 1[|x| > thresholds[g]]) @ weight_t[:, group g], reading only kept rows.
-    x: [T, K]; weight_t: [K, N] contiguous, x's dtype; thresholds: [G] or [G, K] float32. Returns [T, N] in x's dtype.
-    Inputs are compared in float32, as the kernels and the reference compare them."""
+    x: [T, K]; thresholds: [G] or [G, K] float32. weight_t: [K, N] contiguous in x's dtype, or quantized as
+    teal::sparse_gemv takes it (scales, zeros, group_size; only where quantized_kernel() is built). Returns [T, N] in
+    x's dtype. Inputs are compared in float32, as the kernels and the reference compare them."""
+    if scales is not None:  # quantized: summed in float32
+        y = quantized_kernel()(x.float().contiguous(), weight_t, scales, zeros, group_size, thresholds, split_sizes)
+        return y.to(x.dtype)
     kernel = fused_kernel() if x.dtype == torch.float32 else None
     if kernel is not None:
         return kernel(x.contiguous(), weight_t, thresholds, split_sizes)
@@ -75,6 +83,11 @@ def fused_kernel():
     return torch.ops.teal_cpu.sparse_gemv_rows.default
 
 
+def quantized_kernel():
+    """torch.ops.teal_cpu.quantized_sparse_gemv_rows, from fused_kernel's build, or None where it cannot be built."""
+    return None if fused_kernel() is None else torch.ops.teal_cpu.quantized_sparse_gemv_rows.default
+
+
 def cpu_features() -> str:
     """The CPU's model and instruction-set flags, as Linux reports them ('' elsewhere)."""
     try:
@@ -87,7 +100,8 @@ def cpu_features() -> str:
 
 def cannot_build(reason: str) -> None:
     print(f"warning: the CPU sparse kernel could not be built ({reason[:200]}); CPU sparse decoding falls back to "
-          "torch.embedding_bag, which is slower", file=sys.stderr, flush=True)
+          "torch.embedding_bag, and quantized weights to dequantizing every row, which is slower", file=sys.stderr,
+          flush=True)
 
 
 def sparse_gemv_bags(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
@@ -127,8 +141,9 @@ def kept_row_bags(x: torch.Tensor, thresholds: torch.Tensor, split_sizes) -> tup
 
 def grouped_sparse_gemv_cpu(x: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                             group_size: int, thresholds: torch.Tensor, split_sizes) -> torch.Tensor:
-    """sparse_gemv_reference's product for group-wise quantized weights (grouped.py's layout): each group of columns
-    times its masked x, dequantized a slab at a time (quant.grouped_matmul). x: [T, K]; returns [T, N] in x's dtype."""
+    """sparse_gemv_reference's product for group-wise quantized weights (grouped.py's layout), where the fused kernel
+    cannot be built: each group of columns times its masked x, dequantized a slab at a time (quant.grouped_matmul).
+    x: [T, K]; returns [T, N] in x's dtype."""
     per_byte = 2 if weight_t.dtype == torch.uint8 else 1
     out, col = [], 0
     for g, n in enumerate(split_sizes):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from sparse_gemv.cpu import grouped_sparse_gemv_cpu, sparse_gemv_rows
+from sparse_gemv.cpu import grouped_sparse_gemv_cpu, quantized_kernel, sparse_gemv_rows
 from sparse_gemv.quant import GROUP_SIZES, dequantize_grouped
 
 MAX_TOKENS = 8  # above this many tokens the weight rows an input skips become rare: use a dense matmul
@@ -108,8 +108,8 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
     compact picks the kernel variant that lists kept rows first (faster above about 70% sparsity).
     scales: fp32 [N] for int8 weight_t (weight-only quantization): y is scaled per output column.
     group_size > 0: group-wise quantized weight_t (4-bit uint8 [K, N / 2] or 8-bit int8 [K, N]) with fp16 scales and
-    optional zeros [ceil(K / group_size), N] (sparse_gemv/grouped.py); on CPU it is dequantized on the fly (up to
-    MAX_TOKENS tokens a slab of columns at a time, cpu.grouped_sparse_gemv_cpu)."""
+    optional zeros [ceil(K / group_size), N] (sparse_gemv/grouped.py). On CPU up to MAX_TOKENS tokens take the fused
+    kernel (cpu.sparse_gemv_rows), which reads only the kept rows of any of these weights."""
     x = x.contiguous()
     if _on_kernel(x) and group_size:  # the launchers check their inputs
         from sparse_gemv.grouped import grouped_sparse_gemv_triton
@@ -119,8 +119,8 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tenso
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
     if skips_rows_on_cpu(x, scales):
-        return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)
-    if group_size and x.shape[0] <= MAX_TOKENS:  # decode-sized: scaled once a group, a slab of columns at a time
+        return sparse_gemv_rows(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
+    if group_size and x.shape[0] <= MAX_TOKENS:  # no fused kernel: scaled once a group, a slab of columns at a time
         return grouped_sparse_gemv_cpu(x, weight_t, scales, zeros, group_size, thresholds, split_sizes)
     return sparse_gemv_reference(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
 
@@ -158,8 +158,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
         from sparse_gemv.kernels import sparse_gemv_triton
         return sparse_gemv_triton(x, weight_t, thresholds, split_sizes, compact=compact, reduce=False, scales=scales)
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
-    if skips_rows_on_cpu(x, scales) and x.dtype == torch.float32:
-        return sparse_gemv_rows(x, weight_t, thresholds, split_sizes)[None]
+    if skips_rows_on_cpu(x, scales) and (x.dtype == torch.float32 or scales is not None):
+        return sparse_gemv_rows(x.float(), weight_t, thresholds, split_sizes, scales, zeros, group_size)[None]
     if group_size and x.shape[0] <= MAX_TOKENS:
         return grouped_sparse_gemv_cpu(x.float(), weight_t, scales, zeros, group_size, thresholds, split_sizes)[None]
     if group_size:
@@ -220,9 +220,12 @@ def _(x, w13, threshold):
 
 
 def skips_rows_on_cpu(x: torch.Tensor, scales: torch.Tensor | None) -> bool:
-    """Whether the CPU path reads only the kept rows (decode-sized steps of float weights) rather than masking and
-    multiplying densely (many tokens, where the product is bound by compute, not bytes; int8 weights)."""
-    return x.device.type == "cpu" and x.shape[0] <= MAX_TOKENS and scales is None
+    """Whether the CPU path reads only the kept rows (decode-sized steps; of quantized weights where the fused kernel
+    is built, for activations in a dtype the kernels take) rather than masking and multiplying densely (many tokens,
+    where the product is bound by compute, not bytes)."""
+    if x.device.type != "cpu" or x.shape[0] > MAX_TOKENS:
+        return False
+    return scales is None or (x.dtype in SUPPORTED_DTYPES and quantized_kernel() is not None)
 
 
 def _on_kernel(x: torch.Tensor) -> bool:

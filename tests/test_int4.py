@@ -227,7 +227,7 @@ def test_default_model_at_its_own_q4_1_gives_the_dequantized_models_greedy_token
                                                                                    default_q4_1_checkpoint):
     # The default GGUF converted twice: dequantized to fp32 (the default checkpoint) and with its Q4_1 projections
     # repacked. Their weights are equal, and so are their greedy tokens, dense and at 50% sparsity (the quantized
-    # one runs its projections through the sparse op, which dequantizes on the fly on CPU).
+    # one runs its projections and LM head through the fused CPU kernel, which reads the quantized codes).
     from generate import generate, load_sparse_model
     from model import load_model
     from tokenizer import load_tokenizer
