@@ -180,23 +180,34 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     assert cpu_threads() == torch.get_num_threads()  # the user's setting, which torch took at start
 
 
-def test_cpu_decode_bench_pairs_dense_and_sparse_by_round(default_checkpoint, tmp_path, request):
-    # Two rounds of 2 tokens at one thread (two threads would spin against whatever else runs on a CI machine): a row
-    # per (threads, sparsity), the sparse row's paired ratio the median of the rounds' own sparse / dense ratios, the
-    # load average of every round, and the plot beside the JSON.
+def test_cpu_decode_bench_pairs_dense_and_sparse_by_round(default_checkpoint, default_q4_1_checkpoint, tmp_path,
+                                                          request):
+    # Two rounds of 2 tokens at one thread (two threads would spin against whatever else runs on a CI machine), the
+    # fp32 checkpoint beside the same GGUF at its own Q4_1: a row per (weights, threads, sparsity), the sparse row's
+    # paired ratio the median of the rounds' own sparse / dense ratios (against its own weights' dense), the ratio to
+    # the first checkpoint's dense, each model's resident memory, the load average of every round, and the plot
+    # beside the JSON.
     import functools
     import json
     from benchmark import bench_cpu_decode
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     out = tmp_path / "cpu.json"
-    bench_cpu_decode.main(["--checkpoint_path", str(default_checkpoint), "--rounds", "2", "--max_new_tokens", "2",
-                           "--threads", "1", "--out", str(out)])
+    bench_cpu_decode.main(["--checkpoint_path", str(default_checkpoint), str(default_q4_1_checkpoint), "--rounds", "2",
+                           "--max_new_tokens", "2", "--threads", "1", "--out", str(out)])
     result = json.loads(out.read_text())
-    dense, sparse = result["rows"]
+    dense, sparse, q4_dense, q4_sparse = result["rows"]
     assert (dense["threads"], dense["sparsity"], sparse["threads"], sparse["sparsity"]) == (1, 0.0, 1, 0.5)
+    assert [row["weights"] for row in result["rows"]] == ["float32"] * 2 + ["int4-g32-zeros"] * 2
     ratios = [s / d for s, d in zip(sparse["decode_tok_s_rounds"], dense["decode_tok_s_rounds"])]
     assert sparse["decode_vs_dense_rounds"] == pytest.approx(ratios)
     assert sparse["decode_vs_dense_paired"] == pytest.approx(max(ratios))  # the upper median of two
     assert sparse["decode_cpu_ms"] > 0 and 0.3 < sparse["realized_sparsity"] < 0.7
+    q4_ratios = [s / d for s, d in zip(q4_sparse["decode_tok_s_rounds"], q4_dense["decode_tok_s_rounds"])]
+    assert q4_sparse["decode_vs_dense_rounds"] == pytest.approx(q4_ratios)
+    to_fp32 = [s / d for s, d in zip(q4_dense["decode_tok_s_rounds"], dense["decode_tok_s_rounds"])]
+    assert q4_dense["vs_first_dense"] == pytest.approx(max(to_fp32))
+    # Q4_1 projections and a Q8_0 head: under a third of the fp32 bytes, and resident memory grows by less
+    assert q4_dense["dense_weight_bytes"] * 3 < dense["dense_weight_bytes"]
+    assert 0 < q4_dense["rss_bytes"] < dense["rss_bytes"]
     assert len(result["load_average_rounds"]) == 3 and list(result["copy_gb_s"]) == ["1"]
     assert out.with_suffix(".png").stat().st_size > 0
