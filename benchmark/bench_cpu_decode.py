@@ -8,8 +8,9 @@
 generate.py's model loading and timed generation (greedy, the default prompt). Several checkpoints (a float one and
 one that keeps its quantization, or --int8 / --int4 applied at load) are measured side by side, each dense and at
 every sparsity. Each round runs, for every thread count, a plain copy of a buffer larger than the last-level cache,
-then one generation per model, so that a machine whose load changes affects every model alike; the figures are the medians over rounds, and decode_vs_dense_paired is the median
-of each round's own sparse / dense ratio (the two runs of a round are seconds apart). Decode tokens/s leave out the
+then one generation per model, so that a machine whose load changes affects every model alike; the figures are the
+medians over rounds, and decode_vs_dense_paired is the median of each round's own sparse / dense ratio (the two runs
+of a round are seconds apart). Decode tokens/s leave out the
 prefill (the time to the first token); decode_cpu_ms is the process's CPU time per decode step, which leaves out the
 time other tenants of a shared machine held the core (with several threads it also counts their spinning). The dense
 model's bytes per step are its weights (generate.weight_bytes); the copy's bandwidth counts the bytes read and written.
