@@ -5,18 +5,18 @@
     python -m benchmark.bench_cpu_decode --threads 1 2 --checkpoint_path checkpoints/SmolLM2-135M-Instruct \
         checkpoints/SmolLM2-135M-Instruct-Q4_1             # fp32 beside the default GGUF at its own Q4_1
 
-generate.py's model loading and timed generation (greedy, the default prompt). Several checkpoints (a float one and
-one that keeps its quantization, or --int8 / --int4 applied at load) are measured side by side, each dense and at
-every sparsity. Each round runs, for every thread count, a plain copy of a buffer larger than the last-level cache,
-then one generation per model, so that a machine whose load changes affects every model alike; the figures are the
-medians over rounds, and decode_vs_dense_paired is the median of each round's own sparse / dense ratio (the two runs
-of a round are seconds apart). Decode tokens/s leave out the
-prefill (the time to the first token); decode_cpu_ms is the process's CPU time per decode step, which leaves out the
-time other tenants of a shared machine held the core (with several threads it also counts their spinning). The dense
-model's bytes per step are its weights (generate.weight_bytes); the copy's bandwidth counts the bytes read and written.
-vs_first_dense is the median of each round's ratio to the first checkpoint's dense model. rss_bytes is how much the
-process's resident memory (VmRSS) grew when the model was loaded and run once (its weights, caches and buffers).
-The load average before and after every round is recorded: on a shared machine, say so. Writes JSON and a PNG.
+generate.py's model loading and timed generation (greedy, the default prompt). Several checkpoints (a float one and one
+that keeps its quantization, or --int8 / --int4 applied at load) are measured side by side, each dense and at every
+sparsity. Each round runs, for every thread count, a plain copy of a buffer larger than the last-level cache, then one
+generation per model, so that a machine whose load changes affects every model alike; the figures are the medians over
+rounds, and decode_vs_dense_paired is the median of each round's own sparse / dense ratio (the two runs of a round are
+seconds apart). Decode tokens/s leave out the prefill (the time to the first token); decode_cpu_ms is the process's CPU
+time per decode step, which leaves out the time other tenants of a shared machine held the core (with several threads
+it also counts their spinning). The dense model's bytes per step are its weights (generate.weight_bytes); the copy's
+bandwidth counts the bytes read and written. vs_first_dense is the median of each round's ratio to the first
+checkpoint's dense model. rss_bytes is how much the process's resident memory (VmRSS) grew when the model was loaded
+and run once (its weights, caches and buffers). The load average before and after every round is recorded: on a shared
+machine, say so. Writes JSON and a PNG.
 """
 import argparse
 import datetime
