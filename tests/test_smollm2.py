@@ -105,10 +105,11 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
     del model, ref
 
     model, tf = load_sparse_model(default_checkpoint, "cpu", torch.float32, 0.5, "uniform", None)
-    # realised sparsity over four 1024-token windows spread over the evaluation text (first halves dense)
+    # realised sparsity over two 1024-token windows, the evaluation text's first and last (first halves dense); it
+    # varies between windows far less than the 0.02 allowed
     text = (SHARED_DATA / "wiki-evaluation.txt").read_text(encoding="utf-8")
     ids = torch.tensor(tok.encode(text, bos=False), dtype=torch.int)
-    windows = [ids[s:s + 1024] for s in window_starts(ids.numel(), 4, 1024)]
+    windows = [ids[s:s + 1024] for s in window_starts(ids.numel(), 2, 1024)]
     model.setup_caches(1, 1024)
     for mode, s in (("uniform", 0.25), ("uniform", 0.5), ("uniform", 0.65), ("allocated", 0.5)):
         apply_thresholds(model, tf, s, mode)
