@@ -150,10 +150,11 @@ at::Tensor sparse_gemv_rows(const at::Tensor& x, const at::Tensor& weight_t, con
   return y;
 }
 
-// Quantized weights. A pass covers up to kQuantColumns columns; its sums, scales, zeros and output (four fp32
-// buffers, 16 KB) stay in L1 while the kept rows stream by. With 4-bit codes every buffer holds the even columns
+// Quantized weights. A pass covers up to kQuantColumns columns (a thread's whole range in most layers, so a kept row's
+// codes are read in one segment); its sums, scales, zeros and output (four fp32 buffers, 64 KB) stay in L2 while the
+// kept rows stream by, each pass's rows asked for (prefetched) during the pass before. With 4-bit codes every buffer holds the even columns
 // (low nibbles) first, then the odd ones (high nibbles), so that no loop spreads a byte's two codes apart.
-constexpr int64_t kQuantColumns = 1024;
+constexpr int64_t kQuantColumns = 4096;
 
 template <typename Code>
 constexpr int64_t kCodesPerByte = std::is_same_v<Code, uint8_t> ? 2 : 1;
@@ -189,6 +190,17 @@ inline void add_code_rows(float* __restrict sums, const Code* __restrict w, int6
   }
 }
 
+// the segments w[row * ld : row * ld + bytes] of kept rows [from, to) towards the cache, a read of each line
+template <typename Code>
+inline void prefetch_rows(const Code* w, int64_t ld, int64_t bytes, const Kept& kept, int64_t from, int64_t to) {
+  for (int64_t i = from; i < to; ++i) {
+    const char* row = reinterpret_cast<const char*>(w + kept.rows[i] * ld);
+    for (int64_t j = 0; j < bytes; j += 64) {
+      __builtin_prefetch(row + j);
+    }
+  }
+}
+
 // sums = sum over the kept rows of value * codes, for the kept rows [first, last) of the list
 template <typename Code>
 void sum_codes(float* __restrict sums, const Code* __restrict w, int64_t ld, int64_t bytes, const Kept& kept,
@@ -196,9 +208,11 @@ void sum_codes(float* __restrict sums, const Code* __restrict w, int64_t ld, int
   std::fill(sums, sums + kCodesPerByte<Code> * bytes, 0.0f);
   int64_t i = first;
   for (; i + 4 <= last; i += 4) {
+    prefetch_rows(w, ld, bytes, kept, i + 4, std::min<int64_t>(i + 8, kept.count));
     add_code_rows<Code, 4>(sums, w, ld, bytes, kept, i);
   }
   for (; i < last; ++i) {
+    prefetch_rows(w, ld, bytes, kept, i + 1, std::min<int64_t>(i + 2, kept.count));
     add_code_rows<Code, 1>(sums, w, ld, bytes, kept, i);
   }
 }
@@ -274,6 +288,13 @@ void quantized_columns(float* __restrict out, float* __restrict buffers, const C
   for (int64_t q = 0; q < quant_groups; ++q) {
     if (first[q] == first[q + 1]) {
       continue;
+    }
+    // this group's scales and zeros towards the cache while its codes are summed
+    for (int64_t j = 0; j < n; j += 64 / static_cast<int64_t>(sizeof(Scale))) {
+      __builtin_prefetch(scales + q * n_total + col + j);
+    }
+    for (int64_t j = 0; zeros != nullptr && j < n; j += 32) {
+      __builtin_prefetch(zeros + q * n_total + col + j);
     }
     sum_codes<Code>(sums, codes + col / per_byte, ld, bytes, kept, first[q], first[q + 1]);
     load_floats<per_byte>(scale, scales + q * n_total + col, n, staging);
