@@ -1,5 +1,6 @@
-"""Group-wise quantized weights in PyTorch: 4-bit packing and dequantization, the layout grouped.py's kernel reads
-(and the CPU path multiplies by, dequantized a slab of columns at a time). No Triton here."""
+"""Group-wise quantized weights in PyTorch: 4-bit packing and dequantization, the layout grouped.py's kernel and the
+fused CPU kernel read (and CPU prefill, or CPU decoding where that kernel cannot be built, multiplies by, dequantized a
+slab of columns at a time). No Triton here."""
 import torch
 
 GROUP_SIZES = (32, 64, 128)
