@@ -30,15 +30,16 @@ def pytest_configure(config):
 
 def patch_triton_language_once_per_launch():
     """Triton's interpreter patches triton.language for a launch (GridExecutor.__call__: patched on entry, restored on
-    exit), then again on every @triton.jit device-function call inside it, to the same interpreted builtins: ~0.8 ms
-    a call, 40% of a grouped persistent decode step's time here. Skip the repeat where the launch has already patched
-    every language module the function sees (a device function of triton.language itself, such as tl.zeros, sees
-    triton.language.core too: that one is patched as before)."""
+    exit), then again on every @triton.jit device-function call inside it, to the same interpreted builtins: a large
+    share of the time of a kernel built from many small helpers (the persistent one). Skip the repeat where the launch
+    has already patched every language module the function sees (a device function of triton.language itself, such
+    as tl.zeros, sees triton.language.core too: that one is patched as before)."""
     import sys
 
     import triton.language as tl
     from triton.runtime import interpreter
-    if os.environ.get("TRITON_INTERPRET") != "1" or not hasattr(interpreter, "_patch_lang"):
+    if os.environ.get("TRITON_INTERPRET") != "1" or not all(
+            hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
         return
     patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__.__code__
     langs_of, patched = {}, set()  # fn -> the language modules it sees; those patched in the running launch
@@ -63,7 +64,6 @@ def patch_triton_language_once_per_launch():
             patched.update(langs_of[fn])
         return scope
     interpreter._patch_lang = patch_lang_once
-
 
 
 @pytest.fixture(scope="session")
