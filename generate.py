@@ -420,8 +420,9 @@ def main(argv=None):
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
     p.add_argument("--engine", default="per-layer", choices=ENGINES,
                    help="decode step: a kernel per layer and projection (per-layer), every decoder layer in one "
-                        "persistent kernel (persistent; batch 1, one GPU; at sparsity 0 the dense model runs through "
-                        "it with zero thresholds), or that kernel one launch per phase (persistent-stepped: debugging)")
+                        "persistent kernel (persistent: experimental, slower than per-layer so far, see the README's known "
+                        "limits; batch 1, one GPU; at sparsity 0 the dense model runs through it with zero thresholds), "
+                        "or that kernel one launch per phase (persistent-stepped: debugging)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
                    help="tensor parallel: decode all-reduces as one-shot all-reduces over symmetric memory instead "
                         "of NCCL's; default: on for sparse decoding, off for dense (each one's faster choice)")

@@ -474,8 +474,9 @@ def main(argv=None):
                 if engine == "persistent":  # where the kernel's time goes, by phase (its own timers, one eager step)
                     layers.check()
                     pos = torch.tensor([a.prompt_tokens], dtype=torch.int, device=device)
-                    token, table = persistent_embedding(model, prompt[:1].view(1, 1).int())
-                    row["phases"] = layers.profile(token, pos, model.freqs_cis, table, model.k_caches, model.v_caches)
+                    token, embedding = persistent_embedding(model, prompt[:1].view(1, 1).int())
+                    row["phases"] = layers.profile(token, pos, model.freqs_cis, embedding, model.k_caches,
+                                                   model.v_caches)
                 else:
                     row["prefill"] = profile_prefill(model, prompt, prefill_fn)
                 rows.append(row)

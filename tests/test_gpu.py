@@ -470,6 +470,54 @@ def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(fam
     check_persistent_against_stepped_and_per_layer(model, torch.bfloat16)
 
 
+def test_both_engines_sparse_decode_match_the_masked_reference():
+    """The per-layer step and the persistent launch, each against the masked PyTorch reference (tests/test_sparse.py:
+    dense weights, inputs masked by hooks), fp32, at Llama-3-8B's head layout and widths (two layers, thresholds at
+    the 0.5 quantile of a random prefill), teacher-forced over 8 steps: logits within 1e-3 of the largest (summation
+    order; an activation that close to its threshold may flip one row), the greedy token the same unless the
+    reference's top two are that close. Tells which engine departs where the two disagree."""
+    import copy
+    from generate import persistent_layers
+    from sparse import set_thresholds, sparsify
+    from tests.test_sparse import masked_reference, thresholds_at
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    dense = Transformer(ModelArgs(n_layer=2, n_head=32, n_local_heads=8, dim=4096, intermediate_size=7168,
+                                  vocab_size=2048, block_size=64, rope_base=500000.0)).eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    table = thresholds_at(dense, 0.5)
+    ref = masked_reference(dense, table).cuda()
+    per_layer = sparsify(copy.deepcopy(dense).cuda())
+    set_thresholds(per_layer, table)
+    model = copy.deepcopy(per_layer)
+    layers = persistent_layers(model)
+    prompt = torch.randint(0, 2048, (1, 6), device="cuda")
+    with torch.no_grad():
+        for m in (ref, per_layer, model):
+            m.setup_caches(1, 64)
+            m(prompt, torch.arange(6, device="cuda"))
+        token = prompt[:, -1:].int()
+        for pos in range(6, 14):
+            p = torch.tensor([pos], device="cuda", dtype=torch.int)
+            want = ref(token, p)[0, -1].float()
+            h = layers(token, p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+            got = {"per-layer": per_layer(token, p)[0, -1].float(),
+                   "persistent": model.output(model.norm(h)[0])[0, -1].float()}
+            scale = float(want.abs().max())
+            top2 = want.topk(2).values
+            for engine, logits in got.items():
+                torch.testing.assert_close(logits, want, rtol=0, atol=1e-3 * scale, msg=f"{engine}, position {pos}")
+                if top2[0] - top2[1] > 2e-3 * scale:
+                    assert int(logits.argmax()) == int(want.argmax()), f"{engine}, position {pos}"
+            token = want.argmax().view(1, 1).int()
+    layers.check()
+
+
 def check_persistent_against_stepped_and_per_layer(model, dtype):
     import copy
     from generate import persistent_layers
