@@ -112,7 +112,7 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     (sparsify; thresholds 0 for dense decoding), its layers' weights of one format: the activations' dtype, int8, or
     group-wise quantized (--int4, or a checkpoint that keeps GGUF Q4_0 / Q4_1 / Q8_0). programs: the persistent grid
     (0: every program the GPU holds at once); stepped: one launch per phase (the CPU's mode, and a debugging switch on
-    a GPU); tuning: DecodeLayers' tile_bytes, num_warps, max_registers, grouped_strip. Qwen2's q/k/v biases and
+    a GPU); tuning: DecodeLayers' tile_bytes, num_warps, max_registers, grouped_strip, stages. Qwen2's q/k/v biases and
     Qwen3's q/k norm weights are stacked too."""
     blocks = model.layers
     if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
@@ -420,9 +420,9 @@ def main(argv=None):
                    help="programmatic dependent launch between the decode step's kernels (Hopper+)")
     p.add_argument("--engine", default="per-layer", choices=ENGINES,
                    help="decode step: a kernel per layer and projection (per-layer), every decoder layer in one "
-                        "persistent kernel (persistent: experimental, slower than per-layer so far, see the README's known "
-                        "limits; batch 1, one GPU; at sparsity 0 the dense model runs through it with zero thresholds), "
-                        "or that kernel one launch per phase (persistent-stepped: debugging)")
+                        "persistent kernel (persistent: experimental, slower than per-layer so far, see the README's "
+                        "known limits; batch 1, one GPU; at sparsity 0 the dense model runs through it with zero "
+                        "thresholds), or that kernel one launch per phase (persistent-stepped: debugging)")
     p.add_argument("--one_shot_allreduce", action=argparse.BooleanOptionalAction, default=None,
                    help="tensor parallel: decode all-reduces as one-shot all-reduces over symmetric memory instead "
                         "of NCCL's; default: on for sparse decoding, off for dense (each one's faster choice)")

@@ -63,6 +63,8 @@ MAX_PROGRAMS_PER_SM = 4
 # 128 bytes (a cache line, as a 64-column bf16 strip is) and a 128-row group 16 KB, which 4 warps load in 8 slabs of
 # 16 rows, 16 bytes a thread, each thread loading the group's scales of its 32 columns once for all 8.
 GROUPED_STRIP = 256
+# Software-pipelining depth of a GEMV tile's row loop (launch's stages; the interpreter ignores it).
+STAGES = 2
 
 
 @triton.jit
@@ -570,7 +572,7 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                   v_caches: torch.Tensor, errors: torch.Tensor, profile: Optional[torch.Tensor], eps: float,
                   programs: int, stepped: bool,
                   tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
-                  grouped_strip: int = GROUPED_STRIP, qkv_biases: Optional[torch.Tensor] = None,
+                  grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
 
@@ -584,7 +586,8 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
-    choice) and grouped_strip (group-wise weights' columns per strip) tune the launch; profile: None, or int64
+    choice), grouped_strip (group-wise weights' columns per strip) and stages (software-pipelining depth of the GEMV
+    tiles' row loop) tune the launch; profile: None, or int64
     [n_layer, 6, 4] to fill with the
     persistent launch's phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch
     2.11's ADInplaceOrView kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2:
@@ -598,13 +601,13 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros,
                   group_size, k_caches, v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1),
-                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights, grouped_strip)
+                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights, grouped_strip, stages)
 
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size, k_caches,
       v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0,
-      grouped_strip=GROUPED_STRIP, qkv_biases=None, qk_norm_weights=None):
+      grouped_strip=GROUPED_STRIP, stages=STAGES, qkv_biases=None, qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
@@ -685,9 +688,11 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
            k_caches, v_caches, errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES,
            num_warps: int = 4, max_registers: int = 0, profile: torch.Tensor | None = None,
            qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None,
-           grouped_strip: int = GROUPED_STRIP) -> torch.Tensor:
+           grouped_strip: int = GROUPED_STRIP, stages: int = STAGES) -> torch.Tensor:
     if grouped_strip < 32 or grouped_strip & (grouped_strip - 1):
         raise ValueError(f"decode_layers: grouped_strip is a power of two of at least 32 columns, got {grouped_strip}")
+    if stages < 1:
+        raise ValueError(f"decode_layers: stages is the row loop's pipelining depth, at least 1, got {stages}")
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
@@ -723,7 +728,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                 BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
                 BLOCK_NORM=min(1024, triton.next_power_of_2(dim)), BLOCK_STATS=lay["BLOCK_STATS"],
                 PER_CHANNEL=thresholds[0].dim() == 3, SCALED=bool(scales) and not bits, PACK=pack, BITS=bits,
-                ZERO=bool(zeros), STAGES=1 if INTERPRET else 2, WARPS=num_warps,
+                ZERO=bool(zeros), STAGES=stages, WARPS=num_warps,
                 DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
                 QKV_BIAS=qkv_biases is not None, QK_NORM=qk_norm_weights is not None,
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
@@ -763,18 +768,18 @@ class DecodeLayers:
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
     layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps,
-    max_registers, grouped_strip, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size: those of
-    group-wise quantized weights."""
+    max_registers, grouped_strip, stages, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size:
+    those of group-wise quantized weights."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
                  stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
                  qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None, zeros=(),
-                 group_size: int = 0, grouped_strip: int = GROUPED_STRIP):
+                 group_size: int = 0, grouped_strip: int = GROUPED_STRIP, stages: int = STAGES):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
         self.scales, self.zeros, self.group_size = list(scales or ()), list(zeros or ()), int(group_size)
         self.qkv_biases, self.qk_norm_weights = qkv_biases, qk_norm_weights
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
-        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers), int(grouped_strip))
+        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers), int(grouped_strip), int(stages))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
         # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
         # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
@@ -791,9 +796,10 @@ class DecodeLayers:
 
     def launched(self, **launch) -> "DecodeLayers":
         """The same stacked tensors (and error flag) launched otherwise: any of programs, stepped, tile_bytes,
-        num_warps, max_registers and grouped_strip changed. A copy, so no tensor the layers hold can be left out."""
+        num_warps, max_registers, grouped_strip and stages changed. A copy, so no tensor the layers hold can be left
+        out."""
         other = copy.copy(self)
-        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers", "grouped_strip"), self.tuning))
+        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers", "grouped_strip", "stages"), self.tuning))
         for name, value in launch.items():
             if name in tuning:
                 tuning[name] = int(value)

@@ -339,6 +339,8 @@ def test_bad_inputs_are_refused():
         decode_layers(*args, qkv_biases=torch.zeros(2, 128, dtype=torch.float64))
     with pytest.raises(ValueError, match="grouped_strip is a power of two"):
         decode_layers(*args, grouped_strip=96)
+    with pytest.raises(ValueError, match="stages is the row loop's pipelining depth"):
+        decode_layers(*args, stages=0)
     with pytest.raises(TypeError, match="group-wise"):
         call(zeros=[torch.zeros(2, 1, w.shape[2], dtype=torch.float16) for w in layers.weights])
     quantized = persistent_layers(tiny_model("llama", torch.float32, group_quant=GroupQuant(4, 32, True)))
@@ -378,8 +380,8 @@ def test_launched_copy_keeps_every_tensor_of_the_layers():
     calibrate(model, 0.5)
     ref = copy.deepcopy(model)
     stepped = persistent_layers(model, stepped=True)
-    one_program = stepped.launched(programs=1, stepped=False, tile_bytes=4096)
-    assert (one_program.programs, one_program.stepped, one_program.tuning[0]) == (1, False, 4096)
+    one_program = stepped.launched(programs=1, stepped=False, tile_bytes=4096, stages=3)
+    assert (one_program.programs, one_program.stepped, one_program.tuning[0], one_program.tuning[4]) == (1, False, 4096, 3)
     assert (stepped.programs, stepped.stepped) == (0, True)
     assert compare_decode(ref, model, one_program, steps=2, atol=ATOL[torch.float32]) > 0
     with pytest.raises(TypeError, match="qk_norm_weights"):
