@@ -106,8 +106,8 @@ def main(argv=None):
             layers.check()
             row = {"sparsity": s, "programs_per_sm": per_sm, "tile_kb": tile_kb, "warps": warps,
                    "max_registers": regs, "grouped_strip": strip, "stages": stages, "step_ms": 1e3 * step_s,
-                   "bytes": moved,
-                   "share_of_copy_bandwidth": moved / step_s / (copy_GBps * 1e9), "phases": layers.profile(*args)}
+                   "bytes": moved, "share_of_copy_bandwidth": moved / step_s / (copy_GBps * 1e9),
+                   "phases": layers.profile(*args)}
             rows.append(row)
             print(f"{setting}: {row['step_ms']:.3f} ms, {row['share_of_copy_bandwidth']:.2f} of copy", flush=True)
             print(json.dumps(row["phases"]), flush=True)

@@ -587,13 +587,11 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
     choice), grouped_strip (group-wise weights' columns per strip) and stages (software-pipelining depth of the GEMV
-    tiles' row loop) tune the launch; profile: None, or int64
-    [n_layer, 6, 4] to fill with the
-    persistent launch's phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch
-    2.11's ADInplaceOrView kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2:
-    qkv_biases [n_layer, (H + 2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim]
-    (q norm, k norm), each head of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the
-    embedding's dtype."""
+    tiles' row loop) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's
+    phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch 2.11's ADInplaceOrView
+    kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2: qkv_biases [n_layer, (H +
+    2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head
+    of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the embedding's dtype."""
     check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size,
                  k_caches, v_caches, qkv_biases, qk_norm_weights)
     if not (token.is_cuda or INTERPRET):

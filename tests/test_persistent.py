@@ -381,7 +381,8 @@ def test_launched_copy_keeps_every_tensor_of_the_layers():
     ref = copy.deepcopy(model)
     stepped = persistent_layers(model, stepped=True)
     one_program = stepped.launched(programs=1, stepped=False, tile_bytes=4096, stages=3)
-    assert (one_program.programs, one_program.stepped, one_program.tuning[0], one_program.tuning[4]) == (1, False, 4096, 3)
+    assert (one_program.programs, one_program.stepped) == (1, False)
+    assert (one_program.tuning[0], one_program.tuning[4]) == (4096, 3)  # tile_bytes, stages
     assert (stepped.programs, stepped.stepped) == (0, True)
     assert compare_decode(ref, model, one_program, steps=2, atol=ATOL[torch.float32]) > 0
     with pytest.raises(TypeError, match="qk_norm_weights"):
