@@ -446,10 +446,11 @@ def _quant(name):
     (torch.float32, False, False, 0.5, "int4_g128_zeros")])
 def test_persistent_decode_matches_stepped_and_per_layer(dtype, int8, per_channel, sparsity, quant):
     """The persistent launch against its stepped mode (the same tiles, partial sums added in the same order: equal
-    bits, whichever program took which tile) and against the per-layer path (the model's own kernels: for group-wise
-    quantized weights grouped.py's), teacher-forced over 24 steps: logits within 3% of the largest (bf16 roundings and
-    the thresholds they move) or 1e-4 (fp32), and the greedy token the same unless the per-layer top two are that
-    close."""
+    bits, whichever program took which tile) at every sparsity, and for a dense model against the per-layer path (the
+    model's own kernels: for group-wise quantized weights grouped.py's), teacher-forced over 24 steps: logits within
+    3% of the largest (bf16 roundings) or 1e-4 (fp32), and the greedy token the same unless the per-layer top two are
+    that close. See check_persistent_against_stepped_and_per_layer for why sparse models are not held to the
+    per-layer path here."""
     model = persistent_model(dtype, int8, per_channel, sparsity, block_size=64, group_quant=_quant(quant))
     check_persistent_against_stepped_and_per_layer(model, dtype)
 
@@ -470,10 +471,11 @@ PERSISTENT_FAMILIES = {
 
 @pytest.mark.parametrize("family,int8,per_channel,sparsity", [
     ("qwen3", False, False, 0.5), ("qwen3", True, True, 0.5), ("qwen3", False, True, 0.0),
-    ("qwen2.5", False, False, 0.5), ("qwen2.5", True, True, 0.5), ("llama-3.2", False, False, 0.5)])
+    ("qwen2.5", False, False, 0.5), ("qwen2.5", True, True, 0.5), ("qwen2.5", False, False, 0.0),
+    ("llama-3.2", False, False, 0.5), ("llama-3.2", False, False, 0.0)])
 def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(family, int8, per_channel, sparsity):
-    """As above (bf16), with Qwen3's q/k norms in the attention tiles, Qwen2.5's biases in the q/k/v epilogue, and
-    Llama-3.2's scaled RoPE table."""
+    """As above (bf16; each family also dense, where the per-layer path holds it), with Qwen3's q/k norms in the
+    attention tiles, Qwen2.5's biases in the q/k/v epilogue, and Llama-3.2's scaled RoPE table."""
     model = persistent_model(torch.bfloat16, int8, per_channel, sparsity, block_size=64, **PERSISTENT_FAMILIES[family])
     check_persistent_against_stepped_and_per_layer(model, torch.bfloat16)
 
@@ -482,10 +484,10 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
     """The per-layer step and the persistent launch (and that launch without software pipelining, stages 1), each
     against the masked PyTorch reference (tests/test_sparse.py: dense weights, inputs masked by hooks), fp32, at
     Llama-3-8B's head layout and narrower widths (two layers), teacher-forced with fixed tokens over 8 steps. On this
-    random model one activation on the other side of its threshold moves the logits by up to a fifth of the largest,
-    so engines that add in different orders could disagree without a defect: each threshold is set in a gap of its
+    random model one activation on the other side of its threshold moves the logits far beyond any tolerance, so
+    engines that add in different orders could disagree without a defect: each threshold is set in a gap of its
     inputs over these steps, near their median (gap_thresholds), with no input within 1e-4 of it (relative), far
-    beyond fp32 summation-order differences (~1e-6). Then the logits must agree within 1e-4 of the largest."""
+    beyond fp32's summation-order differences. Then the logits must agree within 1e-4 of the largest."""
     import copy
     from generate import persistent_layers
     from sparse import set_thresholds, sparsify
@@ -552,11 +554,16 @@ def gap_thresholds(ref, table, prompt, tokens, quantile: float, margin: float) -
 
 
 def check_persistent_against_stepped_and_per_layer(model, dtype):
+    """At sparsity above 0, engines that add in different orders put an activation on the other side of its threshold
+    now and then, and on these random models that one row moves the logits far beyond any tolerance (RESULTS.md,
+    "First GPU run of the persistent engine"): the sparse arithmetic is held to the masked reference flip-free by
+    test_both_engines_sparse_decode_match_the_masked_reference, and a sparse model here to its stepped mode only."""
     import copy
     from generate import persistent_layers
     ref = copy.deepcopy(model)
     layers = persistent_layers(model)
     stepped = layers.launched(stepped=True)
+    dense = not any(t.any() for t in layers.thresholds)
     prompt = torch.randint(0, 2048, (1, 6), device="cuda")
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     with torch.no_grad():
@@ -572,12 +579,13 @@ def check_persistent_against_stepped_and_per_layer(model, dtype):
             model.v_caches.copy_(caches[1])
             h = layers(token, p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
             assert torch.equal(h, h_stepped), f"position {pos}"
-            got = model.output(model.norm(h)[0])[0, -1].float()
-            scale = float(want.abs().max())
-            torch.testing.assert_close(got, want, rtol=0, atol=atol * scale)
-            top2 = want.topk(2).values
-            if top2[0] - top2[1] > 2 * atol * scale:
-                assert int(got.argmax()) == int(want.argmax()), f"position {pos}"
+            if dense:
+                got = model.output(model.norm(h)[0])[0, -1].float()
+                scale = float(want.abs().max())
+                torch.testing.assert_close(got, want, rtol=0, atol=atol * scale)
+                top2 = want.topk(2).values
+                if top2[0] - top2[1] > 2 * atol * scale:
+                    assert int(got.argmax()) == int(want.argmax()), f"position {pos}"
             token = want.argmax().view(1, 1).int()
     layers.check()
 
