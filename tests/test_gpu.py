@@ -406,10 +406,8 @@ def random_model_at_llama3_heads(n_layer, block_size, device, **family):
 
 def persistent_model(dtype, int8=False, per_channel=False, sparsity=0.5, n_layer=4, block_size=1100,
                      group_quant=None, **family):
-    """A random model at Llama-3-8B's head layout (GQA 32/8 of 128) and narrower widths (or the ModelArgs in `family`
-    instead), sparse (weights in dtype, int8 or group-wise quantized), with thresholds at the `sparsity` quantile of
-    each projection's inputs over a random prefill; caches for block_size positions. Norm weights and biases uniform
-    in [0.5, 1.5]."""
+    """random_model_at_llama3_heads made sparse (weights in dtype, int8 or group-wise quantized), with thresholds at
+    the `sparsity` quantile of each projection's inputs over a random prefill; caches for block_size positions."""
     from sparse import LAYER_GROUPS, sparse_layers, sparsify
     model = random_model_at_llama3_heads(n_layer, block_size, "cuda", **family)
     model = sparsify(model.to(dtype).eval(), per_channel=per_channel, int8=int8, group_quant=group_quant)
@@ -529,7 +527,7 @@ def gap_thresholds(ref, table, prompt, tokens, quantile: float, margin: float) -
     """Fill table [n_layer, 7] (ref's masked_reference table, read by its hooks) so that no input of a thresholded
     projection in the decode of `tokens` after `prompt` lies within `margin` of its threshold (relative): per
     projection group in the order the step computes them (a threshold changes only what comes after it), the inputs
-    of every step, and the threshold in the widest relative gap among the sorted |inputs| within 1% of the quantile."""
+    of every step, and the threshold in the widest relative gap among the 1% of sorted |inputs| around the quantile."""
     from sparse import LAYER_GROUPS, PROJECTIONS
     for i, block in enumerate(ref.layers):
         for path, projs in LAYER_GROUPS.items():
