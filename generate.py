@@ -112,8 +112,8 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     (sparsify; thresholds 0 for dense decoding), its layers' weights of one format: the activations' dtype, int8, or
     group-wise quantized (--int4, or a checkpoint that keeps GGUF Q4_0 / Q4_1 / Q8_0). programs: the persistent grid
     (0: every program the GPU holds at once); stepped: one launch per phase (the CPU's mode, and a debugging switch on
-    a GPU); tuning: DecodeLayers' tile_bytes, num_warps, max_registers, grouped_strip, stages. Qwen2's q/k/v biases and
-    Qwen3's q/k norm weights are stacked too."""
+    a GPU); tuning: DecodeLayers' tile_bytes, num_warps, max_registers, grouped_strip, stages, block_rows. Qwen2's
+    q/k/v biases and Qwen3's q/k norm weights are stacked too."""
     blocks = model.layers
     if sum(1 for _ in sparse_layers(model)) != 4 * len(blocks):
         raise ValueError("the persistent engine runs sparse layers: sparsify the model first (thresholds 0 decode "

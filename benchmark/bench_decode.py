@@ -35,7 +35,7 @@ from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persist
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
-from sparse_gemv.persistent import GROUPED_STRIP, STAGES
+from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, STAGES
 from thresholds.file import MAX_SPARSITY, MODES
 from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
@@ -361,6 +361,8 @@ def main(argv=None):
                    help="persistent kernel: columns per GEMV strip of --int4 / GGUF-quantized weights")
     p.add_argument("--persistent_stages", type=positive_int, default=STAGES,
                    help="persistent kernel: software-pipelining depth of the GEMV tiles' row loop")
+    p.add_argument("--persistent_block_rows", type=positive_int, default=BLOCK_ROWS,
+                   help="persistent kernel: rows of bf16/int8 weights an iteration of the GEMV tiles' row loop")
     p.add_argument("--tag", default="", help="suffix of the output name, so a new run keeps the old file")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
@@ -445,7 +447,8 @@ def main(argv=None):
         if "persistent" in engines:  # stacks the layers' tensors; the per-layer path then reads the same (views)
             layers = persistent_layers(model, a.persistent_programs, tile_bytes=a.persistent_tile_kb << 10,
                                        num_warps=a.persistent_warps, max_registers=a.persistent_max_registers,
-                                       grouped_strip=a.persistent_grouped_strip, stages=a.persistent_stages)
+                                       grouped_strip=a.persistent_grouped_strip, stages=a.persistent_stages,
+                                       block_rows=a.persistent_block_rows)
             fns["persistent"] = torch.compile(functools.partial(decode_one_token_persistent, layers=layers),
                                               mode="reduce-overhead", fullgraph=True)
         frames_before = None
@@ -537,7 +540,8 @@ def main(argv=None):
               "allreduce_us": ar, "weight_bytes": sizes["total"], "copy_GBps": copy_GBps, "engines": a.engines,
               "persistent": {"programs": a.persistent_programs, "tile_kb": a.persistent_tile_kb,
                              "warps": a.persistent_warps, "max_registers": a.persistent_max_registers,
-                             "grouped_strip": a.persistent_grouped_strip, "stages": a.persistent_stages},
+                             "grouped_strip": a.persistent_grouped_strip, "stages": a.persistent_stages,
+                             "block_rows": a.persistent_block_rows},
               "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "rows": rows}

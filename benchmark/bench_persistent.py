@@ -27,7 +27,7 @@ from cli import add_int4_args, fraction, int4_quant, non_negative_int, positive_
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
-from sparse_gemv.persistent import GROUPED_STRIP, STAGES, _device_limits
+from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, STAGES, _device_limits
 from thresholds.file import MAX_SPARSITY
 
 
@@ -72,6 +72,8 @@ def main(argv=None):
                    help="columns per GEMV strip of --int4 weights")
     p.add_argument("--stages", type=positive_int, nargs="+", default=[STAGES],
                    help="software-pipelining depth of the GEMV tiles' row loop")
+    p.add_argument("--block_rows", type=positive_int, nargs="+", default=[BLOCK_ROWS],
+                   help="rows of bf16/int8 weights an iteration of the GEMV tiles' row loop")
     p.add_argument("--cache", type=positive_int, default=205, help="positions in the KV cache (bench_decode's 5 + 200)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
@@ -91,12 +93,12 @@ def main(argv=None):
     for s in a.sparsities:
         set_uniform(model, table[s])
         moved = kept_bytes(model, token, pos)
-        for per_sm, tile_kb, warps, regs, strip, stages in itertools.product(a.programs_per_sm, a.tile_kb, a.warps,
-                                                                            a.max_registers, a.grouped_strip,
-                                                                            a.stages):
+        for per_sm, tile_kb, warps, regs, strip, stages, block in itertools.product(
+                a.programs_per_sm, a.tile_kb, a.warps, a.max_registers, a.grouped_strip, a.stages, a.block_rows):
             layers = base.launched(programs=per_sm * sms, tile_bytes=tile_kb << 10, num_warps=warps,
-                                   max_registers=regs, grouped_strip=strip, stages=stages)
-            setting = f"{s} {per_sm}/SM {tile_kb} KB {warps} warps regs {regs} strip {strip} stages {stages}"
+                                   max_registers=regs, grouped_strip=strip, stages=stages, block_rows=block)
+            setting = (f"{s} {per_sm}/SM {tile_kb} KB {warps} warps regs {regs} strip {strip} stages {stages} "
+                       f"rows {block}")
             args = (token, pos, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
             try:
                 step_s = time_steps(layers, args)
@@ -105,7 +107,8 @@ def main(argv=None):
                 continue
             layers.check()
             row = {"sparsity": s, "programs_per_sm": per_sm, "tile_kb": tile_kb, "warps": warps,
-                   "max_registers": regs, "grouped_strip": strip, "stages": stages, "step_ms": 1e3 * step_s,
+                   "max_registers": regs, "grouped_strip": strip, "stages": stages, "block_rows": block,
+                   "step_ms": 1e3 * step_s,
                    "bytes": moved, "share_of_copy_bandwidth": moved / step_s / (copy_GBps * 1e9),
                    "phases": layers.profile(*args)}
             rows.append(row)
@@ -134,7 +137,7 @@ def plot(result: dict, path: Path) -> None:
         rows = [r for r in result["rows"] if r["sparsity"] == s]
         ax.plot(range(len(rows)), [r["share_of_copy_bandwidth"] for r in rows], "o-", label=f"sparsity {s}")
         labels = [f"{r['programs_per_sm']}/SM {r['tile_kb']}K w{r['warps']} r{r['max_registers']} s{r['grouped_strip']}"
-                  f" p{r['stages']}" for r in rows]
+                  f" p{r['stages']} k{r.get('block_rows', BLOCK_ROWS)}" for r in rows]
         ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
     ax.set_ylabel("kept weight bytes / step time / copy bandwidth")
     int4 = result.get("int4")

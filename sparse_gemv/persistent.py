@@ -65,6 +65,9 @@ MAX_PROGRAMS_PER_SM = 4
 GROUPED_STRIP = 256
 # Software-pipelining depth of a GEMV tile's row loop (launch's stages; the interpreter ignores it).
 STAGES = 2
+# Rows of bf16/fp32/int8 weights a GEMV tile's row loop takes an iteration (launch's block_rows): the loads in flight
+# at once. Group-wise quantized weights take a group an iteration.
+BLOCK_ROWS = 64
 
 
 @triton.jit
@@ -105,6 +108,9 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, 
     4 / 8 group-wise quantized in grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]:
     BLOCK_K is the group size and k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's
     add_group_products in slabs whose rows the program's WARPS warps load 16 bytes a thread."""
+    # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end;
+    # past that (a tile's rows in few iterations, all of their loads in flight at once) reduced every iteration.
+    ACC_ROWS: tl.constexpr = BLOCK_K if BLOCK_K <= 64 else 1
     if PER_CHANNEL:
         thr = thr_ptr + group * K  # the group's thresholds, one a row
     else:
@@ -131,13 +137,13 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, 
     elif PACK > 1:
         w_words = w_ptr.to(tl.pointer_type(tl.int32))
         offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
-        acc_0 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
-        acc_1 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
-        acc_2 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
-        acc_3 = tl.zeros((BLOCK_K, BLOCK_N // PACK), dtype=tl.float32)
+        acc_0 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
+        acc_1 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
+        acc_2 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
+        acc_3 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
     else:
         offs_n = col + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=STAGES):
         if BITS > 0:
             acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_products(
@@ -155,10 +161,21 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, 
             xs = tl.where(keep, x, 0.0)[:, None]
             if PACK > 1:
                 w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
-                acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+                if ACC_ROWS == 1:
+                    p_0, p_1, p_2, p_3 = add_word_products(0.0, 0.0, 0.0, 0.0, w, xs, PACK)
+                    acc_0 += tl.sum(p_0, axis=0, keep_dims=True)
+                    acc_1 += tl.sum(p_1, axis=0, keep_dims=True)
+                    if PACK == 4:
+                        acc_2 += tl.sum(p_2, axis=0, keep_dims=True)
+                        acc_3 += tl.sum(p_3, axis=0, keep_dims=True)
+                else:
+                    acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
-                acc += xs * w.to(tl.float32)
+                if ACC_ROWS == 1:
+                    acc += tl.sum(xs * w.to(tl.float32), axis=0, keep_dims=True)
+                else:
+                    acc += xs * w.to(tl.float32)
     if BITS > 0:
         total = word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS, BLOCK_N)
     elif PACK > 1:
@@ -514,13 +531,14 @@ def _divisor_block(n: int, most: int) -> int:
 
 
 def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: float,
-                tile_bytes: int = TILE_BYTES, group_size: int = 0, grouped_strip: int = GROUPED_STRIP) -> dict:
+                tile_bytes: int = TILE_BYTES, group_size: int = 0, grouped_strip: int = GROUPED_STRIP,
+                block_rows: int = BLOCK_ROWS) -> dict:
     """Tile shapes by rule: strips of 64 columns and TILE_BYTES of weights per tile (weight_bytes: per weight, 0.5 at
     4 bits), its rows a whole number of BLOCK_K rows (a down tile's also of gate/up strips, which it waits for).
-    BLOCK_K is 64 rows, or the group size of group-wise quantized weights (a row tile is one group), whose strips are
+    BLOCK_K is block_rows, or the group size of group-wise quantized weights (a row tile is one group), whose strips are
     grouped_strip columns where the widths allow. Under the interpreter, where every program costs milliseconds, a tile
     takes all rows of its strip except down's, split in two so partial sums are added."""
-    strip, block_k = (grouped_strip, group_size) if group_size else (64, 64)
+    strip, block_k = (grouped_strip, group_size) if group_size else (64, block_rows)
     bn_qkv, bn_o, bn_gu, bn_d = (_divisor_block(head_dim, strip), _divisor_block(dim, strip),
                                  _divisor_block(inter, strip), _divisor_block(dim, strip))
 
@@ -572,7 +590,8 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                   v_caches: torch.Tensor, errors: torch.Tensor, profile: Optional[torch.Tensor], eps: float,
                   programs: int, stepped: bool,
                   tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
-                  grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, qkv_biases: Optional[torch.Tensor] = None,
+                  grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, block_rows: int = BLOCK_ROWS,
+                  qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every decoder layer of one decode step: the residual stream after the last layer, [1, 1, dim].
 
@@ -586,8 +605,8 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
-    choice), grouped_strip (group-wise weights' columns per strip) and stages (software-pipelining depth of the GEMV
-    tiles' row loop) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's
+    choice), grouped_strip (group-wise weights' columns per strip), stages (software-pipelining depth of the GEMV
+    tiles' row loop) and block_rows (rows of bf16/fp32/int8 weights an iteration of that loop) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's
     phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch 2.11's ADInplaceOrView
     kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2: qkv_biases [n_layer, (H +
     2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head
@@ -599,13 +618,14 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                            "on the CPU (stepped mode)")
     return launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros,
                   group_size, k_caches, v_caches, errors, eps, programs, stepped or (INTERPRET and programs != 1),
-                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights, grouped_strip, stages)
+                  tile_bytes, num_warps, max_registers, profile, qkv_biases, qk_norm_weights, grouped_strip, stages,
+                  block_rows)
 
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size, k_caches,
       v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0,
-      grouped_strip=GROUPED_STRIP, stages=STAGES, qkv_biases=None, qk_norm_weights=None):
+      grouped_strip=GROUPED_STRIP, stages=STAGES, block_rows=BLOCK_ROWS, qkv_biases=None, qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
@@ -686,11 +706,13 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
            k_caches, v_caches, errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES,
            num_warps: int = 4, max_registers: int = 0, profile: torch.Tensor | None = None,
            qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None,
-           grouped_strip: int = GROUPED_STRIP, stages: int = STAGES) -> torch.Tensor:
+           grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     if grouped_strip < 32 or grouped_strip & (grouped_strip - 1):
         raise ValueError(f"decode_layers: grouped_strip is a power of two of at least 32 columns, got {grouped_strip}")
     if stages < 1:
         raise ValueError(f"decode_layers: stages is the row loop's pipelining depth, at least 1, got {stages}")
+    if block_rows < 16 or block_rows & (block_rows - 1):
+        raise ValueError(f"decode_layers: block_rows is a power of two of at least 16 rows, got {block_rows}")
     device = embedding.device
     n_layer, dim = norm_weights.shape[0], embedding.shape[1]
     hkv, head_dim = k_caches.shape[2], k_caches.shape[4]
@@ -700,7 +722,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     dtype = embedding.dtype
     bits = (4 if wqkv.dtype == torch.uint8 else 8) if group_size else 0
     cfg = tile_config(dim, n_head, head_dim, inter, bits / 8 if bits else wqkv.element_size(), tile_bytes, group_size,
-                      grouped_strip)
+                      grouped_strip, block_rows)
     lay = layout(cfg, dim, n_head, hkv, head_dim, inter)
     ks = lay["splits"]
     f32 = dict(dtype=torch.float32, device=device)
@@ -766,18 +788,20 @@ class DecodeLayers:
     them: h = layers(token, input_pos, freqs_cis, embedding, k_caches, v_caches) is the residual stream after the last
     layer, for the model's final norm and LM head. Thresholds stay data: the stacked thresholds are the tensors the
     layers hold (their views), so a new sparsity is a copy into them. programs, stepped, tile_bytes, num_warps,
-    max_registers, grouped_strip, stages, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and group_size:
-    those of group-wise quantized weights."""
+    max_registers, grouped_strip, stages, block_rows, qkv_biases and qk_norm_weights: teal::decode_layers'; zeros and
+    group_size: those of group-wise quantized weights."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
                  stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
                  qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None, zeros=(),
-                 group_size: int = 0, grouped_strip: int = GROUPED_STRIP, stages: int = STAGES):
+                 group_size: int = 0, grouped_strip: int = GROUPED_STRIP, stages: int = STAGES,
+                 block_rows: int = BLOCK_ROWS):
         self.norm_weights, self.weights, self.thresholds = norm_weights, list(weights), list(thresholds)
         self.scales, self.zeros, self.group_size = list(scales or ()), list(zeros or ()), int(group_size)
         self.qkv_biases, self.qk_norm_weights = qkv_biases, qk_norm_weights
         self.eps, self.programs, self.stepped = float(eps), int(programs), bool(stepped)
-        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers), int(grouped_strip), int(stages))
+        self.tuning = (int(tile_bytes), int(num_warps), int(max_registers), int(grouped_strip), int(stages),
+                       int(block_rows))
         self.errors = torch.zeros(1, dtype=torch.int32, device=norm_weights.device)
         # Fixed addresses for CUDA graphs: without the mark, torch.compile's graphs would copy these inputs (every
         # weight of the model) into their own buffers on each replay, as they do for inputs that are not parameters.
@@ -794,10 +818,11 @@ class DecodeLayers:
 
     def launched(self, **launch) -> "DecodeLayers":
         """The same stacked tensors (and error flag) launched otherwise: any of programs, stepped, tile_bytes,
-        num_warps, max_registers, grouped_strip and stages changed. A copy, so no tensor the layers hold can be left
-        out."""
+        num_warps, max_registers, grouped_strip, stages and block_rows changed. A copy, so no tensor the layers hold
+        can be left out."""
         other = copy.copy(self)
-        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers", "grouped_strip", "stages"), self.tuning))
+        tuning = dict(zip(("tile_bytes", "num_warps", "max_registers", "grouped_strip", "stages", "block_rows"),
+                          self.tuning))
         for name, value in launch.items():
             if name in tuning:
                 tuning[name] = int(value)

@@ -479,8 +479,8 @@ def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(fam
 
 
 def test_both_engines_sparse_decode_match_the_masked_reference():
-    """The per-layer step and the persistent launch (and that launch without software pipelining, stages 1), each
-    against the masked PyTorch reference (tests/test_sparse.py: dense weights, inputs masked by hooks), fp32, at
+    """The per-layer step and the persistent launch (and that launch without software pipelining, stages 1, and with
+    256 rows an iteration, reduced as it goes), each against the masked PyTorch reference (tests/test_sparse.py: dense weights, inputs masked by hooks), fp32, at
     Llama-3-8B's head layout and narrower widths (two layers), teacher-forced with fixed tokens over 8 steps. On this
     random model one activation on the other side of its threshold moves the logits far beyond any tolerance, so
     engines that add in different orders could disagree without a defect: each threshold is set in a gap of its
@@ -501,7 +501,8 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
     set_thresholds(per_layer, table)
     model = copy.deepcopy(per_layer)
     layers = persistent_layers(model)
-    unpipelined = layers.launched(stages=1)  # the row loop without software pipelining
+    variants = {"persistent, stages 1": layers.launched(stages=1),
+                "persistent, 256 rows an iteration": layers.launched(stages=1, block_rows=256)}
     with torch.no_grad():
         for m in (ref, per_layer, model):
             m.setup_caches(1, 64, exact=True)
@@ -509,14 +510,14 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
         for step, token in enumerate(tokens):
             p = torch.tensor([6 + step], device="cuda", dtype=torch.int)
             want = ref(token, p)[0, -1].float()
-            # both launches write the same cache row; the default launch's, written last, is the one kept
-            h_unpipelined = unpipelined(token.int(), p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches,
-                                        model.v_caches)
-            h = layers(token.int(), p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches, model.v_caches)
+            # every launch writes the same cache row; the default launch's, written last, is the one kept
+            hs = {name: launch(token.int(), p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches,
+                               model.v_caches) for name, launch in variants.items()}
+            hs["persistent"] = layers(token.int(), p, model.freqs_cis, model.tok_embeddings.weight, model.k_caches,
+                                      model.v_caches)
             layers.check()  # a wait that gave up, before its numbers are blamed
             got = {"per-layer": per_layer(token, p)[0, -1].float(),
-                   "persistent": model.output(model.norm(h)[0])[0, -1].float(),
-                   "persistent, stages 1": model.output(model.norm(h_unpipelined)[0])[0, -1].float()}
+                   **{name: model.output(model.norm(h)[0])[0, -1].float() for name, h in hs.items()}}
             scale = float(want.abs().max())
             worst = {engine: float((logits - want).abs().max()) / scale for engine, logits in got.items()}
             assert max(worst.values()) <= 1e-4, f"step {step}, largest difference / largest logit: {worst}"

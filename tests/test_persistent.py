@@ -111,14 +111,28 @@ def test_stepped_logits_match_the_per_layer_path(name, dtype, int8, per_channel,
     check_sparsities(tiny_model(name, dtype, int8, per_channel), sparsities, ATOL[dtype])
 
 
-def check_sparsities(model: Transformer, sparsities, atol: float) -> None:
+def check_sparsities(model: Transformer, sparsities, atol: float, **tuning) -> None:
     ref = copy.deepcopy(model)
-    layers = persistent_layers(model, stepped=True)
+    layers = persistent_layers(model, stepped=True, **tuning)
     for s in sparsities:
         calibrate(ref, s)
         for (_, _, a), (_, _, b) in zip(sparse_layers(ref), sparse_layers(model)):
             b.thresholds.copy_(a.thresholds)
         compare_decode(ref, model, layers, steps=2, atol=atol)
+
+
+# block_rows 16: four row iterations a tile, products kept per row and reduced once; 128: one iteration past the
+# layers' 64 rows (masked), reduced as it goes (the GPU's single-iteration tiles). bf16 weights (read as int32 pairs),
+# int8 (quads) and fp32 (plain), per-tensor and per-channel thresholds.
+@pytest.mark.parametrize("name,dtype,int8,per_channel,block_rows,sparsities", [
+    ("llama", torch.float32, False, False, 16, (0.0, 0.5)),
+    ("llama", torch.float32, False, True, 128, (0.0, 0.5, 0.9)),
+    ("mistral", torch.float32, True, False, 128, (0.0, 0.5)),
+    ("llama", torch.bfloat16, False, False, 128, (0.0,)),
+])
+def test_stepped_row_blocks_match_the_per_layer_path(name, dtype, int8, per_channel, block_rows, sparsities):
+    model = tiny_model(name, dtype, int8, per_channel)
+    check_sparsities(model, sparsities, ATOL[dtype], block_rows=block_rows)
 
 
 def family_model(family: str, dtype, int8: bool = False, per_channel: bool = False) -> Transformer:
@@ -341,6 +355,8 @@ def test_bad_inputs_are_refused():
         decode_layers(*args, grouped_strip=96)
     with pytest.raises(ValueError, match="stages is the row loop's pipelining depth"):
         decode_layers(*args, stages=0)
+    with pytest.raises(ValueError, match="block_rows is a power of two of at least 16"):
+        decode_layers(*args, block_rows=48)
     with pytest.raises(TypeError, match="group-wise"):
         call(zeros=[torch.zeros(2, 1, w.shape[2], dtype=torch.float16) for w in layers.weights])
     quantized = persistent_layers(tiny_model("llama", torch.float32, group_quant=GroupQuant(4, 32, True)))
@@ -380,9 +396,9 @@ def test_launched_copy_keeps_every_tensor_of_the_layers():
     calibrate(model, 0.5)
     ref = copy.deepcopy(model)
     stepped = persistent_layers(model, stepped=True)
-    one_program = stepped.launched(programs=1, stepped=False, tile_bytes=4096, stages=3)
+    one_program = stepped.launched(programs=1, stepped=False, tile_bytes=4096, stages=3, block_rows=32)
     assert (one_program.programs, one_program.stepped) == (1, False)
-    assert (one_program.tuning[0], one_program.tuning[4]) == (4096, 3)  # tile_bytes, stages
+    assert one_program.tuning[0] == 4096 and one_program.tuning[4:] == (3, 32)  # tile_bytes; stages, block_rows
     assert (stepped.programs, stepped.stepped) == (0, True)
     assert compare_decode(ref, model, one_program, steps=2, atol=ATOL[torch.float32]) > 0
     with pytest.raises(TypeError, match="qk_norm_weights"):
