@@ -35,7 +35,7 @@ from generate import (SPARSE_KERNELS, decode_one_token, decode_one_token_persist
 import tp  # tp.ONE_SHOT is read through the module: set_one_shot rebinds it
 from model import CONFIGS, RMSNorm, random_model
 from sparse import LAYER_GROUPS, catsify, cats_layers, set_cats_thresholds, sparse_layers, sparsify
-from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, STAGES
+from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, MAX_REGISTERS, STAGES
 from thresholds.file import MAX_SPARSITY, MODES
 from tp import AllReduceRMSNorm, apply_tp, maybe_init_dist, set_one_shot, shutdown_dist
 
@@ -355,7 +355,7 @@ def main(argv=None):
     p.add_argument("--persistent_tile_kb", type=positive_int, default=64,
                    help="persistent kernel: weight KB per GEMV tile")
     p.add_argument("--persistent_warps", type=positive_int, default=4, help="persistent kernel: warps per program")
-    p.add_argument("--persistent_max_registers", type=int, default=0,
+    p.add_argument("--persistent_max_registers", type=int, default=MAX_REGISTERS,
                    help="persistent kernel: register cap per thread (0: the compiler's choice)")
     p.add_argument("--persistent_grouped_strip", type=int, default=GROUPED_STRIP, choices=(32, 64, 128, 256, 512),
                    help="persistent kernel: columns per GEMV strip of --int4 / GGUF-quantized weights")

@@ -27,7 +27,7 @@ from cli import add_int4_args, fraction, int4_quant, non_negative_int, positive_
 from generate import persistent_layers
 from model import random_model
 from sparse import LAYER_GROUPS, sparse_layers, sparsify
-from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, STAGES, _device_limits
+from sparse_gemv.persistent import BLOCK_ROWS, GROUPED_STRIP, MAX_REGISTERS, STAGES, _device_limits
 from thresholds.file import MAX_SPARSITY
 
 
@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--programs_per_sm", type=positive_int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--tile_kb", type=positive_int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=positive_int, nargs="+", default=[4])
-    p.add_argument("--max_registers", type=non_negative_int, nargs="+", default=[0])
+    p.add_argument("--max_registers", type=non_negative_int, nargs="+", default=[MAX_REGISTERS],
+                   help="register cap per thread (0: the compiler's choice)")
     p.add_argument("--grouped_strip", type=int, nargs="+", default=[GROUPED_STRIP], choices=(32, 64, 128, 256, 512),
                    help="columns per GEMV strip of --int4 weights")
     p.add_argument("--stages", type=positive_int, nargs="+", default=[STAGES],

@@ -63,11 +63,14 @@ MAX_PROGRAMS_PER_SM = 4
 # 128 bytes (a cache line, as a 64-column bf16 strip is) and a 128-row group 16 KB, which 4 warps load in 8 slabs of
 # 16 rows, 16 bytes a thread, each thread loading the group's scales of its 32 columns once for all 8.
 GROUPED_STRIP = 256
-# Software-pipelining depth of a GEMV tile's row loop (launch's stages; the interpreter ignores it).
-STAGES = 2
-# Rows of bf16/fp32/int8 weights a GEMV tile's row loop takes an iteration (launch's block_rows): the loads in flight
-# at once. Group-wise quantized weights take a group an iteration.
-BLOCK_ROWS = 64
+# The GEMV tiles are bound by the latency of each row-loop iteration (the x load, the threshold test, the weight load
+# it masks), so an iteration takes many rows with all their loads in flight at once (launch's block_rows; group-wise
+# quantized weights take a group an iteration) without software pipelining (launch's stages; the interpreter ignores
+# it), and the register cap lets 4 programs of 4 warps share an SM (launch's max_registers; 0: the compiler's choice,
+# 2-3 programs). The sweep behind these: benchmark/RESULTS.md, "The persistent engine's row loop".
+BLOCK_ROWS = 256
+STAGES = 1
+MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -589,7 +592,7 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
                   scales: list[torch.Tensor], zeros: list[torch.Tensor], group_size: int, k_caches: torch.Tensor,
                   v_caches: torch.Tensor, errors: torch.Tensor, profile: Optional[torch.Tensor], eps: float,
                   programs: int, stepped: bool,
-                  tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
+                  tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = MAX_REGISTERS,
                   grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, block_rows: int = BLOCK_ROWS,
                   qkv_biases: Optional[torch.Tensor] = None,
                   qk_norm_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -606,8 +609,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
     choice), grouped_strip (group-wise weights' columns per strip), stages (software-pipelining depth of the GEMV
-    tiles' row loop) and block_rows (rows of bf16/fp32/int8 weights an iteration of that loop) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's
-    phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch 2.11's ADInplaceOrView
+    tiles' row loop) and block_rows (rows of bf16/fp32/int8 weights an iteration of that loop) tune the launch;
+    profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's phase timings
+    (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch 2.11's ADInplaceOrView
     kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2: qkv_biases [n_layer, (H +
     2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head
     of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the embedding's dtype."""
@@ -624,8 +628,9 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
 
 @decode_layers.register_fake
 def _(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size, k_caches,
-      v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4, max_registers=0,
-      grouped_strip=GROUPED_STRIP, stages=STAGES, block_rows=BLOCK_ROWS, qkv_biases=None, qk_norm_weights=None):
+      v_caches, errors, profile, eps, programs, stepped, tile_bytes=TILE_BYTES, num_warps=4,
+      max_registers=MAX_REGISTERS, grouped_strip=GROUPED_STRIP, stages=STAGES, block_rows=BLOCK_ROWS, qkv_biases=None,
+      qk_norm_weights=None):
     return embedding.new_empty((1, 1, embedding.shape[1]))
 
 
@@ -704,7 +709,7 @@ _resident: dict = {}  # compiled kernel's key -> programs resident at once
 
 def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size: int,
            k_caches, v_caches, errors, eps: float, programs: int, stepped: bool, tile_bytes: int = TILE_BYTES,
-           num_warps: int = 4, max_registers: int = 0, profile: torch.Tensor | None = None,
+           num_warps: int = 4, max_registers: int = MAX_REGISTERS, profile: torch.Tensor | None = None,
            qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None,
            grouped_strip: int = GROUPED_STRIP, stages: int = STAGES, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     if grouped_strip < 32 or grouped_strip & (grouped_strip - 1):
@@ -792,7 +797,8 @@ class DecodeLayers:
     group_size: those of group-wise quantized weights."""
 
     def __init__(self, norm_weights: torch.Tensor, weights, thresholds, scales, eps: float, programs: int = 0,
-                 stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4, max_registers: int = 0,
+                 stepped: bool = False, tile_bytes: int = TILE_BYTES, num_warps: int = 4,
+                 max_registers: int = MAX_REGISTERS,
                  qkv_biases: torch.Tensor | None = None, qk_norm_weights: torch.Tensor | None = None, zeros=(),
                  group_size: int = 0, grouped_strip: int = GROUPED_STRIP, stages: int = STAGES,
                  block_rows: int = BLOCK_ROWS):

@@ -57,7 +57,8 @@ def compile_launch(kernel, args, kwargs, capability: int):
     bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
     signature = {p.name: "constexpr" if p.is_constexpr else arg_type(bound[p.name]) for p in kernel.params}
     constants = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr}
-    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+               **({"maxnreg": kwargs["maxnreg"]} if "maxnreg" in kwargs else {})}
     return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32),
                           options=options)
 

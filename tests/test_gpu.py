@@ -479,13 +479,14 @@ def test_persistent_decode_of_the_new_families_matches_stepped_and_per_layer(fam
 
 
 def test_both_engines_sparse_decode_match_the_masked_reference():
-    """The per-layer step and the persistent launch (and that launch without software pipelining, stages 1, and with
-    256 rows an iteration, reduced as it goes), each against the masked PyTorch reference (tests/test_sparse.py: dense weights, inputs masked by hooks), fp32, at
-    Llama-3-8B's head layout and narrower widths (two layers), teacher-forced with fixed tokens over 8 steps. On this
-    random model one activation on the other side of its threshold moves the logits far beyond any tolerance, so
-    engines that add in different orders could disagree without a defect: each threshold is set in a gap of its
-    inputs over these steps, near their median (gap_thresholds), with no input within 1e-4 of it (relative), far
-    beyond fp32's summation-order differences. Then the logits must agree within 1e-4 of the largest."""
+    """The per-layer step and the persistent launch (and that launch with the row loop's other form: 64 rows an
+    iteration, products reduced once, 3 stages of software pipelining), each against the masked PyTorch reference
+    (tests/test_sparse.py: dense weights, inputs masked by hooks), fp32, at Llama-3-8B's head layout and narrower
+    widths (two layers), teacher-forced with fixed tokens over 8 steps. On this random model one activation on the
+    other side of its threshold moves the logits far beyond any tolerance, so engines that add in different orders
+    could disagree without a defect: each threshold is set in a gap of its inputs over these steps, near their median
+    (gap_thresholds), with no input within 1e-4 of it (relative), far beyond fp32's summation-order differences. Then
+    the logits must agree within 1e-4 of the largest."""
     import copy
     from generate import persistent_layers
     from sparse import set_thresholds, sparsify
@@ -501,8 +502,7 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
     set_thresholds(per_layer, table)
     model = copy.deepcopy(per_layer)
     layers = persistent_layers(model)
-    variants = {"persistent, stages 1": layers.launched(stages=1),
-                "persistent, 256 rows an iteration": layers.launched(stages=1, block_rows=256)}
+    variants = {"persistent, 64 rows an iteration, 3 stages": layers.launched(block_rows=64, stages=3)}
     with torch.no_grad():
         for m in (ref, per_layer, model):
             m.setup_caches(1, 64, exact=True)
