@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from sparse_gemv import kernels
-from sparse_gemv.kernels import INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fp32_products, k_range, pdl_launch
+from sparse_gemv.kernels import (INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fp32_products, k_range, load_inputs,
+                                 pdl_launch)
 from sparse_gemv.ops import check_inputs
 
 
@@ -169,7 +170,7 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
                 acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_products(
                     acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr_row if PER_CHANNEL else thr, k0,
                     k_stop, words_at, row_words, w_mask, scale_ptr, zero_ptr, N, columns, PER_CHANNEL, BITS, ZERO,
-                    BLOCK_K, ROWS, "")
+                    BLOCK_K, ROWS, "", x_ptr, 1.0, False)
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_stop
@@ -248,21 +249,22 @@ def dequantize_words(words, scale, zero, BITS: tl.constexpr, ZERO: tl.constexpr,
 def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr, k0, k_stop, words_at,
                        row_words, w_mask, scale_ptr, zero_ptr, N, columns, PER_CHANNEL: tl.constexpr,
                        BITS: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-                       X_CACHE: tl.constexpr):
+                       X_CACHE: tl.constexpr, norm_ptr, rs, NORM: tl.constexpr):
     """One token, one group: the kept rows among the GROUP rows from k0 (a group's first row; rows from k_stop on are
     out of range) times x, added to the per-field accumulators [ROWS, words] (add_slab_products) in slabs of ROWS
     rows. thr: the threshold, or with PER_CHANNEL a pointer to the rows' thresholds (indexed by row); words_at: the
     strip's int32 words of row 0, [1, words] pointers, a row row_words further on; w_mask: the strip's words in range;
     columns: field_scales'. The group's scales are loaded once, only if one of its rows is kept; a skipped row's words
-    are not loaded. X_CACHE: x's cache modifier. The per-layer kernel's predicated tiles and the persistent kernel's
-    GEMV tiles (persistent.py) both take their one-token groups here."""
+    are not loaded. X_CACHE, norm_ptr, rs, NORM: load_inputs' (NORM: x_ptr is the residual stream, normalised here).
+    The per-layer kernel's predicated tiles and the persistent kernel's GEMV tiles (persistent.py) both take their
+    one-token groups here."""
     offs_k = k0 + tl.arange(0, GROUP)
     k_mask = offs_k < k_stop
     if PER_CHANNEL:
         thr_k = tl.load(thr + offs_k, mask=k_mask, other=float("inf"))
     else:
         thr_k = thr
-    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+    x = load_inputs(x_ptr, offs_k, k_mask, norm_ptr, rs, NORM, X_CACHE)
     kept = tl.max((tl.abs(x) > thr_k).to(tl.int32))
     # the group's scales, only if one of its rows is kept (a block mask: the interpreter mishandles scalar ones)
     mask = tl.where(w_mask, kept, 0) > 0
@@ -276,7 +278,7 @@ def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x
             thr_r = tl.load(thr + rows, mask=r_mask, other=float("inf"))
         else:
             thr_r = thr
-        x = tl.load(x_ptr + rows, mask=r_mask, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+        x = load_inputs(x_ptr, rows, r_mask, norm_ptr, rs, NORM, X_CACHE)
         x = tl.where(tl.abs(x) > thr_r, x, 0.0)  # a kept row's x is not 0: it masks the row's words
         words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
         x_sum += x

@@ -210,6 +210,19 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
 
 
 @triton.jit
+def load_inputs(x_ptr, offs, mask, norm_ptr, rs, NORM: tl.constexpr, X_CACHE: tl.constexpr):
+    """A GEMV's inputs at offs, fp32: x, or with NORM the RMS-normalised residual stream x_ptr points at, as
+    model.RMSNorm rounds it (the stream times rs, its reciprocal root mean square, rounded to the stream's dtype, times
+    the norm's weights at norm_ptr, rounded again). X_CACHE: the loads' cache modifier."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
+    if NORM:
+        dtype = x_ptr.dtype.element_ty
+        w = tl.load(norm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = ((x * rs).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
     """acc_b += xv * column b of the int32 words w: PACK 2 reads bf16 pairs (acc_2, acc_3 untouched), 4 int8 quads."""
     if PACK == 2:

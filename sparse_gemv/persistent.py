@@ -4,15 +4,19 @@ The per-layer step is some 290 kernels (a sparse GEMV per projection, the norms,
 launch, a wake-up and a tail. Here one launch of as many programs as the GPU holds at once runs them all, layer after
 layer, in phases:
 
-    embed (layer 0): the token's embedding row starts the residual stream; the first attention norm
+    embed (layer 0): the token's embedding row starts the residual stream
     qkv:  sparse GEMV of the attention norm's output (q, k and v thresholds), strips ordered by KV head; the
           epilogue adds q/k/v biases (Qwen2)
     attn: per KV head: q/k norms (Qwen3), RoPE, the cache write, attention over positions 0..pos
-    o:    sparse GEMV of the attention output; the strip's epilogue adds it to the residual stream, and the last
-          strip normalises the stream (the FFN norm)
-    gu:   gate and up strips of the same columns, side by side; the epilogue writes silu(gate) * up
-    down: sparse GEMV of that; the epilogue adds it to the stream, and the last strip writes the next layer's
-          attention norm (the last layer leaves the stream, which the model's final norm and LM head read)
+    o:    sparse GEMV of the attention output; the strip's epilogue adds it to the residual stream
+    gu:   sparse GEMV of the FFN norm's output, gate and up strips of the same columns side by side; the epilogue
+          writes silu(gate) * up
+    down: sparse GEMV of that; the epilogue adds it to the stream (the last layer leaves the stream, which the
+          model's final norm and LM head read)
+
+The norms are not a step of their own: the strips that write the stream (o's, down's, the embedding) leave the sum of
+squares of their columns, and each q/k/v and gate/up tile, once every strip of the stream is written, normalises the
+rows it reads itself. So no one program's whole-vector pass stands between two phases.
 
 A GEMV tile reads the weights as the per-layer kernels store them: in the activations' dtype, int8 with a scale per
 output column, or group-wise quantized (grouped.py's 4-bit and 8-bit layouts, dequantized in registers by its device
@@ -23,7 +27,7 @@ phase, so SMs that get more bandwidth take more tiles. A tile stores its fp32 pa
 atomic count) adds the strip's partials in order and runs the epilogue. Dependencies are counters in global memory
 (release on the producer's side, acquire on the waiter's), and a tile waits only for what it reads: an attention tile
 for its KV head's q/k/v strips, an o tile for the heads of its row slice, a down tile for the gate/up strips of its
-row slice; only the norms need the whole vector, and one program (the last strip's) writes each.
+row slice; a q/k/v or gate/up tile for every strip of the stream it normalises.
 
 Tiles are taken in order and only wait for tiles handed out before them, so the launch cannot deadlock while every
 program is resident at once: the launch checks its grid against what the compiled kernel's registers and shared memory
@@ -49,7 +53,7 @@ import triton.language as tl
 
 from sparse_gemv.attention_tiles import attend, load_qkv, rms_norm_pairs, rope, rotate
 from sparse_gemv.grouped import add_group_products, word_columns
-from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, sum_word_columns
+from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, load_inputs, sum_word_columns
 from sparse_gemv.quant import GROUP_SIZES, out_features
 
 EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
@@ -102,15 +106,17 @@ def _signal(flag_ptr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, k_stop, K: tl.constexpr,
+def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, k_stop, K: tl.constexpr,
                N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
-               PACK: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr):
+               PACK: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr,
+               NORM: tl.constexpr):
     """fp32 [BLOCK_N]: x[k] * w[k, col:col + BLOCK_N] summed over the rows k in [k_begin, k_stop) whose |x[k]| is over
     the group's threshold (the other rows' weights are not loaded). x: the [K] activations, written by another program
-    of this launch (read past L1); w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads), or with BITS
-    4 / 8 group-wise quantized in grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]:
-    BLOCK_K is the group size and k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's
-    add_group_products in slabs whose rows the program's WARPS warps load 16 bytes a thread."""
+    of this launch (read past L1), or with NORM the residual stream, RMS-normalised here (rs, norm_ptr: load_inputs');
+    w: [K, N] (PACK 2: bf16 read as int32 pairs, 4: int8 as int32 quads), or with BITS 4 / 8 group-wise quantized in
+    grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]: BLOCK_K is the group size and
+    k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's add_group_products in slabs
+    whose rows the program's WARPS warps load 16 bytes a thread."""
     # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end;
     # past that (a tile's rows in few iterations, all of their loads in flight at once) reduced every iteration.
     ACC_ROWS: tl.constexpr = BLOCK_K if BLOCK_K <= 64 else 1
@@ -152,11 +158,11 @@ def _gemv_rows(x_ptr, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, group, k_begin, 
             acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_products(
                 acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr, k0, k_stop, words_at,
                 N // PER_WORD, all_words, scale_ptr, zero_ptr, N, columns, PER_CHANNEL, BITS, ZERO, BLOCK_K, ROWS,
-                ".cg")
+                ".cg", norm_ptr, rs, NORM)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_stop
-            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            x = load_inputs(x_ptr, offs_k, k_mask, norm_ptr, rs, NORM, ".cg")
             if PER_CHANNEL:
                 keep = tl.abs(x) > tl.load(thr + offs_k, mask=k_mask, other=float("inf"))
             else:
@@ -220,17 +226,12 @@ def _add_to_stream(total, resid_ptr, stats_ptr, strip, col, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _rms_norm(src_ptr, sum_sq, w_ptr, dst_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr):
-    """dst = (src * rsqrt(mean(src^2) + eps)), rounded to the dtype, times the norm weight: model.RMSNorm, given the
-    fp32 sum of squares of src."""
-    dtype = dst_ptr.dtype.element_ty
-    rs = tl.math.rsqrt(sum_sq / D + eps)
-    for d0 in tl.static_range(0, D, BLOCK):
-        offs = d0 + tl.arange(0, BLOCK)
-        mask = offs < D
-        h = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + offs, ((h * rs).to(dtype).to(tl.float32) * w).to(dtype), mask=mask)
+def _stream_rs(stats_ptr, NS: tl.constexpr, eps, D: tl.constexpr, BLOCK_STATS: tl.constexpr):
+    """The reciprocal root mean square of the residual stream (model.RMSNorm's), from its NS strips' sums of squares
+    at stats_ptr, added in one order: every tile that normalises the stream gets the same bits."""
+    offs = tl.arange(0, BLOCK_STATS)
+    sum_sq = tl.sum(tl.load(stats_ptr + offs, mask=offs < NS, other=0.0, cache_modifier=".cg"), axis=0)
+    return tl.math.rsqrt(sum_sq / D + eps)
 
 
 @triton.jit
@@ -249,10 +250,10 @@ def _rope_qk(ptrs, mask, cos, sin, norm_ptrs, norm_mask, eps, HD: tl.constexpr, 
 
 
 @triton.jit
-def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
+def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
           tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
           tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr, z13_ptr, z2_ptr,
-          bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+          bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
           pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, I: tl.constexpr,
           BN_QKV: tl.constexpr, KR_QKV: tl.constexpr, BN_O: tl.constexpr, KR_O: tl.constexpr,
@@ -264,12 +265,14 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
           QK_NORM: tl.constexpr):
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
     prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
-    each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights)."""
+    each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights). rs: 0, or the stream's reciprocal root mean
+    square as this program's last tile of the same q/k/v or gate/up phase found it, after waiting for every strip of
+    the stream (so neither the wait nor the sums are repeated). Returns rs for the program's next tile."""
     dtype = resid_ptr.dtype.element_ty
     REP: tl.constexpr = H // HKV
     NQKV: tl.constexpr = (H + 2 * HKV) * HD
-    # per-layer counters: phase tickets, norm tickets, norms done, strip tickets, KV heads ready, attention done,
-    # gate/up strips ready per row slice of down
+    # per-layer counters: phase tickets, stream strips ready for the two norms, strip tickets, KV heads ready,
+    # attention done, gate/up strips ready per row slice of down
     NS_QKV: tl.constexpr = NQKV // BN_QKV
     NS_O: tl.constexpr = D // BN_O
     NS_GU: tl.constexpr = I // BN_GU
@@ -284,9 +287,8 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     G_D: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     G_O: tl.constexpr = (H * HD + BLOCK_K - 1) // BLOCK_K
     G_I: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
-    C_NORM_TICKET: tl.constexpr = 6
-    C_NORM_DONE: tl.constexpr = 8
-    C_STRIP_QKV: tl.constexpr = 10
+    C_NORM_READY: tl.constexpr = 6  # the attention norm's and the FFN norm's stream strips written
+    C_STRIP_QKV: tl.constexpr = 8
     C_STRIP_O: tl.constexpr = C_STRIP_QKV + NS_QKV
     C_STRIP_GU: tl.constexpr = C_STRIP_O + NS_O
     C_STRIP_D: tl.constexpr = C_STRIP_GU + NS_GU
@@ -298,17 +300,18 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
     prof = prof_ptr + (layer * 6 + PH) * 4
     layer64 = tl.full([], 0, tl.int64) + layer  # 64-bit offsets: the stacked weights pass 2^31 elements
     if PH == EMBED:
-        # h = the token's embedding row (the stream starts there: no residual yet), then the first attention norm
+        # h = the token's embedding row (the stream starts there: no residual yet)
         tok = tl.load(tok_ptr).to(tl.int64)
         sum_sq = 0.0
-        for d0 in tl.static_range(0, D, BLOCK_NORM):
+        for d0 in range(0, D, BLOCK_NORM):  # not unrolled: no whole-vector tensors held for the launch
             offs = d0 + tl.arange(0, BLOCK_NORM)
             h = tl.load(emb_ptr + tok * D + offs, mask=offs < D, other=0.0)
             tl.store(resid_ptr + offs, h, mask=offs < D)
             sum_sq += tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0)
-        tl.debug_barrier()
-        _rms_norm(resid_ptr, sum_sq, normw_ptr, xa_ptr, eps, D, BLOCK_NORM)
-        _signal(ctr + C_NORM_DONE)
+        # the sum of squares where down's strips leave theirs for the next layer's attention norm (one strip)
+        offs = tl.arange(0, BLOCK_STATS)
+        tl.store(stats_ptr + NS_O + offs, tl.where(offs == 0, sum_sq, 0.0), mask=offs < NS_D)
+        _signal(ctr + C_NORM_READY)
     elif PH == QKV:
         # strips ordered by KV head: head g's q strips, its k strips, its v strips, so attention of the first heads
         # can start while the last heads' strips load
@@ -322,13 +325,15 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         col = tl.where(group == 0, g * REP * HD + r * BN_QKV,
                        tl.where(group == 1, H * HD + g * HD + (r - PER_Q) * BN_QKV,
                                 (H + HKV) * HD + g * HD + (r - PER_Q - HD // BN_QKV) * BN_QKV))
-        if WAIT:
-            _wait(ctr + C_NORM_DONE, 1, err_ptr, prof, MAX_SPIN, PROFILE)
+        if rs == 0.0:
+            if WAIT:  # the stream's strips: the embedding (layer 0) or the last layer's down strips
+                _wait(ctr + C_NORM_READY, tl.where(layer == 0, 1, NS_D), err_ptr, prof, MAX_SPIN, PROFILE)
+            rs = _stream_rs(stats_ptr + NS_O, NS_D, eps, D, BLOCK_STATS)
         k_begin = split * KR_QKV
-        acc = _gemv_rows(xa_ptr, wqkv_ptr + layer64 * D * (NQKV // PER_BYTE),
+        acc = _gemv_rows(resid_ptr, normw_ptr + 2 * layer * D, rs, wqkv_ptr + layer64 * D * (NQKV // PER_BYTE),
                          tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1), sqkv_ptr + layer * G_D * NQKV,
                          zqkv_ptr + layer * G_D * NQKV, col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV,
-                         BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
+                         BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
         acc = _scaled(acc, sqkv_ptr + layer * NQKV, col, SCALED, BN_QKV)
         tl.store(pqkv_ptr + split * NQKV + col + tl.arange(0, BN_QKV), acc)
         tl.debug_barrier()
@@ -380,39 +385,37 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         if WAIT:
             for kvh in range(k_begin // HD // REP, (k_stop - 1) // HD // REP + 1):
                 _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, prof, MAX_SPIN, PROFILE)
-        acc = _gemv_rows(y_ptr, wo_ptr + layer64 * H * HD * (D // PER_BYTE),
+        acc = _gemv_rows(y_ptr, y_ptr, 1.0, wo_ptr + layer64 * H * HD * (D // PER_BYTE),
                          to_ptr + layer * (H * HD if PER_CHANNEL else 1), so_ptr + layer * G_O * D,
                          zo_ptr + layer * G_O * D, col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL,
-                         PACK, BITS, ZERO, STAGES, WARPS)
+                         PACK, BITS, ZERO, STAGES, WARPS, False)
         acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
         tl.store(po_ptr + split * D + col + tl.arange(0, BN_O), acc)
         tl.debug_barrier()
         if tl.atomic_add(ctr + C_STRIP_O + strip, 1, sem="acq_rel", scope="gpu") == KS_O - 1:
             total = _strip_sum(po_ptr, col, D, KS_O, BN_O)
             _add_to_stream(total, resid_ptr, stats_ptr, strip, col, BN_O)
-            tl.debug_barrier()
-            if tl.atomic_add(ctr + C_NORM_TICKET, 1, sem="acq_rel", scope="gpu") == NS_O - 1:
-                offs = tl.arange(0, BLOCK_STATS)
-                sum_sq = tl.sum(tl.load(stats_ptr + offs, mask=offs < NS_O, other=0.0, cache_modifier=".cg"), axis=0)
-                _rms_norm(resid_ptr, sum_sq, normw_ptr + (2 * layer + 1) * D, xa_ptr + D, eps, D, BLOCK_NORM)
-                _signal(ctr + C_NORM_DONE + 1)
+            _signal(ctr + C_NORM_READY + 1)
     elif PH == GU:
         # gate strip j and up strip j side by side: the epilogue has both halves of silu(gate) * up
         strip = tile // KS_GU
         split = tile % KS_GU
         col = strip * BN_GU
-        if WAIT:
-            _wait(ctr + C_NORM_DONE + 1, 1, err_ptr, prof, MAX_SPIN, PROFILE)
+        if rs == 0.0:
+            if WAIT:
+                _wait(ctr + C_NORM_READY + 1, NS_O, err_ptr, prof, MAX_SPIN, PROFILE)
+            rs = _stream_rs(stats_ptr, NS_O, eps, D, BLOCK_STATS)
         k_begin = split * KR_GU
         k_stop = tl.minimum(k_begin + KR_GU, D)
         w = w13_ptr + layer64 * D * (2 * I // PER_BYTE)
         thr = t13_ptr + layer * 2 * (D if PER_CHANNEL else 1)
         scales = s13_ptr + layer * G_D * 2 * I
         zeros = z13_ptr + layer * G_D * 2 * I
-        gate = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, col, 0, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
-                          PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
-        up = _gemv_rows(xa_ptr + D, w, thr, scales, zeros, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU, BLOCK_K,
-                        PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
+        norm = normw_ptr + (2 * layer + 1) * D
+        gate = _gemv_rows(resid_ptr, norm, rs, w, thr, scales, zeros, col, 0, k_begin, k_stop, D, 2 * I, BN_GU,
+                          BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
+        up = _gemv_rows(resid_ptr, norm, rs, w, thr, scales, zeros, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU,
+                        BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
         gate = _scaled(gate, s13_ptr + layer * 2 * I, col, SCALED, BN_GU)
         up = _scaled(up, s13_ptr + layer * 2 * I, I + col, SCALED, BN_GU)
         tl.store(pgu_ptr + split * 2 * I + col + tl.arange(0, BN_GU), gate)
@@ -432,9 +435,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
         k_stop = tl.minimum(k_begin + KR_D, I)
         if WAIT:
             _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, prof, MAX_SPIN, PROFILE)
-        acc = _gemv_rows(g_ptr, w2_ptr + layer64 * I * (D // PER_BYTE), t2_ptr + layer * (I if PER_CHANNEL else 1),
-                         s2_ptr + layer * G_I * D, z2_ptr + layer * G_I * D, col, 0, k_begin, k_stop, I, D, BN_D,
-                         BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS)
+        acc = _gemv_rows(g_ptr, g_ptr, 1.0, w2_ptr + layer64 * I * (D // PER_BYTE),
+                         t2_ptr + layer * (I if PER_CHANNEL else 1), s2_ptr + layer * G_I * D,
+                         z2_ptr + layer * G_I * D, col, 0, k_begin, k_stop, I, D, BN_D, BLOCK_K, PER_CHANNEL, PACK,
+                         BITS, ZERO, STAGES, WARPS, False)
         acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
         tl.store(pd_ptr + split * D + col + tl.arange(0, BN_D), acc)
         tl.debug_barrier()
@@ -444,19 +448,14 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr,
             if layer == L - 1:
                 tl.store(out_ptr + col + tl.arange(0, BN_D), h)
             else:
-                tl.debug_barrier()
-                if tl.atomic_add(ctr + C_NORM_TICKET + 1, 1, sem="acq_rel", scope="gpu") == NS_D - 1:
-                    offs = tl.arange(0, BLOCK_STATS)
-                    sum_sq = tl.sum(tl.load(stats_ptr + NS_O + offs, mask=offs < NS_D, other=0.0,
-                                            cache_modifier=".cg"), axis=0)
-                    _rms_norm(resid_ptr, sum_sq, normw_ptr + 2 * (layer + 1) * D, xa_ptr, eps, D, BLOCK_NORM)
-                    _signal(ctr + C_SIZE + C_NORM_DONE)  # the next layer's attention norm
+                _signal(ctr + C_SIZE + C_NORM_READY)  # a strip of the next layer's attention norm
+    return rs
 
 
 @triton.jit
 def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
                           tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr,
-                          z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr,
+                          z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, qkv_ptr, y_ptr, g_ptr,
                           resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr,
                           step_layer, eps, sm_scale, stride_cl, stride_ch, stride_cs,
                           L: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
@@ -475,10 +474,10 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
     PROFILE (persistent): per layer and phase, prof_ptr [L, 6, 4] int64 gets the first tile's start and the last one's
     end (globaltimer ns), and the nanoseconds its tiles spent waiting and in all (summed over programs)."""
     if PHASE >= 0:
-        _tile(PHASE, step_layer, tl.program_id(0), False,
+        _tile(PHASE, step_layer, tl.program_id(0), False, 0.0,
               tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
               tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr, z13_ptr, z2_ptr,
-              bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
+              bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, qkv_ptr, y_ptr, g_ptr, resid_ptr, pqkv_ptr, po_ptr,
               pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
               BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO, STAGES, WARPS, DOT_FP32,
@@ -499,21 +498,22 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                 else:
                     n = NT_D
                 t = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
+                rs = 0.0
                 while t < n:
                     # the next ticket is taken before this tile runs, so its latency hides behind the tile's loads
                     # (a tile held meanwhile is still behind every tile it waits for: no deadlock)
                     t_next = tl.atomic_add(ctr_ptr + layer * C_SIZE + ph, 1, sem="relaxed", scope="gpu")
                     if PROFILE:
                         start = tl.extra.cuda.globaltimer()
-                    _tile(ph, layer, t, True,
-                          tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
-                          tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr,
-                          z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, xa_ptr, qkv_ptr, y_ptr, g_ptr,
-                          resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps,
-                          sm_scale, stride_cl, stride_ch, stride_cs,
-                          L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
-                          BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO,
-                          STAGES, WARPS, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
+                    rs = _tile(ph, layer, t, True, rs,
+                               tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_ptr, wo_ptr, w13_ptr, w2_ptr,
+                               tqkv_ptr, to_ptr, t13_ptr, t2_ptr, sqkv_ptr, so_ptr, s13_ptr, s2_ptr, zqkv_ptr, zo_ptr,
+                               z13_ptr, z2_ptr, bqkv_ptr, qkn_ptr, kc_ptr, vc_ptr, out_ptr, qkv_ptr, y_ptr, g_ptr,
+                               resid_ptr, pqkv_ptr, po_ptr, pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps,
+                               sm_scale, stride_cl, stride_ch, stride_cs,
+                               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
+                               BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS,
+                               ZERO, STAGES, WARPS, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
                     if PROFILE:
                         end = tl.extra.cuda.globaltimer()
                         slot = prof_ptr + (layer * 6 + ph) * 4
@@ -561,7 +561,7 @@ def layout(cfg: dict, dim: int, n_head: int, n_kv_heads: int, head_dim: int, int
     strips = {"QKV": nqkv // cfg["BN_QKV"], "O": dim // cfg["BN_O"], "GU": inter // cfg["BN_GU"],
               "D": dim // cfg["BN_D"]}
     return {**{f"NT_{p}": strips[p] * ks[p] for p in ks},
-            "C_SIZE": 10 + sum(strips.values()) + 2 * n_kv_heads + ks["D"],
+            "C_SIZE": 8 + sum(strips.values()) + 2 * n_kv_heads + ks["D"],
             "BLOCK_STATS": triton.next_power_of_2(max(strips["O"], strips["D"])), "stats": strips["O"] + strips["D"],
             "splits": ks}
 
@@ -733,7 +733,6 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     f32 = dict(dtype=torch.float32, device=device)
     counters = torch.zeros(n_layer * lay["C_SIZE"], dtype=torch.int32, device=device)
     out = torch.empty((1, 1, dim), dtype=dtype, device=device)
-    xa = torch.empty(2 * dim, dtype=dtype, device=device)  # the attention norm's and the FFN norm's outputs
     qkv = torch.empty(out_features(wqkv), dtype=dtype, device=device)
     y = torch.empty(n_head * head_dim, dtype=dtype, device=device)
     g = torch.empty(inter, dtype=dtype, device=device)
@@ -747,7 +746,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
     args = (token, input_pos, freqs_cis, embedding, norm_weights, *weights, *thresholds, *scale_args, *zero_args,
             norm_weights if qkv_biases is None else qkv_biases,
             norm_weights if qk_norm_weights is None else qk_norm_weights, k_caches,
-            v_caches, out, xa, qkv, y, g, resid, *parts, stats, counters, errors,
+            v_caches, out, qkv, y, g, resid, *parts, stats, counters, errors,
             counters if profile is None else profile)
     meta = dict(L=n_layer, D=dim, H=n_head, HKV=hkv, HD=head_dim, I=inter, **cfg, BLOCK_S=64 if INTERPRET else 32,
                 BLOCK_H=max(16, triton.next_power_of_2(n_head // hkv)), BLOCK_D=triton.next_power_of_2(head_dim),
