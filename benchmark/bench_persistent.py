@@ -5,8 +5,8 @@ settings, against the bytes it reads and the copy bandwidth measured in the same
     python -m benchmark.bench_persistent --model llama-3-8b --sparsities 0 0.5 --int4     # 4-bit, groups of 128
 
 Random weights at the named config's shapes, sparse with uniform thresholds from a random-token prefill (as
-bench_decode's). Each setting (programs per SM, weight KB per tile, warps, register cap, and for --int4 the strip width)
-is captured in a CUDA graph of 10 steps and timed by CUDA events, the median of 20 replays; the weights are read from
+bench_decode's). Each setting (programs per SM, weight KB per tile, warps, register cap, pipelining stages, rows an
+iteration, and for --int4 the strip width) is captured in a CUDA graph of 10 steps and timed by CUDA events, the median of 20 replays; the weights are read from
 HBM every step (a step reads far more than L2 holds). Rows hold the step time, the weight bytes of the kept rows, their
 share of the copy bandwidth, and the kernel's own phase profile. Writes JSON and a PNG plot.
 """
@@ -138,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
         rows = [r for r in result["rows"] if r["sparsity"] == s]
         ax.plot(range(len(rows)), [r["share_of_copy_bandwidth"] for r in rows], "o-", label=f"sparsity {s}")
         labels = [f"{r['programs_per_sm']}/SM {r['tile_kb']}K w{r['warps']} r{r['max_registers']} s{r['grouped_strip']}"
-                  f" p{r['stages']} k{r.get('block_rows', BLOCK_ROWS)}" for r in rows]
+                  f" p{r['stages']} k{r.get('block_rows', 64)}" for r in rows]  # files before block_rows: 64
         ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
     ax.set_ylabel("kept weight bytes / step time / copy bandwidth")
     int4 = result.get("int4")
