@@ -6,9 +6,10 @@ settings, against the bytes it reads and the copy bandwidth measured in the same
 
 Random weights at the named config's shapes, sparse with uniform thresholds from a random-token prefill (as
 bench_decode's). Each setting (programs per SM, weight KB per tile, warps, register cap, pipelining stages, rows an
-iteration, and for --int4 the strip width) is captured in a CUDA graph of 10 steps and timed by CUDA events, the median of 20 replays; the weights are read from
-HBM every step (a step reads far more than L2 holds). Rows hold the step time, the weight bytes of the kept rows, their
-share of the copy bandwidth, and the kernel's own phase profile. Writes JSON and a PNG plot.
+iteration, and for --int4 the strip width) is captured in a CUDA graph of 10 steps and timed by CUDA events, the
+median of 20 replays; the weights are read from HBM every step (a step reads far more than L2 holds). Rows hold the
+step time, the weight bytes of the kept rows, their share of the copy bandwidth, and the kernel's own phase profile.
+Writes JSON and a PNG plot.
 """
 import argparse
 import datetime

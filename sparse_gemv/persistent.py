@@ -67,11 +67,9 @@ MAX_PROGRAMS_PER_SM = 4
 # 128 bytes (a cache line, as a 64-column bf16 strip is) and a 128-row group 16 KB, which 4 warps load in 8 slabs of
 # 16 rows, 16 bytes a thread, each thread loading the group's scales of its 32 columns once for all 8.
 GROUPED_STRIP = 256
-# The GEMV tiles are bound by the latency of each row-loop iteration (the x load, the threshold test, the weight load
-# it masks), so an iteration takes many rows with all their loads in flight at once (launch's block_rows; group-wise
-# quantized weights take a group an iteration) without software pipelining (launch's stages; the interpreter ignores
-# it), and the register cap lets 4 programs of 4 warps share an SM (launch's max_registers; 0: the compiler's choice,
-# 2-3 programs). The sweep behind these: benchmark/RESULTS.md, "The persistent engine's row loop".
+# A GEMV tile's row loop is bound by each iteration's latency (x, its threshold test, the weight load it masks): an
+# iteration takes block_rows rows (group-wise weights: a group) with all loads in flight, unpipelined (stages; the
+# interpreter ignores it), and the register cap (max_registers; 0: the compiler's) fits 4 programs of 4 warps an SM.
 BLOCK_ROWS = 256
 STAGES = 1
 MAX_REGISTERS = 128
