@@ -29,7 +29,9 @@ gemv-int4-g<group size>-<device>.json.
 (COMPACT), software-pipelining depth (STAGES), tile, K split and warps, at 0, 50 and 80% sparsity on
 the Llama-3-8B shapes; it writes gemv-variants-<device>.json (the evidence behind pick_config). With --partials the
 launches return their split-K partial sums instead of reducing them (as the compiled decode step's q/k/v, o and down
-do), written to gemv-variants-partials-<device>.json; --sparsities and --shapes narrow either sweep.
+do), written to gemv-variants-partials-<device>.json; --sparsities and --shapes narrow either sweep. With --int4 it
+times the group-wise kernel's one-token configurations (strip width from --tiles' BLOCK_N, K split, warps, stages;
+predicated tiles of one group, compact ones of up to 64 kept rows), written to gemv-variants-int4-g<group size>-....
 """
 import argparse
 import datetime
@@ -46,6 +48,7 @@ from benchmark.common import copy_bandwidth, write_result
 from cli import add_int4_args, int4_quant
 from sparse import GroupQuant, quantize_groupwise, quantize_int8
 from sparse_gemv import kernels, sparse_gemv, sparse_gemv_partials, sparse_gemv_reference
+from sparse_gemv.grouped import grouped_sparse_gemv_triton
 from sparse_gemv.kernels import sparse_gemv_triton
 from sparse_gemv.quant import dequantize_grouped
 
@@ -247,6 +250,59 @@ def bench_variants(name, k, groups, dtype, l2_bytes, sms, sparsities=(0.0, 0.5, 
     return rows
 
 
+GROUPED_STRIPS = (128, 256, 512)
+
+
+def grouped_variant_configs(n: int, k: int, sms: int, group_size: int, strips=GROUPED_STRIPS, stages=(1, 3),
+                            compact_stages=(2, 3), warps=(4, 8), max_waves: int = 8) -> list[dict]:
+    """The group-wise kernel's one-token configs: strips of `strips` columns, K splits that keep two groups a split,
+    grids of one to max_waves waves; predicated tiles are one group, compact ones up to 64 kept rows."""
+    out = []
+    for bn in strips:
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = triton.cdiv(n, bn) * split
+            if k // split < 2 * group_size or not sms <= programs <= max_waves * sms:
+                continue
+            for w in warps:
+                for compact, st in [(False, s) for s in stages] + [(True, s) for s in compact_stages]:
+                    out.append({"BLOCK_N": bn, "BLOCK_K": min(64, group_size) if compact else group_size,
+                                "SPLIT_K": split, "COMPACT": compact, "STAGES": st, "num_warps": w, "BLOCK_T": 1})
+    return out
+
+
+def bench_grouped_variants(name, k, groups, dtype, int4: GroupQuant, l2_bytes, sms, sparsities=(0.0, 0.5, 0.8),
+                           **space):
+    """bench_variants for 4-bit weights: each grouped_variant_configs config at each sparsity, checked against the
+    float64 product of the dequantized weights, timed over rotating copies."""
+    n = sum(groups)
+    bytes_ = n * k / 2 + n * math.ceil(k / int4.group_size) * (4 if int4.zero_point else 2)
+    copies = rotating_copies(bytes_, l2_bytes)
+    quantized = [quantize_groupwise(torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k), int4)
+                 for _ in range(copies)]
+    x = torch.randn(1, k, dtype=dtype, device="cuda")
+    w64 = dequantize_grouped(quantized[0][0], quantized[0][1], quantized[0][2], int4.group_size, torch.float64)
+    rows = []
+    for s in sparsities:
+        thr = threshold_for(x, s, groups)
+        ref = sparse_gemv_reference(x.double(), w64, thr.double(), groups)
+        kept = float((x.abs() > float(thr[0])).float().mean())
+        for cfg in grouped_variant_configs(n, k, sms, int4.group_size, **space):
+            def call(i, cfg=cfg):
+                w, sc, z = quantized[i]
+                return grouped_sparse_gemv_triton(x, w, sc, z, int4.group_size, thr, groups, cfg["COMPACT"],
+                                                  config=cfg)
+            check_result(call(0), ref, f"{name} s={s} {cfg}")
+            us = graph_time_us(call, copies, replays=10)
+            rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "weights": f"int4-g{int4.group_size}"
+                         + ("" if int4.zero_point else "-sym"), "partials": False, "us": us,
+                         "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9, **cfg})
+        for compact in (False, True):
+            b = min((r for r in rows if r["sparsity"] == s and r["COMPACT"] == compact), key=lambda r: r["us"])
+            print(f"{name:12s} s={s:.2f} best {'compact   ' if compact else 'predicated'} {b['us']:7.2f} us "
+                  f"({b['kept_GBps']:5.0f} GB/s kept) {b}", flush=True)
+    return rows
+
+
 def shape_panels(names, draw, title: str, path: Path) -> None:
     """A PNG with one panel per shape, four to a row: draw(ax, name) fills each panel against sparsity."""
     import matplotlib
@@ -312,13 +368,18 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("benchmark/results"))
     a = p.parse_args(argv)
     int4 = int4_quant(a)
-    if int4 is not None and a.variants:
-        raise SystemExit("--variants times the bf16 / int8 kernel's configurations; --int4 runs the sweep")
+    if a.variants and int4 is not None and (a.partials or a.block_t or a.int8):
+        raise SystemExit("--variants --int4 times the group-wise kernel's one-token configurations: no --partials, "
+                         "--block_t or --int8")
     kernels.PDL = a.pdl
     space = {key: getattr(a, key) for key in ("stages", "compact_stages", "warps", "max_waves", "block_t") if getattr(a, key)}
     sweep = {"sparsities": tuple(a.sparsities)} if a.sparsities else {}
     if a.tiles:
         space["tiles"] = [tuple(int(v) for v in t.split("x")) for t in a.tiles]
+    if int4 is not None and a.variants:  # the group-wise kernel's tiles are a strip of BLOCK_N columns by a group
+        space = {key: value for key, value in space.items() if key in ("stages", "compact_stages", "warps", "max_waves")}
+        if a.tiles:
+            space["strips"] = sorted({int(t.split("x")[0]) for t in a.tiles})
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv.py measures GPU kernels and needs CUDA")
     props = torch.cuda.get_device_properties(0)
@@ -335,7 +396,10 @@ def main(argv=None):
         for name, k, groups in shapes():
             if a.shapes and name not in a.shapes or a.variants and not a.shapes and not name.startswith("8b"):
                 continue
-            if a.variants:
+            if a.variants and int4 is not None:
+                rows += bench_grouped_variants(name, k, groups, getattr(torch, dt), int4, l2,
+                                               props.multi_processor_count, **space, **sweep)
+            elif a.variants:
                 rows += bench_variants(name, k, groups, getattr(torch, dt), l2, props.multi_processor_count, int8=a.int8,
                                        partials=a.partials, **space, **sweep)
             else:

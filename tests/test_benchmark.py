@@ -120,3 +120,32 @@ def test_gemv_timeline_pair_correlation():
     middle = float((a * b).sum() / (a.norm() * b.norm()))  # launches 2 and 3
     assert median_pair_correlation(launches) == pytest.approx(middle, abs=1e-3)
     assert median_pair_correlation(launches[:2] * 2) > 0.99
+
+
+def test_int4_variant_sweep_launches_only_correct_configs():
+    # bench_gemv --int4 --variants: every config the sweep generates (two strip widths, K splits, predicated and
+    # compact tiles) launches and gives the float64 product of the dequantized weights, at 0 and 0.5, within 1e-5 of
+    # the largest output (fp32 inputs; the sums' order differs by config)
+    from benchmark.bench_gemv import grouped_variant_configs
+    from sparse import GroupQuant, quantize_groupwise
+    from sparse_gemv import sparse_gemv_reference
+    from sparse_gemv.grouped import grouped_sparse_gemv_triton
+    from sparse_gemv.quant import dequantize_grouped
+    torch.manual_seed(0)
+    quant = GroupQuant(4, 32, True)
+    k, groups = 256, [64, 64]
+    weight_t, scales, zeros = quantize_groupwise(torch.randn(sum(groups), k) / 16, quant)
+    w64 = dequantize_grouped(weight_t, scales, zeros, quant.group_size, torch.float64)
+    x = torch.randn(1, k)
+    configs = grouped_variant_configs(sum(groups), k, 2, quant.group_size, strips=(32, 64), stages=(1,),
+                                      compact_stages=(1,), warps=(1,), max_waves=4)
+    assert {c["SPLIT_K"] for c in configs} == {1, 2, 4} and {c["COMPACT"] for c in configs} == {False, True}
+    assert all(c["BLOCK_K"] == 32 for c in configs if not c["COMPACT"])
+    for sparsity in (0.0, 0.5):
+        t = float(torch.quantile(x.abs(), sparsity)) if sparsity else 0.0
+        thr = torch.full((2,), t)
+        ref = sparse_gemv_reference(x.double(), w64, thr.double(), groups)
+        for cfg in configs:
+            y = grouped_sparse_gemv_triton(x, weight_t, scales, zeros, quant.group_size, thr, groups, cfg["COMPACT"],
+                                           config=cfg)
+            torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()), msg=str(cfg))
