@@ -377,7 +377,7 @@ def main(argv=None):
     if a.tiles:
         space["tiles"] = [tuple(int(v) for v in t.split("x")) for t in a.tiles]
     if int4 is not None and a.variants:  # the group-wise kernel's tiles are a strip of BLOCK_N columns by a group
-        space = {key: value for key, value in space.items() if key in ("stages", "compact_stages", "warps", "max_waves")}
+        space = {key: space[key] for key in ("stages", "compact_stages", "warps", "max_waves") if key in space}
         if a.tiles:
             space["strips"] = sorted({int(t.split("x")[0]) for t in a.tiles})
     if not torch.cuda.is_available():
