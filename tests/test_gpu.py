@@ -490,7 +490,7 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
     import copy
     from generate import persistent_layers
     from sparse import set_thresholds, sparsify
-    from tests.test_sparse import masked_reference
+    from tests.test_sparse import gap_thresholds, masked_reference
     dense = random_model_at_llama3_heads(2, 64, "cuda").eval()
     gen = torch.Generator(device="cuda").manual_seed(1)
     prompt = torch.randint(0, 2048, (1, 6), device="cuda", generator=gen)
@@ -521,35 +521,6 @@ def test_both_engines_sparse_decode_match_the_masked_reference():
             scale = float(want.abs().max())
             worst = {engine: float((logits - want).abs().max()) / scale for engine, logits in got.items()}
             assert max(worst.values()) <= 1e-4, f"step {step}, largest difference / largest logit: {worst}"
-
-
-@torch.no_grad()
-def gap_thresholds(ref, table, prompt, tokens, quantile: float, margin: float) -> None:
-    """Fill table [n_layer, 7] (ref's masked_reference table, read by its hooks) so that no input of a thresholded
-    projection in the decode of `tokens` after `prompt` lies within `margin` of its threshold (relative): per
-    projection group in the order the step computes them (a threshold changes only what comes after it), the inputs
-    of every step, and the threshold in the widest relative gap among the 1% of sorted |inputs| around the quantile."""
-    from sparse import LAYER_GROUPS, PROJECTIONS
-    for i, block in enumerate(ref.layers):
-        for path, projs in LAYER_GROUPS.items():
-            owner, attr = path.split(".")
-            seen = []
-            hook = getattr(getattr(block, owner), attr).register_forward_pre_hook(
-                lambda m, args: seen.append(args[0].abs().flatten().double()) if args[0].shape[1] == 1 else None)
-            ref.setup_caches(1, 64, exact=True)
-            ref(prompt, torch.arange(prompt.shape[1], device=prompt.device))
-            for step, token in enumerate(tokens):
-                ref(token, torch.tensor([prompt.shape[1] + step], device=prompt.device))
-            hook.remove()
-            values = torch.cat(seen).sort().values
-            at, half = int(quantile * values.numel()), values.numel() // 200
-            window = values[at - half:at + half + 1]
-            gaps = (window[1:] - window[:-1]) / window[:-1]
-            k = int(gaps.argmax())
-            threshold = float((window[k] + window[k + 1]) / 2)
-            assert gaps[k] > 2.5 * margin, f"layer {i} {path}: no gap of {2.5 * margin} near the quantile"
-            for proj in projs:
-                table[i, PROJECTIONS.index(proj)] = threshold
 
 
 def check_persistent_against_stepped_and_per_layer(model, dtype):

@@ -50,6 +50,34 @@ def masked_reference(dense, table):
     return ref
 
 
+@torch.no_grad()
+def gap_thresholds(ref, table, prompt, tokens, quantile: float, margin: float) -> None:
+    """Fill table [n_layer, 7] (ref's masked_reference table, read by its hooks) so that no input of a thresholded
+    projection in the decode of `tokens` after `prompt` lies within `margin` of its threshold (relative): per
+    projection group in the order the step computes them (a threshold changes only what comes after it), the inputs
+    of every step, and the threshold in the widest relative gap among the 1% of sorted |inputs| around the quantile."""
+    for i, block in enumerate(ref.layers):
+        for path, projs in LAYER_GROUPS.items():
+            owner, attr = path.split(".")
+            seen = []
+            hook = getattr(getattr(block, owner), attr).register_forward_pre_hook(
+                lambda m, args: seen.append(args[0].abs().flatten().double()) if args[0].shape[1] == 1 else None)
+            ref.setup_caches(1, prompt.shape[1] + len(tokens), exact=True)
+            ref(prompt, torch.arange(prompt.shape[1], device=prompt.device))
+            for step, token in enumerate(tokens):
+                ref(token, torch.tensor([prompt.shape[1] + step], device=prompt.device))
+            hook.remove()
+            values = torch.cat(seen).sort().values
+            at, half = int(quantile * values.numel()), values.numel() // 200
+            window = values[at - half:at + half + 1]
+            gaps = (window[1:] - window[:-1]) / window[:-1]
+            k = int(gaps.argmax())
+            threshold = float((window[k] + window[k + 1]) / 2)
+            assert gaps[k] > 2.5 * margin, f"layer {i} {path}: no gap of {2.5 * margin} near the quantile"
+            for proj in projs:
+                table[i, PROJECTIONS.index(proj)] = threshold
+
+
 def thresholds_at(model, s):
     """Per-projection thresholds giving sparsity s on a random prefill of the dense model."""
     table = torch.zeros(len(model.layers), 7)
