@@ -25,7 +25,8 @@ import torch
 import triton
 
 from benchmark.ab_gemv import load_kernels
-from benchmark.bench_gemv import check_result, graph_time_us, rotating_copies, shape_panels, threshold_for
+from benchmark.bench_gemv import (check_result, graph_time_us, grouped_bytes, rotating_copies, shape_panels,
+                                  threshold_for)
 from benchmark.common import copy_bandwidth, write_result
 from sparse import GroupQuant, quantize_groupwise
 from sparse_gemv import sparse_gemv_reference
@@ -55,7 +56,7 @@ def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, til
 def bench(name, modules, quant, sparsities, l2, sms, tiles) -> list[dict]:
     k, groups = SHAPES[name]
     n = sum(groups)
-    bytes_ = n * k / 2 + n * math.ceil(k / quant.group_size) * (4 if quant.zero_point else 2)
+    bytes_ = grouped_bytes(n, k, quant)
     copies = rotating_copies(bytes_, l2)
     quantized = [quantize_groupwise(torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / math.sqrt(k), quant)
                  for _ in range(copies)]

@@ -103,6 +103,11 @@ def rotating_copies(weight_bytes: int, l2_bytes: int) -> int:
     return max(8, math.ceil(4 * l2_bytes / weight_bytes))
 
 
+def grouped_bytes(n: int, k: int, quant: GroupQuant) -> float:
+    """Bytes of a group-wise 4-bit [K, N] weight: its nibbles and the groups' fp16 scales (and zeros)."""
+    return n * k / 2 + n * math.ceil(k / quant.group_size) * (4 if quant.zero_point else 2)
+
+
 def one_token_problem(k: int, n: int, dtype, l2_bytes: int, weight_itemsize: int | None = None):
     """Rotating copies of a random [K, N] weight in the kernel's layout (rotating_copies of them, for weights stored
     at weight_itemsize bytes each, by default dtype's) and one input row."""
@@ -141,8 +146,8 @@ def check_result(y: torch.Tensor, ref: torch.Tensor, what: str) -> float:
 
 def bench_shape(name, k, groups, dtype, l2_bytes, sparsities=SPARSITIES, int8=False, int4: GroupQuant | None = None):
     n = sum(groups)
-    if int4 is not None:  # nibbles and the groups' fp16 scales (and zeros)
-        bytes_ = n * k / 2 + n * math.ceil(k / int4.group_size) * (4 if int4.zero_point else 2)
+    if int4 is not None:
+        bytes_ = grouped_bytes(n, k, int4)
     else:
         bytes_ = n * k * (1 if int8 else dtype.itemsize)
     copies = rotating_copies(bytes_, l2_bytes)
@@ -275,7 +280,7 @@ def bench_grouped_variants(name, k, groups, dtype, int4: GroupQuant, l2_bytes, s
     """bench_variants for 4-bit weights: each grouped_variant_configs config at each sparsity, checked against the
     float64 product of the dequantized weights, timed over rotating copies."""
     n = sum(groups)
-    bytes_ = n * k / 2 + n * math.ceil(k / int4.group_size) * (4 if int4.zero_point else 2)
+    bytes_ = grouped_bytes(n, k, int4)
     copies = rotating_copies(bytes_, l2_bytes)
     quantized = [quantize_groupwise(torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k), int4)
                  for _ in range(copies)]
