@@ -142,7 +142,9 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
         acc_6 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
         acc_7 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
     elif PACK > 1:
-        w_words = w_ptr.to(tl.pointer_type(tl.int32))
+        # the cast drops what Triton knows of w_ptr's alignment (16 bytes: check_inputs), without which a row's words
+        # load one a thread and instruction instead of four
+        w_words = tl.multiple_of(w_ptr.to(tl.pointer_type(tl.int32)), 16)
         offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
         acc_0 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
         acc_1 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
@@ -655,6 +657,9 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
         raise ValueError(f"decode_layers: q/k/v width {out_features(wqkv)} does not fit {hkv} KV heads of {head_dim}")
     int8 = wqkv.dtype == torch.int8 and not group_size
     dtype = embedding.dtype
+    if any(w.data_ptr() % 16 or w[0].numel() * w.element_size() % 16 for w in weights):
+        raise ValueError("decode_layers: each layer's weights start on 16 bytes (the GEMV tiles load 16 bytes a "
+                         "thread): stacked tensors of their own, with K x N a multiple of 16 bytes")
     if group_size:
         check_grouped(weights, scales, zeros, group_size, (dim, head_dim, inter))
     elif any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
