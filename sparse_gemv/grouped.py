@@ -66,9 +66,7 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
     else:
         n_mask = offs_n < g_end
         w_mask = offs_w < g_end // PER_WORD
-    # the cast drops what Triton knows of w_ptr's alignment (16 bytes: the launcher checks), without which a row's
-    # words load one a thread and instruction instead of four
-    w_words = tl.multiple_of(w_ptr.to(tl.pointer_type(tl.int32)), 16)
+    w_words = w_ptr.to(tl.pointer_type(tl.int32))
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
 
@@ -464,9 +462,6 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
     or with reduce=False the split-K partial sums, fp32 [SPLIT_K, T, N]."""
     check_inputs(x, weight_t, thresholds, split_sizes, scales, zeros, group_size)
     kernels.check_launch(x, weight_t, thresholds, scales, None, config)
-    if weight_t.data_ptr() % 16:
-        raise ValueError("sparse_gemv: group-wise quantized weights start on 16 bytes (rows load 16 bytes a thread): "
-                         "pass a tensor of its own, not a view at an offset")
     t, k = x.shape
     n = scales.shape[1]
     bits = 4 if weight_t.dtype == torch.uint8 else 8
