@@ -33,7 +33,8 @@ STAMPS = 8  # words per program: SM, start, wait returned, list done, loop done,
 
 # (anchor line in kernels.py, text put after it): each stamp follows the step it times.
 _PATCHES = [
-    ("                        ALIGNED: tl.constexpr):",
+    ("                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr, "
+     "LIST_CHUNK: tl.constexpr):",
      "    t_start = tl.extra.cuda.globaltimer()\n"),
     ("        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output: nothing is read before it is complete",
      "    t_wait = tl.extra.cuda.globaltimer()  # after the wait, or when there is none\n"),
@@ -65,7 +66,7 @@ def instrumented_source(src: str) -> str:
             src = src.replace(anchor, "    t_loop = tl.extra.cuda.globaltimer()\n" + anchor)
         else:
             src = src.replace(anchor, anchor + "\n" + after.rstrip("\n"))
-    src = src.replace("ALIGNED: tl.constexpr):", "ALIGNED: tl.constexpr, stamp_ptr=None):", 1)
+    src = src.replace("LIST_CHUNK: tl.constexpr):", "LIST_CHUNK: tl.constexpr, stamp_ptr=None):", 1)
     launch = "    _sparse_gemv_kernel[grid](*args, **flags, **meta,"
     if src.count(launch) != 1:
         raise RuntimeError("gemv_timeline: the kernel launch in sparse_gemv_triton changed; update instrumented_source")

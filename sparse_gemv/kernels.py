@@ -54,8 +54,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                         DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         COMPACT: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr,
-                        ALIGNED: tl.constexpr):
+                        PACK: tl.constexpr, EVEN_N: tl.constexpr, REDUCE: tl.constexpr, LIST_CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which threshold group (q, k or v; gate or up) this strip of columns belongs to.
@@ -85,13 +84,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
     if PACK > 1:
         # PACK columns per int32 word: word j of a row holds columns PACK * j .. PACK * j + PACK - 1.
         w_words = w_ptr.to(tl.pointer_type(tl.int32))
-        word0 = (g_start + strip * BLOCK_N) // PACK
-        row_words = N // PACK
-        if ALIGNED:  # the weight, its rows and strips start on 16 bytes (the cast loses that): four words a load
-            w_words = tl.multiple_of(w_words, 16)
-            word0 = tl.multiple_of(word0, 4)
-            row_words = tl.multiple_of(row_words, 4)
-        offs_w = word0 + tl.arange(0, BLOCK_N // PACK)
+        offs_w = (g_start + strip * BLOCK_N) // PACK + tl.arange(0, BLOCK_N // PACK)
         if EVEN_N:
             w_mask = tl.full((BLOCK_N // PACK,), 1, tl.int1)
         else:
@@ -134,7 +127,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
             valid = offs_j < count
             rows = tl.load(slots + offs_j, mask=valid, other=0)
             if PACK > 1:
-                w = tl.load(w_words + rows[:, None] * row_words + offs_w[None, :], mask=valid[:, None] & w_mask[None, :], other=0)
+                w = tl.load(w_words + rows[:, None] * (N // PACK) + offs_w[None, :], mask=valid[:, None] & w_mask[None, :], other=0)
                 xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
                 acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK)
             elif BLOCK_T == 1:
@@ -164,7 +157,7 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, rows_
                 x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 keep = tl.abs(x) > thr
                 if PACK > 1:
-                    w = tl.load(w_words + offs_k[:, None] * row_words + offs_w[None, :], mask=keep[:, None] & w_mask[None, :], other=0)
+                    w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None] & w_mask[None, :], other=0)
                     xs = tl.where(keep, x, 0.0)[:, None]
                     acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
                 else:
@@ -396,9 +389,6 @@ def sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torc
              # rows listed at a time by the compact variant (the predicated one takes 1, so it compiles once)
              "LIST_CHUNK": min(MAX_LIST_CHUNK, triton.next_power_of_2(k_range(k, meta["SPLIT_K"], meta["BLOCK_K"])))
              if meta["COMPACT"] else 1}
-    words = 4 * flags["PACK"]  # columns in 16 bytes
-    flags["ALIGNED"] = flags["PACK"] > 1 and weight_t.data_ptr() % 16 == 0 and meta["BLOCK_N"] % words == 0 and \
-        all(s % words == 0 for s in split_sizes)
     grid = (sum(triton.cdiv(s, meta["BLOCK_N"]) for s in split_sizes), meta["SPLIT_K"])
     _sparse_gemv_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=1, launch_pdl=use_pdl)
     return y if reduce else partials

@@ -142,9 +142,7 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
         acc_6 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
         acc_7 = tl.zeros((ROWS, WORDS), dtype=tl.float32)
     elif PACK > 1:
-        # the cast drops what Triton knows of w_ptr's alignment (16 bytes: check_inputs), without which a row's words
-        # load one a thread and instruction instead of four
-        w_words = tl.multiple_of(w_ptr.to(tl.pointer_type(tl.int32)), 16)
+        w_words = w_ptr.to(tl.pointer_type(tl.int32))
         offs_w = col // PACK + tl.arange(0, BLOCK_N // PACK)
         acc_0 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
         acc_1 = tl.zeros((ACC_ROWS, BLOCK_N // PACK), dtype=tl.float32)
@@ -400,9 +398,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
         # a strip's gate tiles then its up tiles (one projection a tile: the row loop's registers are one tile's);
         # the strip's last tile has both halves of silu(gate) * up
         strip = tile // (2 * KS_GU)
-        half = tile // KS_GU % 2
+        half = (tile // KS_GU) % 2  # 0: gate, 1: up
         split = tile % KS_GU
         col = strip * BN_GU
+        half_col = half * I + col
         if rs == 0.0:
             if WAIT:
                 _wait(ctr + C_NORM_READY + 1, NS_O, err_ptr, prof, MAX_SPIN, PROFILE)
@@ -410,10 +409,10 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
         k_begin = split * KR_GU
         acc = _gemv_rows(resid_ptr, normw_ptr + (2 * layer + 1) * D, rs, w13_ptr + layer64 * D * (2 * I // PER_BYTE),
                          t13_ptr + layer * 2 * (D if PER_CHANNEL else 1), s13_ptr + layer * G_D * 2 * I,
-                         z13_ptr + layer * G_D * 2 * I, half * I + col, half, k_begin, tl.minimum(k_begin + KR_GU, D),
+                         z13_ptr + layer * G_D * 2 * I, half_col, half, k_begin, tl.minimum(k_begin + KR_GU, D),
                          D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
-        acc = _scaled(acc, s13_ptr + layer * 2 * I, half * I + col, SCALED, BN_GU)
-        tl.store(pgu_ptr + split * 2 * I + half * I + col + tl.arange(0, BN_GU), acc)
+        acc = _scaled(acc, s13_ptr + layer * 2 * I, half_col, SCALED, BN_GU)
+        tl.store(pgu_ptr + split * 2 * I + half_col + tl.arange(0, BN_GU), acc)
         tl.debug_barrier()
         if tl.atomic_add(ctr + C_STRIP_GU + strip, 1, sem="acq_rel", scope="gpu") == 2 * KS_GU - 1:
             gate = _strip_sum(pgu_ptr, col, 2 * I, KS_GU, BN_GU).to(dtype).to(tl.float32)
@@ -554,8 +553,8 @@ def layout(cfg: dict, dim: int, n_head: int, n_kv_heads: int, head_dim: int, int
           (("QKV", dim), ("O", n_head * head_dim), ("GU", dim), ("D", inter))}
     strips = {"QKV": nqkv // cfg["BN_QKV"], "O": dim // cfg["BN_O"], "GU": inter // cfg["BN_GU"],
               "D": dim // cfg["BN_D"]}
-    tiles = {p: strips[p] * ks[p] * (2 if p == "GU" else 1) for p in ks}  # a gate/up strip: a gate and an up tile
-    return {**{f"NT_{p}": tiles[p] for p in ks},
+    # a gate/up strip is KS gate tiles and KS up tiles
+    return {**{f"NT_{p}": strips[p] * ks[p] * (2 if p == "GU" else 1) for p in ks},
             "C_SIZE": 8 + sum(strips.values()) + 2 * n_kv_heads + ks["D"],
             "BLOCK_STATS": triton.next_power_of_2(max(strips["O"], strips["D"])), "stats": strips["O"] + strips["D"],
             "splits": ks}
@@ -657,9 +656,6 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
         raise ValueError(f"decode_layers: q/k/v width {out_features(wqkv)} does not fit {hkv} KV heads of {head_dim}")
     int8 = wqkv.dtype == torch.int8 and not group_size
     dtype = embedding.dtype
-    if any(w.data_ptr() % 16 or w[0].numel() * w.element_size() % 16 for w in weights):
-        raise ValueError("decode_layers: each layer's weights start on 16 bytes (the GEMV tiles load 16 bytes a "
-                         "thread): stacked tensors of their own, with K x N a multiple of 16 bytes")
     if group_size:
         check_grouped(weights, scales, zeros, group_size, (dim, head_dim, inter))
     elif any((w.dtype == torch.int8) != int8 or (not int8 and w.dtype != dtype) for w in weights) or \
