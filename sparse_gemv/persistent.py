@@ -9,8 +9,8 @@ layer, in phases:
           epilogue adds q/k/v biases (Qwen2)
     attn: per KV head: q/k norms (Qwen3), RoPE, the cache write, attention over positions 0..pos
     o:    sparse GEMV of the attention output; the strip's epilogue adds it to the residual stream
-    gu:   sparse GEMV of the FFN norm's output, a gate strip's tiles and then the same columns' up tiles; the
-          strip's epilogue writes silu(gate) * up
+    gu:   sparse GEMV of the FFN norm's output, gate and up strips of the same columns side by side; the epilogue
+          writes silu(gate) * up
     down: sparse GEMV of that; the epilogue adds it to the stream (the last layer leaves the stream, which the
           model's final norm and LM head read)
 
@@ -395,26 +395,31 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
             _add_to_stream(total, resid_ptr, stats_ptr, strip, col, BN_O)
             _signal(ctr + C_NORM_READY + 1)
     elif PH == GU:
-        # a strip's gate tiles then its up tiles (one projection a tile: the row loop's registers are one tile's);
-        # the strip's last tile has both halves of silu(gate) * up
-        strip = tile // (2 * KS_GU)
-        half = (tile // KS_GU) % 2  # 0: gate, 1: up
+        # gate strip j and up strip j side by side: the epilogue has both halves of silu(gate) * up
+        strip = tile // KS_GU
         split = tile % KS_GU
         col = strip * BN_GU
-        half_col = half * I + col
         if rs == 0.0:
             if WAIT:
                 _wait(ctr + C_NORM_READY + 1, NS_O, err_ptr, prof, MAX_SPIN, PROFILE)
             rs = _stream_rs(stats_ptr, NS_O, eps, D, BLOCK_STATS)
         k_begin = split * KR_GU
-        acc = _gemv_rows(resid_ptr, normw_ptr + (2 * layer + 1) * D, rs, w13_ptr + layer64 * D * (2 * I // PER_BYTE),
-                         t13_ptr + layer * 2 * (D if PER_CHANNEL else 1), s13_ptr + layer * G_D * 2 * I,
-                         z13_ptr + layer * G_D * 2 * I, half_col, half, k_begin, tl.minimum(k_begin + KR_GU, D),
-                         D, 2 * I, BN_GU, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
-        acc = _scaled(acc, s13_ptr + layer * 2 * I, half_col, SCALED, BN_GU)
-        tl.store(pgu_ptr + split * 2 * I + half_col + tl.arange(0, BN_GU), acc)
+        k_stop = tl.minimum(k_begin + KR_GU, D)
+        w = w13_ptr + layer64 * D * (2 * I // PER_BYTE)
+        thr = t13_ptr + layer * 2 * (D if PER_CHANNEL else 1)
+        scales = s13_ptr + layer * G_D * 2 * I
+        zeros = z13_ptr + layer * G_D * 2 * I
+        norm = normw_ptr + (2 * layer + 1) * D
+        gate = _gemv_rows(resid_ptr, norm, rs, w, thr, scales, zeros, col, 0, k_begin, k_stop, D, 2 * I, BN_GU,
+                          BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
+        up = _gemv_rows(resid_ptr, norm, rs, w, thr, scales, zeros, I + col, 1, k_begin, k_stop, D, 2 * I, BN_GU,
+                        BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
+        gate = _scaled(gate, s13_ptr + layer * 2 * I, col, SCALED, BN_GU)
+        up = _scaled(up, s13_ptr + layer * 2 * I, I + col, SCALED, BN_GU)
+        tl.store(pgu_ptr + split * 2 * I + col + tl.arange(0, BN_GU), gate)
+        tl.store(pgu_ptr + split * 2 * I + I + col + tl.arange(0, BN_GU), up)
         tl.debug_barrier()
-        if tl.atomic_add(ctr + C_STRIP_GU + strip, 1, sem="acq_rel", scope="gpu") == 2 * KS_GU - 1:
+        if tl.atomic_add(ctr + C_STRIP_GU + strip, 1, sem="acq_rel", scope="gpu") == KS_GU - 1:
             gate = _strip_sum(pgu_ptr, col, 2 * I, KS_GU, BN_GU).to(dtype).to(tl.float32)
             up = _strip_sum(pgu_ptr, I + col, 2 * I, KS_GU, BN_GU).to(dtype).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -543,7 +548,7 @@ def tile_config(dim: int, n_head: int, head_dim: int, inter: int, weight_bytes: 
         return min(max(align, wanted // align * align), triton.cdiv(k, align) * align)
     kr_d = rows(bn_d, triton.cdiv(inter, 2) if INTERPRET else inter, max(block_k, bn_gu))
     return {"BN_QKV": bn_qkv, "KR_QKV": rows(bn_qkv, dim), "BN_O": bn_o, "KR_O": rows(bn_o, n_head * head_dim),
-            "BN_GU": bn_gu, "KR_GU": rows(bn_gu, dim), "BN_D": bn_d, "KR_D": kr_d, "BLOCK_K": block_k}
+            "BN_GU": bn_gu, "KR_GU": rows(2 * bn_gu, dim), "BN_D": bn_d, "KR_D": kr_d, "BLOCK_K": block_k}
 
 
 def layout(cfg: dict, dim: int, n_head: int, n_kv_heads: int, head_dim: int, inter: int) -> dict:
@@ -553,8 +558,7 @@ def layout(cfg: dict, dim: int, n_head: int, n_kv_heads: int, head_dim: int, int
           (("QKV", dim), ("O", n_head * head_dim), ("GU", dim), ("D", inter))}
     strips = {"QKV": nqkv // cfg["BN_QKV"], "O": dim // cfg["BN_O"], "GU": inter // cfg["BN_GU"],
               "D": dim // cfg["BN_D"]}
-    # a gate/up strip is KS gate tiles and KS up tiles
-    return {**{f"NT_{p}": strips[p] * ks[p] * (2 if p == "GU" else 1) for p in ks},
+    return {**{f"NT_{p}": strips[p] * ks[p] for p in ks},
             "C_SIZE": 8 + sum(strips.values()) + 2 * n_kv_heads + ks["D"],
             "BLOCK_STATS": triton.next_power_of_2(max(strips["O"], strips["D"])), "stats": strips["O"] + strips["D"],
             "splits": ks}
