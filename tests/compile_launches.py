@@ -62,13 +62,16 @@ def compile_launch(kernel, args, kwargs, capability: int):
     signature, constants, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         value = bound[p.name]
-        kind, key = ("constexpr", None) if p.is_constexpr else native_specialize_impl(CUDABackend, value, False, True,
-                                                                                       True)
-        signature[p.name] = kind if kind == "constexpr" else arg_type(value)
-        if kind == "constexpr":
-            constants[p.name] = value if p.is_constexpr else key
-        elif isinstance(key, str) and key:
-            attrs[(i,)] = CUDABackend.parse_attr(key)
+        if p.is_constexpr:
+            signature[p.name], constants[p.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        if kind == "constexpr":  # an integer equal to 1
+            signature[p.name], constants[p.name] = "constexpr", key
+        else:
+            signature[p.name] = arg_type(value)
+            if key:  # "D": divisible by 16
+                attrs[(i,)] = CUDABackend.parse_attr(key)
     options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
                **({"maxnreg": kwargs["maxnreg"]} if "maxnreg" in kwargs else {})}
     return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", capability, 32),
