@@ -562,23 +562,26 @@ def check_persistent_against_stepped_and_per_layer(model, dtype):
 
 def test_persistent_decode_1000_steps_in_cuda_graphs_without_a_hang():
     """generate() with the persistent step compiled into CUDA graphs, 1000 tokens: no wait gave up, and the tokens are
-    the stepped mode's (equal bits each step)."""
+    the stepped mode's compiled the same way (the layers give equal bits each step; the final norm and LM head must
+    be the same compiled code too, since an eager norm rounds otherwise and a near-tie then flips a greedy token)."""
     import functools
     import time
     from generate import decode_one_token_persistent, generate, persistent_layers
     model = persistent_model(torch.bfloat16, sparsity=0.5)
     layers = persistent_layers(model)
-    step = torch.compile(functools.partial(decode_one_token_persistent, layers=layers), mode="reduce-overhead",
-                         fullgraph=True)
+
+    def compiled(launched):
+        return torch.compile(functools.partial(decode_one_token_persistent, layers=launched), mode="reduce-overhead",
+                             fullgraph=True)
     prompt = torch.randint(0, 2048, (5,), device="cuda", dtype=torch.int)
     start = time.perf_counter()
-    got = generate(model, prompt, 1000, temperature=0, decode_fn=step)
+    got = generate(model, prompt, 1000, temperature=0, decode_fn=compiled(layers))
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     layers.check()
-    want = generate(model, prompt, 1000, temperature=0,
-                    decode_fn=functools.partial(decode_one_token_persistent, layers=layers.launched(stepped=True)))
-    assert torch.equal(got, want)
+    want = generate(model, prompt, 1000, temperature=0, decode_fn=compiled(layers.launched(stepped=True)))
+    differ = (got != want).nonzero()
+    assert differ.numel() == 0, f"first differing token at {int(differ[0, -1])} of {got.shape[-1]}"
     assert elapsed < 60, f"1000 steps took {elapsed:.1f} s"
     torch._dynamo.reset()
 
