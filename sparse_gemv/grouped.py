@@ -14,10 +14,9 @@ threshold, and its scales only when one of them is. Compact: the kept rows of th
 where each group's kept rows start in the list; each group with a kept row loads its scales once and then only its
 kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantized in registers.
 
-One token (the decode step) loads a predicated tile's kept words in one load, so all of them are in flight at once,
-as slabs of ROWS rows that the threads load four words (16 bytes) each; each thread folds its rows of the tile into
-one slab row, and keeps each of a word's fields (nibbles, bytes) in its own accumulator, so no word is ever spread
-into columns until the end and no sum crosses threads inside the loop. A field is isolated in the low mantissa bits of 2^23 by one AND,
+One token (the decode step) walks a tile in slabs of ROWS rows that the threads load four words (16 bytes) each, and
+keeps each of a word's fields (nibbles, bytes) in its own accumulator, so no word is ever spread into columns until
+the end and no sum crosses threads inside the loop. A field is isolated in the low mantissa bits of 2^23 by one AND,
 reading as 2^23 + u * 2^shift (u the unsigned code, shift its place in its 16-bit half), and one fma with the
 group's scale takes 2^23 off and scales in a single rounding: with the product with x, two fmas and an AND a
 weight. The zero point (or the -8 / -128 that makes a code signed) is applied once a group, times the sum of the
@@ -31,8 +30,8 @@ import triton
 import triton.language as tl
 
 from sparse_gemv import kernels
-from sparse_gemv.kernels import (INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fold_rows, fp32_products, k_range,
-                                 load_inputs, pdl_launch)
+from sparse_gemv.kernels import (INTERPRET, MAX_LIST_CHUNK, MAX_SPLIT_K, fit_stages, fp32_products, k_range, load_inputs,
+                                 pdl_launch)
 from sparse_gemv.ops import check_inputs
 
 
@@ -259,25 +258,33 @@ def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x
     are not loaded. X_CACHE, norm_ptr, rs, NORM: load_inputs' (NORM: x_ptr is the residual stream, normalised here).
     The per-layer kernel's predicated tiles and the persistent kernel's GEMV tiles (persistent.py) both take their
     one-token groups here."""
-    rows = k0 + tl.arange(0, GROUP)
-    r_mask = rows < k_stop
+    offs_k = k0 + tl.arange(0, GROUP)
+    k_mask = offs_k < k_stop
     if PER_CHANNEL:
-        thr_r = tl.load(thr + rows, mask=r_mask, other=float("inf"))
+        thr_k = tl.load(thr + offs_k, mask=k_mask, other=float("inf"))
     else:
-        thr_r = thr
-    x = load_inputs(x_ptr, rows, r_mask, norm_ptr, rs, NORM, X_CACHE)
-    x = tl.where(tl.abs(x) > thr_r, x, 0.0)  # a kept row's x is not 0: it masks the row's words
-    kept = tl.max((x != 0).to(tl.int32))
+        thr_k = thr
+    x = load_inputs(x_ptr, offs_k, k_mask, norm_ptr, rs, NORM, X_CACHE)
+    kept = tl.max((tl.abs(x) > thr_k).to(tl.int32))
     # the group's scales, only if one of its rows is kept (a block mask: the interpreter mishandles scalar ones)
     mask = tl.where(w_mask, kept, 0) > 0
     s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
         scale_ptr, zero_ptr, k0 // GROUP, N, columns, mask, BITS, ZERO)
-    # the whole group's kept words in one load, so they are all in flight at once
-    words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
-    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
-        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7,
-        BITS)
-    x_sum = tl.sum(tl.reshape(x, (GROUP // ROWS, ROWS)), axis=0)
+    x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+    for i in tl.static_range(GROUP // ROWS):
+        rows = k0 + i * ROWS + tl.arange(0, ROWS)
+        r_mask = rows < k_stop
+        if PER_CHANNEL:
+            thr_r = tl.load(thr + rows, mask=r_mask, other=float("inf"))
+        else:
+            thr_r = thr
+        x = load_inputs(x_ptr, rows, r_mask, norm_ptr, rs, NORM, X_CACHE)
+        x = tl.where(tl.abs(x) > thr_r, x, 0.0)  # a kept row's x is not 0: it masks the row's words
+        words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
+        x_sum += x
+        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
+            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7,
+            BITS)
     return add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5,
                        z_6, z_7, BITS)
 
@@ -340,18 +347,18 @@ def add_slab_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, wo
         words = words ^ -2139062144  # 0x80808080: every byte + 128, unsigned
     low = words | 0x4B000000
     high = (words >> 16) | 0x4B000000
-    acc_0 += fold_rows(x[:, None] * field_weights(low, s_0, 0, BITS), acc_0)
-    acc_1 += fold_rows(x[:, None] * field_weights(low, s_1, 1, BITS), acc_1)
+    acc_0 += x[:, None] * field_weights(low, s_0, 0, BITS)
+    acc_1 += x[:, None] * field_weights(low, s_1, 1, BITS)
     if BITS == 4:
-        acc_2 += fold_rows(x[:, None] * field_weights(low, s_2, 2, BITS), acc_2)
-        acc_3 += fold_rows(x[:, None] * field_weights(low, s_3, 3, BITS), acc_3)
-        acc_4 += fold_rows(x[:, None] * field_weights(high, s_4, 4, BITS), acc_4)
-        acc_5 += fold_rows(x[:, None] * field_weights(high, s_5, 5, BITS), acc_5)
-        acc_6 += fold_rows(x[:, None] * field_weights(high, s_6, 6, BITS), acc_6)
-        acc_7 += fold_rows(x[:, None] * field_weights(high, s_7, 7, BITS), acc_7)
+        acc_2 += x[:, None] * field_weights(low, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(low, s_3, 3, BITS)
+        acc_4 += x[:, None] * field_weights(high, s_4, 4, BITS)
+        acc_5 += x[:, None] * field_weights(high, s_5, 5, BITS)
+        acc_6 += x[:, None] * field_weights(high, s_6, 6, BITS)
+        acc_7 += x[:, None] * field_weights(high, s_7, 7, BITS)
     else:
-        acc_2 += fold_rows(x[:, None] * field_weights(high, s_2, 2, BITS), acc_2)
-        acc_3 += fold_rows(x[:, None] * field_weights(high, s_3, 3, BITS), acc_3)
+        acc_2 += x[:, None] * field_weights(high, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(high, s_3, 3, BITS)
     return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
 
 

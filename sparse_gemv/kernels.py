@@ -239,16 +239,6 @@ def add_word_products(acc_0, acc_1, acc_2, acc_3, w, xv, PACK: tl.constexpr):
 
 
 @triton.jit
-def fold_rows(products, acc):
-    """Products of a tile of rows [R * ROWS, words] summed into the shape of acc [ROWS, words]: row i * ROWS + j into
-    row j. A thread's rows of a tile are ROWS apart, so the sum stays inside each thread."""
-    ROWS: tl.constexpr = acc.shape[0]
-    if products.shape[0] == ROWS:
-        return products
-    return tl.sum(tl.reshape(products, (products.shape[0] // ROWS, ROWS, products.shape[1])), axis=0)
-
-
-@triton.jit
 def sum_word_columns(acc_0, acc_1, acc_2, acc_3, PACK: tl.constexpr, BLOCK_N: tl.constexpr):
     """The products add_word_products accumulated, reduced over K once, at the end, and put back in column order:
     [BLOCK_N] fp32."""

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from sparse_gemv.attention_tiles import attend, load_qkv, rms_norm_pairs, rope, rotate
 from sparse_gemv.grouped import add_group_products, word_columns
-from sparse_gemv.kernels import INTERPRET, add_word_products, fold_rows, fp32_products, load_inputs, sum_word_columns
+from sparse_gemv.kernels import INTERPRET, add_word_products, fp32_products, load_inputs, sum_word_columns
 from sparse_gemv.quant import GROUP_SIZES, out_features
 
 EMBED, QKV, ATTN, O, GU, DOWN = (tl.constexpr(i) for i in range(6))  # the phases, in order
@@ -115,10 +115,9 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
     grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]: BLOCK_K is the group size and
     k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's add_group_products in slabs
     whose rows the program's WARPS warps load 16 bytes a thread."""
-    # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration; past that (a tile's rows in few
-    # iterations, all of their loads in flight at once) the rows one pass of the program's threads loads (16 bytes a
-    # thread), each thread's rows folded into them, so no sum crosses threads before the end.
-    ACC_ROWS: tl.constexpr = BLOCK_K if BLOCK_K <= 64 else min(BLOCK_K, max(1, 4 * 32 * WARPS // (BLOCK_N // PACK)))
+    # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end;
+    # past that (a tile's rows in few iterations, all of their loads in flight at once) reduced every iteration.
+    ACC_ROWS: tl.constexpr = BLOCK_K if BLOCK_K <= 64 else 1
     if PER_CHANNEL:
         thr = thr_ptr + group * K  # the group's thresholds, one a row
     else:
@@ -169,18 +168,21 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
             xs = tl.where(keep, x, 0.0)[:, None]
             if PACK > 1:
                 w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
-                if ACC_ROWS == BLOCK_K:
-                    acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
-                else:
+                if ACC_ROWS == 1:
                     p_0, p_1, p_2, p_3 = add_word_products(0.0, 0.0, 0.0, 0.0, w, xs, PACK)
-                    acc_0 += fold_rows(p_0, acc_0)
-                    acc_1 += fold_rows(p_1, acc_1)
+                    acc_0 += tl.sum(p_0, axis=0, keep_dims=True)
+                    acc_1 += tl.sum(p_1, axis=0, keep_dims=True)
                     if PACK == 4:
-                        acc_2 += fold_rows(p_2, acc_2)
-                        acc_3 += fold_rows(p_3, acc_3)
+                        acc_2 += tl.sum(p_2, axis=0, keep_dims=True)
+                        acc_3 += tl.sum(p_3, axis=0, keep_dims=True)
+                else:
+                    acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
-                acc += fold_rows(xs * w.to(tl.float32), acc)
+                if ACC_ROWS == 1:
+                    acc += tl.sum(xs * w.to(tl.float32), axis=0, keep_dims=True)
+                else:
+                    acc += xs * w.to(tl.float32)
     if BITS > 0:
         total = word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS, BLOCK_N)
     elif PACK > 1:
