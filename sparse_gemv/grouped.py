@@ -410,18 +410,24 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
 
 
 def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, tokens: int = 1) -> dict:
-    """Tile and K split, by rule. A predicated tile is one group of rows. One token: 256 columns, so each thread
-    dequantizes 256 weights (8 rows of four words for 128-row groups of 4-bit weights) per group's scales it loads,
-    while a launch still builds in seconds (512 columns unroll twice the code); compact tiles are 64 kept rows of one
-    group (at most the group), 256 columns. Several tokens keep a tile's dequantized weights, the tensor-core operand,
-    at 8192 fp32 values (64 registers a thread with four warps): 128-row groups take 64-column strips, compact tiles
-    32 x 128. The K split: k_split's."""
-    if tokens == 1:
+    """Tile and K split, by rule. A predicated tile is one group of rows. One token: predicated tiles of 128-row groups
+    take 512 columns and no software pipelining where every split is a whole number of such strips and the grid still
+    gives every SM a program (the fastest tile of the H100 sweep in benchmark/RESULTS.md); other one-token tiles 256
+    columns, so each thread dequantizes 256 weights per group's scales it loads while a launch still builds in
+    seconds; compact tiles are 64 kept rows of one group (at most the group). Several tokens keep a tile's
+    dequantized weights, the tensor-core operand, at 8192 fp32 values (64 registers a thread with four warps):
+    128-row groups take 64-column strips, compact tiles 32 x 128. The K split: k_split's."""
+    stages = 3
+    wide = all(s % 512 == 0 for s in split_sizes) and \
+        sum(s // 512 for s in split_sizes) * k_split(k, split_sizes, 512, sms, group_size) >= sms
+    if tokens == 1 and not compact and group_size == 128 and wide:
+        bn, bk, stages = 512, group_size, 1
+    elif tokens == 1:
         bn, bk = 256, (min(64, group_size) if compact else group_size)
     else:
         bn, bk = (128, 32) if compact else (max(8192 // group_size, 64), group_size)
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": k_split(k, split_sizes, bn, sms, group_size), "COMPACT": compact,
-            "STAGES": 3, "num_warps": 4}
+            "STAGES": stages, "num_warps": 4}
 
 
 def k_split(k: int, split_sizes, block_n: int, sms: int, group_size: int) -> int:
