@@ -4,14 +4,14 @@ compact) and, for revisions that take them, at explicit tiles (--tiles BLOCK_NxB
 c for compact, each with the K split the revision's rule gives that width). CUDA graphs over rotating weight copies as
 in bench_gemv; every timed config's output is checked first against the float64 product of the dequantized weights.
 Kept bytes (nibbles and the fp16 scales and zeros of the kept rows) are reported against the copy bandwidth measured
-in the same run.
+in the same run. A tile runs the revision's own pipelining depth for that form unless it names one (s1, s3).
 
     mkdir -p .gpu && git show a108518:sparse_gemv/grouped.py > .gpu/grouped_before.py
     python -m benchmark.ab_grouped before=.gpu/grouped_before.py after=sparse_gemv/grouped.py \\
-        --tiles after:512x128 after:256x32c
+        --tiles after:512x128s1 after:256x128s3 after:256x32c
 
 Writes benchmark/results/gemv-ab-grouped<tag>-<device>.json (rows {shape, N, K, sparsity, kernels, BLOCK_N, BLOCK_K,
-SPLIT_K, COMPACT, picked, us, kept_GBps, rel_err}) and a PNG of each revision's best time against sparsity.
+SPLIT_K, COMPACT, STAGES, picked, us, kept_GBps, rel_err}) and a PNG of each revision's best time against sparsity.
 """
 import argparse
 import datetime
@@ -38,18 +38,19 @@ SHAPES = {"14336x4096": (4096, [14336]), "4096x14336": (14336, [4096]), "8b gate
 
 
 def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, tiles) -> list[tuple[dict, bool]]:
-    """(config, picked): the revision's own picks, then the tiles asked for it (label:BLOCK_NxBLOCK_K[c])."""
+    """(config, picked): the revision's own picks, then the tiles asked for it (label:BLOCK_NxBLOCK_K[sSTAGES][c])."""
     picked = [module.pick_grouped_config(k, groups, compact, sms, quant.group_size) for compact in (False, True)]
     out = [(c, True) for c in picked]
     for spec in tiles:
         name, tile = spec.split(":")
         if name != label:
             continue
-        compact = tile.endswith("c")
-        bn, bk = (int(v) for v in tile.rstrip("c").split("x"))
+        bn, bk, stages, compact = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(c?)", tile).groups()
+        compact = compact == "c"
         base = module.pick_grouped_config(k, groups, compact, sms, quant.group_size)
-        split = k_split(k, groups, bn, sms, quant.group_size)  # today's rule, for every revision's tiles
-        out.append(({**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, False))
+        split = k_split(k, groups, int(bn), sms, quant.group_size)  # today's rule, for every revision's tiles
+        out.append(({**base, "BLOCK_N": int(bn), "BLOCK_K": int(bk), "SPLIT_K": split,
+                     "STAGES": int(stages) if stages else base["STAGES"]}, False))
     return out
 
 
@@ -76,11 +77,12 @@ def bench(name, modules, quant, sparsities, l2, sms, tiles) -> list[dict]:
                 rel = check_result(run(0), ref, f"{label} {name} s={s} {cfg}")
                 us = graph_time_us(run, copies)
                 rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "kept_fraction": kept, "kernels": label,
-                             **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "COMPACT")},
+                             **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "COMPACT", "STAGES")},
                              "picked": picked, "us": us, "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9,
                              "rel_err": rel})
                 r = rows[-1]
                 print(f"{name:11s} s={s:.2f} {label:7s} {r['BLOCK_N']:4d}x{r['BLOCK_K']:<3d} split {r['SPLIT_K']:2d}"
+                      f" stages {r['STAGES']}"
                       f"{' compact' if r['COMPACT'] else '        '}{' picked' if picked else '       '} "
                       f"{us:7.2f} us  kept {r['kept_GBps']:6.0f} GB/s  rel_err {rel:.1e}", flush=True)
     return rows
@@ -104,7 +106,8 @@ def main(argv=None):
     p.add_argument("kernels", nargs="+", help="LABEL=PATH of a grouped.py revision, two or more")
     p.add_argument("--shapes", nargs="+", default=["14336x4096", "4096x14336"], choices=list(SHAPES))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5, 0.8])
-    p.add_argument("--tiles", nargs="*", default=[], help="LABEL:BLOCK_NxBLOCK_K, a trailing c for compact")
+    p.add_argument("--tiles", nargs="*", default=[],
+                   help="LABEL:BLOCK_NxBLOCK_K, then sSTAGES for a pipelining depth, a trailing c for compact")
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--no-zero_point", dest="zero_point", action="store_false")
     p.add_argument("--tag", default="")
@@ -113,8 +116,9 @@ def main(argv=None):
     pairs = [spec.split("=", 1) for spec in a.kernels]
     if len(pairs) < 2 or any(len(pair) != 2 or not Path(pair[1]).is_file() for pair in pairs):
         raise SystemExit(f"ab_grouped: give two or more LABEL=PATH of existing grouped.py files, got {a.kernels}")
-    if any(not re.fullmatch(r"[^:]+:\d+x\d+c?", t) or t.split(":")[0] not in dict(pairs) for t in a.tiles):
-        raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[c] with a given label, got {a.tiles}")
+    if any(not re.fullmatch(r"[^:]+:\d+x\d+(s\d+)?c?", t) or t.split(":")[0] not in dict(pairs) for t in a.tiles):
+        raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[sSTAGES][c] with a given label, "
+                         f"got {a.tiles}")
     if not torch.cuda.is_available():
         raise SystemExit("ab_grouped.py measures GPU kernels and needs CUDA")
     modules = {label: load_kernels(label, Path(path)) for label, path in pairs}

@@ -409,18 +409,20 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr, x_ptr):
     return tl.dot(x.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), acc)
 
 
-def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, tokens: int = 1) -> dict:
-    """Tile and K split, by rule. A predicated tile is one group of rows. One token: predicated tiles of 128-row groups
-    take 512 columns and no software pipelining where every split is a whole number of such strips and the grid still
-    gives every SM a program (the fastest tile of the H100 sweep in benchmark/RESULTS.md); other one-token tiles 256
-    columns, so each thread dequantizes 256 weights per group's scales it loads while a launch still builds in
-    seconds; compact tiles are 64 kept rows of one group (at most the group). Several tokens keep a tile's
-    dequantized weights, the tensor-core operand, at 8192 fp32 values (64 registers a thread with four warps):
-    128-row groups take 64-column strips, compact tiles 32 x 128. The K split: k_split's."""
+def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size: int, tokens: int = 1,
+                        bits: int = 4) -> dict:
+    """Tile and K split, by rule. A predicated tile is one group of rows. One token: predicated tiles of 4-bit weights
+    in 128-row groups take 512 columns and no software pipelining where every output group (split_sizes entry) is a
+    multiple of 512 columns and the grid still gives every SM a program (the fastest tile of the H100 sweep in
+    benchmark/RESULTS.md); other one-token tiles 256 columns, so each thread dequantizes 256 weights per group's
+    scales it loads while a launch still builds in seconds; compact tiles are 64 kept rows of one group (at most the
+    group). Several tokens keep a tile's dequantized weights, the tensor-core operand, at 8192 fp32 values (64
+    registers a thread with four warps): 128-row groups take 64-column strips, compact tiles 32 x 128. The K split:
+    k_split's."""
     stages = 3
     wide = all(s % 512 == 0 for s in split_sizes) and \
         sum(s // 512 for s in split_sizes) * k_split(k, split_sizes, 512, sms, group_size) >= sms
-    if tokens == 1 and not compact and group_size == 128 and wide:
+    if tokens == 1 and not compact and bits == 4 and group_size == 128 and wide:
         bn, bk, stages = 512, group_size, 1
     elif tokens == 1:
         bn, bk = 256, (min(64, group_size) if compact else group_size)
@@ -440,12 +442,13 @@ def k_split(k: int, split_sizes, block_n: int, sms: int, group_size: int) -> int
     return split
 
 
-def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, tokens: int = 1) -> dict:
+def grouped_config(device: torch.device, k: int, split_sizes, compact: bool, group_size: int, tokens: int,
+                   bits: int) -> dict:
     """The launch's meta-parameters (its SPLIT_K is how many partials reduce=False returns)."""
     if INTERPRET:  # small tiles, and a K split whenever K allows one, so CPU tests reach the reduction
         return {"BLOCK_N": 32, "BLOCK_K": 16 if compact else group_size,
                 "SPLIT_K": 2 if k >= 2 * group_size else 1, "COMPACT": compact, "STAGES": 1}
-    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size, tokens)
+    return pick_grouped_config(k, split_sizes, compact, kernels._sm_count(device), group_size, tokens, bits)
 
 
 def tile_rows(words: int, block_k: int, warps: int) -> int:
@@ -476,7 +479,7 @@ def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: 
         n0, n1 = n, 0
     elif len(split_sizes) == 2:
         n1 = n - n0
-    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size, t))
+    meta = dict(config or grouped_config(x.device, k, split_sizes, compact, group_size, t, bits))
     if not meta["COMPACT"] and meta["BLOCK_K"] != group_size:  # a predicated tile reads one group's scales
         raise ValueError(f"sparse_gemv: the predicated variant takes BLOCK_K = group_size ({group_size}), "
                          f"got BLOCK_K={meta['BLOCK_K']}")

@@ -171,7 +171,8 @@ def sparse_gemv_partials(x: torch.Tensor, weight_t: torch.Tensor, thresholds: to
 def _(x, weight_t, thresholds, split_sizes, compact=False, scales=None, zeros=None, group_size=0):
     if _on_kernel(x) and group_size:  # as many partials as the launch's K split
         from sparse_gemv.grouped import grouped_config
-        splits = grouped_config(x.device, x.shape[1], split_sizes, compact, group_size, x.shape[0])["SPLIT_K"]
+        bits = 4 if weight_t.dtype == torch.uint8 else 8
+        splits = grouped_config(x.device, x.shape[1], split_sizes, compact, group_size, x.shape[0], bits)["SPLIT_K"]
     elif _on_kernel(x):
         from sparse_gemv.kernels import default_config
         int8 = weight_t.dtype == torch.int8

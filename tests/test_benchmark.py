@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import ab_gemv
+from benchmark import ab_gemv, ab_grouped
 from benchmark.bench_decode import category
 from benchmark.profile_gemv import parse
+from sparse import GroupQuant
 from sparse_gemv.kernels import pick_config
 
 
@@ -59,6 +60,23 @@ def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
         ab_gemv.main(["a=sparse_gemv/kernels.py"])
     with pytest.raises(SystemExit, match="two or more"):
         ab_gemv.main(["a=sparse_gemv/kernels.py", "b=no/such/kernels.py"])
+
+
+def test_ab_grouped_tiles_run_the_named_pipelining_depth_else_the_revisions_own():
+    # A tile without sSTAGES runs its revision's own depth for that form (the one-token rule's 512-column pick has
+    # one stage, its 256-column and compact picks three), so an A/B of two revisions names it to compare like with like.
+    module = ab_gemv.load_kernels("a", Path("sparse_gemv/grouped.py"))
+    quant = GroupQuant(4, 128, True)
+    k, groups, sms = 4096, [14336, 14336], 132
+    tiles = ["a:512x128s3", "a:256x128", "a:256x64c", "b:128x128"]
+    cfgs = ab_grouped.configs(module, "a", k, groups, quant, sms, tiles)
+    assert [picked for _, picked in cfgs] == [True, True, False, False, False]
+    own = module.pick_grouped_config(k, groups, False, sms, 128)
+    assert cfgs[0][0] == own and own["STAGES"] == 1
+    assert [(c["BLOCK_N"], c["BLOCK_K"], c["STAGES"], c["COMPACT"]) for c, _ in cfgs[2:]] == [
+        (512, 128, 3, False), (256, 128, 1, False), (256, 64, 3, True)]
+    with pytest.raises(SystemExit, match="sSTAGES"):
+        ab_grouped.main(["a=sparse_gemv/grouped.py", "b=sparse_gemv/grouped.py", "--tiles", "a:256x128x3"])
 
 
 def test_k_split_rule_from_the_ab_measurements():

@@ -128,6 +128,41 @@ def test_grouped_kernel_one_token_tiles_of_several_slabs(fmt):
         assert rel_err(y, ref) < TOL[torch.float32], compact
 
 
+def test_grouped_tile_rule_takes_512_column_strips_where_the_h100_sweep_found_them_fastest():
+    # One token, 4-bit weights in 128-row groups, on 132 SMs (the H100): 512 columns and one stage where every output
+    # group is whole strips and the grid still gives every SM a program; 256 columns and three stages otherwise.
+    def pick(k, splits, compact=False, group_size=128, tokens=1, bits=4):
+        c = grouped.pick_grouped_config(k, splits, compact, 132, group_size, tokens, bits)
+        return c["BLOCK_N"], c["SPLIT_K"], c["STAGES"]
+    assert pick(4096, (14336, 14336)) == (512, 8, 1)  # gate/up
+    assert pick(14336, (4096,)) == (512, 32, 1)  # down
+    assert pick(4096, (4096, 1024, 1024)) == (512, 16, 1)  # q/k/v: 12 strips x 16
+    assert pick(4096, (4096,)) == (256, 16, 3)  # o: 8 strips x 16 would leave SMs idle
+    assert pick(576, (576, 192, 192))[0] == 256  # groups that are not whole strips
+    assert pick(4096, (14336, 14336), group_size=32)[0] == 256  # GGUF's 32-row blocks
+    assert pick(4096, (14336, 14336), bits=8)[0] == 256
+    assert pick(4096, (14336, 14336), compact=True)[::2] == (256, 3)
+    assert pick(4096, (14336, 14336), tokens=4)[0] != 512
+
+
+def test_grouped_kernel_at_the_rules_512_column_tile():
+    # The GPU rule's one-token tile (512 columns, one stage, 16 slabs a group) run under the interpreter on a layer
+    # of two 512-column groups, predicated, at 0 / 0.5 with per-channel thresholds at 0.5.
+    quant = GroupQuant(4, 128, True)
+    g = torch.Generator().manual_seed(3)
+    splits, k = (512, 512), 256
+    q, scales, zeros = quantize_groupwise(torch.randn(sum(splits), k, generator=g) / k ** 0.5, quant)
+    w64 = dequantize_grouped(q, scales, zeros, 128, torch.float64)
+    x = torch.randn(1, k, generator=g)
+    config = grouped.pick_grouped_config(k, splits, False, 2, 128)
+    assert (config["BLOCK_N"], config["STAGES"]) == (512, 1)
+    for sparsity in (0.0, 0.5):
+        thr = thresholds_for(x, sparsity, len(splits), per_channel=sparsity == 0.5)
+        ref = sparse_gemv_reference(x.double(), w64, thr.double(), splits)
+        y = grouped_sparse_gemv_triton(x, q, scales, zeros, 128, thr, splits, False, config=config)
+        assert rel_err(y, ref) < TOL[torch.float32], sparsity
+
+
 def test_grouped_kernel_skips_the_rows_and_scales_of_dropped_inputs():
     # Rows under threshold are never loaded: poisoning their nibbles and every scale of groups with no kept row
     # (NaN) must leave the output unchanged.
