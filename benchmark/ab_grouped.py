@@ -1,7 +1,7 @@
 """Same-process A/B of group-wise quantized sparse GEMV revisions (sparse_gemv/grouped.py): each given grouped.py is
 loaded as its own module and timed, one token, on Llama-3-8B shapes at its own grouped_config choices (predicated and
 compact) and, for revisions that take them, at explicit tiles (--tiles BLOCK_NxBLOCK_K, predicated or with a trailing
-c for compact, each with the K split the revision's rule gives that width). CUDA graphs over rotating weight copies as
+c for compact, each with today's K split for that width). CUDA graphs over rotating weight copies as
 in bench_gemv; every timed config's output is checked first against the float64 product of the dequantized weights.
 Kept bytes (nibbles and the fp16 scales and zeros of the kept rows) are reported against the copy bandwidth measured
 in the same run. A tile runs the revision's own pipelining depth for that form unless it names one (s1, s3).

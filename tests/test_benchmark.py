@@ -63,8 +63,9 @@ def test_ab_gemv_times_each_revision_at_its_own_pick_then_common_alternatives():
 
 
 def test_ab_grouped_tiles_run_the_named_pipelining_depth_else_the_revisions_own():
-    # A tile without sSTAGES runs its revision's own depth for that form (the one-token rule's 512-column pick has
-    # one stage, its 256-column and compact picks three), so an A/B of two revisions names it to compare like with like.
+    # A tile without sSTAGES runs the depth of its revision's pick for that form, predicated or compact, whatever the
+    # tile's width (here the predicated pick's one stage, the compact pick's three), so an A/B of two revisions names
+    # the depth to compare like with like.
     module = ab_gemv.load_kernels("a", Path("sparse_gemv/grouped.py"))
     quant = GroupQuant(4, 128, True)
     k, groups, sms = 4096, [14336, 14336], 132

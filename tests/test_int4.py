@@ -130,7 +130,8 @@ def test_grouped_kernel_one_token_tiles_of_several_slabs(fmt):
 
 def test_grouped_tile_rule_takes_512_column_strips_where_the_h100_sweep_found_them_fastest():
     # One token, 4-bit weights in 128-row groups, on 132 SMs (the H100): 512 columns and one stage where every output
-    # group is whole strips and the grid still gives every SM a program; 256 columns and three stages otherwise.
+    # group is whole strips and the grid still gives every SM a program; other one-token tiles 256 columns and three
+    # stages; several tokens their own narrower tiles.
     def pick(k, splits, compact=False, group_size=128, tokens=1, bits=4):
         c = grouped.pick_grouped_config(k, splits, compact, 132, group_size, tokens, bits)
         return c["BLOCK_N"], c["SPLIT_K"], c["STAGES"]
