@@ -420,9 +420,8 @@ def pick_grouped_config(k: int, split_sizes, compact: bool, sms: int, group_size
     registers a thread with four warps): 128-row groups take 64-column strips, compact tiles 32 x 128. The K split:
     k_split's."""
     stages = 3
-    wide = all(s % 512 == 0 for s in split_sizes) and \
-        sum(s // 512 for s in split_sizes) * k_split(k, split_sizes, 512, sms, group_size) >= sms
-    if tokens == 1 and not compact and bits == 4 and group_size == 128 and wide:
+    if tokens == 1 and not compact and bits == 4 and group_size == 128 and all(s % 512 == 0 for s in split_sizes) \
+            and sum(s // 512 for s in split_sizes) * k_split(k, split_sizes, 512, sms, group_size) >= sms:
         bn, bk, stages = 512, group_size, 1
     elif tokens == 1:
         bn, bk = 256, (min(64, group_size) if compact else group_size)

@@ -563,7 +563,7 @@ def check_persistent_against_stepped_and_per_layer(model, dtype):
 def test_persistent_decode_1000_steps_in_cuda_graphs_without_a_hang():
     """generate() with the persistent step compiled into CUDA graphs, 1000 tokens: no wait gave up, and the tokens are
     the stepped mode's compiled the same way (the layers give equal bits each step; the final norm and LM head must
-    be the same compiled code too, since an eager norm rounds otherwise and a near-tie then flips a greedy token)."""
+    be the same compiled code too: an eager norm may round otherwise, and a near-tie would then flip a greedy token)."""
     import functools
     import time
     from generate import decode_one_token_persistent, generate, persistent_layers
