@@ -1,8 +1,8 @@
 """Same-process A/B of group-wise quantized sparse GEMV revisions (sparse_gemv/grouped.py): each given grouped.py is
 loaded as its own module and timed, one token, on Llama-3-8B shapes at its own grouped_config choices (predicated and
 compact) and, for revisions that take them, at explicit tiles (--tiles BLOCK_NxBLOCK_K, predicated or with a trailing
-c for compact, each with today's K split for that width). CUDA graphs over rotating weight copies as
-in bench_gemv; every timed config's output is checked first against the float64 product of the dequantized weights.
+c for compact, each with today's K split for that width). CUDA graphs over rotating weight copies as in bench_gemv;
+every timed config's output is checked first against the float64 product of the dequantized weights.
 Kept bytes (nibbles and the fp16 scales and zeros of the kept rows) are reported against the copy bandwidth measured
 in the same run. A tile runs the revision's own pipelining depth for that form unless it names one (s1, s3).
 
@@ -35,6 +35,7 @@ from sparse_gemv.quant import dequantize_grouped
 
 SHAPES = {"14336x4096": (4096, [14336]), "4096x14336": (14336, [4096]), "8b gate/up": (4096, [14336, 14336]),
           "8b down": (14336, [4096]), "8b qkv": (4096, [4096, 1024, 1024]), "8b o": (4096, [4096])}
+TILE = re.compile(r"(\d+)x(\d+)(?:s(\d+))?(c?)")  # BLOCK_NxBLOCK_K[sSTAGES][c]
 
 
 def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, tiles) -> list[tuple[dict, bool]]:
@@ -45,7 +46,7 @@ def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, til
         name, tile = spec.split(":")
         if name != label:
             continue
-        bn, bk, stages, compact = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(c?)", tile).groups()
+        bn, bk, stages, compact = TILE.fullmatch(tile).groups()
         compact = compact == "c"
         base = module.pick_grouped_config(k, groups, compact, sms, quant.group_size)
         split = k_split(k, groups, int(bn), sms, quant.group_size)  # today's rule, for every revision's tiles
@@ -116,7 +117,8 @@ def main(argv=None):
     pairs = [spec.split("=", 1) for spec in a.kernels]
     if len(pairs) < 2 or any(len(pair) != 2 or not Path(pair[1]).is_file() for pair in pairs):
         raise SystemExit(f"ab_grouped: give two or more LABEL=PATH of existing grouped.py files, got {a.kernels}")
-    if any(not re.fullmatch(r"[^:]+:\d+x\d+(s\d+)?c?", t) or t.split(":")[0] not in dict(pairs) for t in a.tiles):
+    if any(t.count(":") != 1 or t.split(":")[0] not in dict(pairs) or not TILE.fullmatch(t.split(":")[1])
+           for t in a.tiles):
         raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[sSTAGES][c] with a given label, "
                          f"got {a.tiles}")
     if not torch.cuda.is_available():
