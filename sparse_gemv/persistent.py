@@ -115,9 +115,12 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
     grouped.py's layout with fp16 scales (and ZERO: zeros) [ceil(K / BLOCK_K), N]: BLOCK_K is the group size and
     k_begin a group's first row, so each tile of rows is one group, taken by grouped.py's add_group_products in slabs
     whose rows the program's WARPS warps load 16 bytes a thread."""
-    # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end;
-    # past that (a tile's rows in few iterations, all of their loads in flight at once) reduced every iteration.
-    ACC_ROWS: tl.constexpr = BLOCK_K if BLOCK_K <= 64 else 1
+    # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end.
+    # Past that (a tile's rows in few iterations, all of their loads in flight at once), int8 keeps the rows one pass of
+    # the threads loads (16 bytes a thread) and folds each thread's rows into them, so no sum crosses threads before
+    # the end; bf16 and fp32 reduce across the program every iteration, which is faster for them (benchmark/RESULTS.md).
+    ACC_ROWS: tl.constexpr = (BLOCK_K if BLOCK_K <= 64 else
+                              min(BLOCK_K, max(1, 4 * 32 * WARPS // (BLOCK_N // PACK))) if PACK == 4 else 1)
     if PER_CHANNEL:
         thr = thr_ptr + group * K  # the group's thresholds, one a row
     else:
@@ -168,15 +171,15 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
             xs = tl.where(keep, x, 0.0)[:, None]
             if PACK > 1:
                 w = tl.load(w_words + offs_k[:, None] * (N // PACK) + offs_w[None, :], mask=keep[:, None], other=0)
-                if ACC_ROWS == 1:
-                    p_0, p_1, p_2, p_3 = add_word_products(0.0, 0.0, 0.0, 0.0, w, xs, PACK)
-                    acc_0 += tl.sum(p_0, axis=0, keep_dims=True)
-                    acc_1 += tl.sum(p_1, axis=0, keep_dims=True)
-                    if PACK == 4:
-                        acc_2 += tl.sum(p_2, axis=0, keep_dims=True)
-                        acc_3 += tl.sum(p_3, axis=0, keep_dims=True)
-                else:
+                if ACC_ROWS == BLOCK_K:
                     acc_0, acc_1, acc_2, acc_3 = add_word_products(acc_0, acc_1, acc_2, acc_3, w, xs, PACK)
+                else:
+                    p_0, p_1, p_2, p_3 = add_word_products(0.0, 0.0, 0.0, 0.0, w, xs, PACK)
+                    acc_0 += _fold_rows(p_0, acc_0)
+                    acc_1 += _fold_rows(p_1, acc_1)
+                    if PACK == 4:
+                        acc_2 += _fold_rows(p_2, acc_2)
+                        acc_3 += _fold_rows(p_3, acc_3)
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
                 if ACC_ROWS == 1:
@@ -190,6 +193,16 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
     else:
         total = tl.sum(acc, axis=0)
     return total
+
+
+@triton.jit
+def _fold_rows(products, acc):
+    """products [R, words] added up into acc's shape [ROWS, words], row i into row i % ROWS: into one row, a sum
+    across the program's threads; into the rows of one load pass, a sum inside each thread (its rows are ROWS apart)."""
+    ROWS: tl.constexpr = acc.shape[0]
+    if ROWS == 1:
+        return tl.sum(products, axis=0, keep_dims=True)
+    return tl.sum(tl.reshape(products, (products.shape[0] // ROWS, ROWS, products.shape[1])), axis=0)
 
 
 @triton.jit

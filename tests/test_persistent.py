@@ -126,8 +126,9 @@ def check_sparsities(model: Transformer, sparsities, atol: float, **tuning) -> N
 
 
 # block_rows 16: four row iterations a tile, products kept per row and reduced once; 128: one iteration past the
-# layers' 64 rows (masked), reduced as it goes (as the default 256 does). bf16 weights (read as int32 pairs), int8
-# (quads) and fp32 (plain) in both forms, per-tensor and per-channel thresholds.
+# layers' 64 rows (masked), as the default 256 takes: bf16 and fp32 products reduced as they go, int8 ones folded into
+# one load pass's rows (two or four rows into one here). bf16 weights (read as int32 pairs), int8 (quads) and fp32
+# (plain) in both forms, per-tensor and per-channel thresholds.
 @pytest.mark.parametrize("name,dtype,int8,per_channel,block_rows,sparsities", [
     ("llama", torch.float32, False, False, 16, (0.0, 0.5)),
     ("llama", torch.bfloat16, False, False, 16, (0.0,)),
