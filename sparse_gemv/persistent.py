@@ -118,7 +118,7 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
     # Accumulators of bf16/fp32/int8 products: per row up to 64 rows an iteration, reduced over K once at the end.
     # Past that (a tile's rows in few iterations, all of their loads in flight at once), int8 keeps the rows one pass of
     # the threads loads (16 bytes a thread) and folds each thread's rows into them, so no sum crosses threads before
-    # the end; bf16 and fp32 reduce across the program every iteration, which is faster for them (benchmark/RESULTS.md).
+    # the end; bf16 and fp32 reduce across the program every iteration, which is faster for bf16 (benchmark/RESULTS.md).
     ACC_ROWS: tl.constexpr = (BLOCK_K if BLOCK_K <= 64 else
                               min(BLOCK_K, max(1, 4 * 32 * WARPS // (BLOCK_N // PACK))) if PACK == 4 else 1)
     if PER_CHANNEL:
