@@ -182,10 +182,7 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
                         acc_3 += _fold_rows(p_3, acc_3)
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=keep[:, None], other=0.0)
-                if ACC_ROWS == 1:
-                    acc += tl.sum(xs * w.to(tl.float32), axis=0, keep_dims=True)
-                else:
-                    acc += xs * w.to(tl.float32)
+                acc += _fold_rows(xs * w.to(tl.float32), acc)
     if BITS > 0:
         total = word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS, BLOCK_N)
     elif PACK > 1:
@@ -197,9 +194,12 @@ def _gemv_rows(x_ptr, norm_ptr, rs, w_ptr, thr_ptr, scale_ptr, zero_ptr, col, gr
 
 @triton.jit
 def _fold_rows(products, acc):
-    """products [R, words] added up into acc's shape [ROWS, words], row i into row i % ROWS: into one row, a sum
-    across the program's threads; into the rows of one load pass, a sum inside each thread (its rows are ROWS apart)."""
+    """products [R, words] added up into acc's shape [ROWS, words], row i into row i % ROWS: as they are when R is
+    ROWS; into one row, a sum across the program's threads; into the rows of one load pass, a sum inside each thread
+    (its rows are ROWS apart)."""
     ROWS: tl.constexpr = acc.shape[0]
+    if products.shape[0] == ROWS:
+        return products
     if ROWS == 1:
         return tl.sum(products, axis=0, keep_dims=True)
     return tl.sum(tl.reshape(products, (products.shape[0] // ROWS, ROWS, products.shape[1])), axis=0)
