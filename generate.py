@@ -124,7 +124,11 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
 
     def stack(get, put):
         first = get(blocks[0])
-        stacked = torch.empty((len(blocks), *first.shape), dtype=first.dtype, device=first.device)
+        # Each layer's slice starts on a 16-byte boundary: the per-layer path's compiled step copies a misaligned
+        # input every step and compiles slower variants of the kernels that read it (benchmark/RESULTS.md).
+        per_layer = -(-first.numel() * first.element_size() // 16) * 16 // first.element_size()
+        padded = torch.empty((len(blocks), per_layer), dtype=first.dtype, device=first.device)
+        stacked = padded[:, :first.numel()].unflatten(1, first.shape)
         for i, block in enumerate(blocks):  # one layer at a time, so memory holds one extra layer's tensor at most
             stacked[i].copy_(get(block))
             put(block, frozen(stacked[i]))

@@ -273,10 +273,11 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
           BLOCK_STATS: tl.constexpr, PER_CHANNEL: tl.constexpr, SCALED: tl.constexpr, PACK: tl.constexpr,
           BITS: tl.constexpr, ZERO: tl.constexpr, STAGES: tl.constexpr, WARPS: tl.constexpr,
           DOT_FP32: tl.constexpr, MAX_SPIN: tl.constexpr, PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr,
-          QK_NORM: tl.constexpr):
+          QK_NORM: tl.constexpr, TS_QKV: tl.constexpr, TS_O: tl.constexpr, TS_GU: tl.constexpr, TS_D: tl.constexpr):
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
     prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
-    each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights). rs: 0, or the stream's reciprocal root mean
+    each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights; TS_*: the layer stride of each projection's
+    thresholds). rs: 0, or the stream's reciprocal root mean
     square as this program's last tile of the same q/k/v or gate/up phase found it, after waiting for every strip of
     the stream (so neither the wait nor the sums are repeated). Returns rs for the program's next tile."""
     dtype = resid_ptr.dtype.element_ty
@@ -342,7 +343,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
             rs = _stream_rs(stats_ptr + NS_O, NS_D, eps, D, BLOCK_STATS)
         k_begin = split * KR_QKV
         acc = _gemv_rows(resid_ptr, normw_ptr + 2 * layer * D, rs, wqkv_ptr + layer64 * D * (NQKV // PER_BYTE),
-                         tqkv_ptr + layer * 3 * (D if PER_CHANNEL else 1), sqkv_ptr + layer * G_D * NQKV,
+                         tqkv_ptr + layer * TS_QKV, sqkv_ptr + layer * G_D * NQKV,
                          zqkv_ptr + layer * G_D * NQKV, col, group, k_begin, tl.minimum(k_begin + KR_QKV, D), D, NQKV,
                          BN_QKV, BLOCK_K, PER_CHANNEL, PACK, BITS, ZERO, STAGES, WARPS, True)
         acc = _scaled(acc, sqkv_ptr + layer * NQKV, col, SCALED, BN_QKV)
@@ -397,7 +398,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
             for kvh in range(k_begin // HD // REP, (k_stop - 1) // HD // REP + 1):
                 _wait(ctr + C_ATTN_DONE + kvh, 1, err_ptr, prof, MAX_SPIN, PROFILE)
         acc = _gemv_rows(y_ptr, y_ptr, 1.0, wo_ptr + layer64 * H * HD * (D // PER_BYTE),
-                         to_ptr + layer * (H * HD if PER_CHANNEL else 1), so_ptr + layer * G_O * D,
+                         to_ptr + layer * TS_O, so_ptr + layer * G_O * D,
                          zo_ptr + layer * G_O * D, col, 0, k_begin, k_stop, H * HD, D, BN_O, BLOCK_K, PER_CHANNEL,
                          PACK, BITS, ZERO, STAGES, WARPS, False)
         acc = _scaled(acc, so_ptr + layer * D, col, SCALED, BN_O)
@@ -419,7 +420,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
         k_begin = split * KR_GU
         k_stop = tl.minimum(k_begin + KR_GU, D)
         w = w13_ptr + layer64 * D * (2 * I // PER_BYTE)
-        thr = t13_ptr + layer * 2 * (D if PER_CHANNEL else 1)
+        thr = t13_ptr + layer * TS_GU
         scales = s13_ptr + layer * G_D * 2 * I
         zeros = z13_ptr + layer * G_D * 2 * I
         norm = normw_ptr + (2 * layer + 1) * D
@@ -447,7 +448,7 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
         if WAIT:
             _wait(ctr + C_GU_READY + split, (k_stop - k_begin) // BN_GU, err_ptr, prof, MAX_SPIN, PROFILE)
         acc = _gemv_rows(g_ptr, g_ptr, 1.0, w2_ptr + layer64 * I * (D // PER_BYTE),
-                         t2_ptr + layer * (I if PER_CHANNEL else 1), s2_ptr + layer * G_I * D,
+                         t2_ptr + layer * TS_D, s2_ptr + layer * G_I * D,
                          z2_ptr + layer * G_I * D, col, 0, k_begin, k_stop, I, D, BN_D, BLOCK_K, PER_CHANNEL, PACK,
                          BITS, ZERO, STAGES, WARPS, False)
         acc = _scaled(acc, s2_ptr + layer * D, col, SCALED, BN_D)
@@ -479,6 +480,7 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                           MAX_SPIN: tl.constexpr, C_SIZE: tl.constexpr,
                           NT_QKV: tl.constexpr, NT_O: tl.constexpr, NT_GU: tl.constexpr, NT_D: tl.constexpr,
                           PROFILE: tl.constexpr, QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
+                          TS_QKV: tl.constexpr, TS_O: tl.constexpr, TS_GU: tl.constexpr, TS_D: tl.constexpr,
                           PHASE: tl.constexpr):
     """PHASE >= 0 (stepped): tile program_id of that phase of layer step_layer. PHASE < 0 (persistent): every phase
     of every layer, each phase's tiles taken from its ticket (NT_*: tiles per phase, C_SIZE: counters per layer).
@@ -492,7 +494,7 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
               pgu_ptr, pd_ptr, stats_ptr, ctr_ptr, err_ptr, prof_ptr, eps, sm_scale, stride_cl, stride_ch, stride_cs,
               L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K, BLOCK_S, BLOCK_H,
               BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS, ZERO, STAGES, WARPS, DOT_FP32,
-              MAX_SPIN, False, QKV_BIAS, QK_NORM)
+              MAX_SPIN, False, QKV_BIAS, QK_NORM, TS_QKV, TS_O, TS_GU, TS_D)
     else:
         for layer in range(L):
             for ph in tl.static_range(6):
@@ -524,7 +526,8 @@ def _decode_layers_kernel(tok_ptr, pos_ptr, freqs_ptr, emb_ptr, normw_ptr, wqkv_
                                sm_scale, stride_cl, stride_ch, stride_cs,
                                L, D, H, HKV, HD, I, BN_QKV, KR_QKV, BN_O, KR_O, BN_GU, KR_GU, BN_D, KR_D, BLOCK_K,
                                BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_NORM, BLOCK_STATS, PER_CHANNEL, SCALED, PACK, BITS,
-                               ZERO, STAGES, WARPS, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM)
+                               ZERO, STAGES, WARPS, DOT_FP32, MAX_SPIN, PROFILE, QKV_BIAS, QK_NORM, TS_QKV, TS_O,
+                               TS_GU, TS_D)
                     if PROFILE:
                         end = tl.extra.cuda.globaltimer()
                         slot = prof_ptr + (layer * 6 + ph) * 4
@@ -615,7 +618,7 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     in the activations' dtype or int8 with scales (fp32 [n_layer, N] each), or with group_size > 0 group-wise
     quantized in sparse_gemv/grouped.py's layout (4 bits: uint8 [n_layer, K, N / 2]; 8 bits: int8 [n_layer, K, N])
     with fp16 scales and, or none, zeros [n_layer, ceil(K / group_size), N]; thresholds fp32 [n_layer, groups] or
-    [n_layer, groups, K] (groups 3, 1, 2, 1); k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
+    [n_layer, groups, K] (groups 3, 1, 2, 1), each layer's contiguous, at any layer stride; k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
     input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
     resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
     but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
@@ -683,9 +686,9 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
         raise TypeError("decode_layers: caches, norms and biases in the embedding's dtype")
     for t, w, g in zip(thresholds, weights, (3, 1, 2, 1)):
         if t.dtype != torch.float32 or tuple(t.shape) not in ((n_layer, g), (n_layer, g, w.shape[1])) \
-                or t.dim() != thresholds[0].dim():
+                or t.dim() != thresholds[0].dim() or not t[0].is_contiguous() or t.stride(0) < t[0].numel():
             raise ValueError(f"decode_layers: thresholds fp32 [n_layer, {g}] or [n_layer, {g}, K], all of one kind, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+                             f"each layer's contiguous, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
     for s, w in zip(scales if int8 else (), weights):
         if s.dtype != torch.float32 or tuple(s.shape) != (n_layer, w.shape[2]):
             raise ValueError(f"decode_layers: int8 scales fp32 [n_layer, N], got {tuple(s.shape)} {s.dtype}")
@@ -766,6 +769,7 @@ def launch(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresh
                 ZERO=bool(zeros), STAGES=stages, WARPS=num_warps,
                 DOT_FP32=fp32_products(dtype), MAX_SPIN=MAX_SPIN, C_SIZE=lay["C_SIZE"], PROFILE=profile is not None,
                 QKV_BIAS=qkv_biases is not None, QK_NORM=qk_norm_weights is not None,
+                **{k: t.stride(0) for k, t in zip(("TS_QKV", "TS_O", "TS_GU", "TS_D"), thresholds)},
                 **{k: lay[k] for k in ("NT_QKV", "NT_O", "NT_GU", "NT_D")})
     runtime = (eps, head_dim ** -0.5, k_caches.stride(0), k_caches.stride(2), k_caches.stride(3))
     if stepped:
