@@ -4,10 +4,15 @@ launchers on CPU tensors, with each kernel swapped for a recorder and the device
 count, shared memory, programmatic dependent launch) answering as the architecture's GPU would, so the launches are
 exactly the ones the code makes there; Triton then builds each for that architecture through ptxas. Prints one JSON
 object per launch: what was launched, whether it compiled, the shared memory it needs against the architecture's
-limit, and how many programmatic-dependent-launch instructions (griddepcontrol, Hopper+) its PTX holds.
+limit, how many programmatic-dependent-launch instructions (griddepcontrol, Hopper+) its PTX holds, and its registers
+and stack bytes a thread.
 test_kernels.py runs it to check that the kernels build for Ampere (A100 sm_80, A6000 sm_86) as well as Hopper."""
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -217,6 +222,20 @@ def persistent_launches():
         yield f"decode_layers {name}", lambda args=args, family=family: persistent.launch(*args, **family)
 
 
+def registers_and_stack(compiled) -> dict:
+    """Registers a thread and stack bytes a thread (register spills, mostly) of a build, from its cubin by the
+    cuobjdump Triton ships; {} where it ships none."""
+    tool = os.path.join(os.path.dirname(sys.modules[CUDABackend.__module__].__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(found[1]), "stack": int(found[2])} if found else {}
+
+
 def main(capabilities: list[int]) -> None:
     recorders = {}
     for module, name in ((kernels, "_sparse_gemv_kernel"), (grouped, "_grouped_sparse_gemv_kernel"),
@@ -245,7 +264,8 @@ def main(capabilities: list[int]) -> None:
                 try:
                     compiled = compile_launch(kernel, args, kwargs, capability)
                     result.update(ok=True, shared=compiled.metadata.shared,
-                                  griddepcontrol=compiled.asm["ptx"].count("griddepcontrol"))
+                                  griddepcontrol=compiled.asm["ptx"].count("griddepcontrol"),
+                                  **registers_and_stack(compiled))
                 except Exception as e:  # reported per launch, so one failure does not hide the others
                     result.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
                 print(json.dumps(result), flush=True)
