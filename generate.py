@@ -122,22 +122,24 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
     if len(kinds) != 1:
         raise ValueError("the persistent engine needs every layer's thresholds of one kind and weights of one format")
 
-    def stack(get, put):
+    def stack(get, put, pad: bool = False):
         first = get(blocks[0])
-        # Each layer's slice starts on a 16-byte boundary: the per-layer path's compiled step copies a misaligned
-        # input every step and compiles slower variants of the kernels that read it (benchmark/RESULTS.md).
-        per_layer = -(-first.numel() * first.element_size() // 16) * 16 // first.element_size()
-        padded = torch.empty((len(blocks), per_layer), dtype=first.dtype, device=first.device)
-        stacked = padded[:, :first.numel()].unflatten(1, first.shape)
+        # pad: each layer's slice starts on a 16-byte boundary (the kernel takes thresholds at any layer stride).
+        # Misaligned views make the per-layer path's compiled step copy them every step and compile slower variants
+        # of the kernels that read them (benchmark/RESULTS.md); the other tensors are whole 16-byte multiples.
+        size = first.element_size()
+        per_layer = -(-first.numel() * size // 16) * 16 // size if pad else first.numel()
+        stacked = torch.empty((len(blocks), per_layer), dtype=first.dtype, device=first.device)
+        stacked = stacked[:, :first.numel()].unflatten(1, first.shape)
         for i, block in enumerate(blocks):  # one layer at a time, so memory holds one extra layer's tensor at most
             stacked[i].copy_(get(block))
             put(block, frozen(stacked[i]))
         return stacked
 
-    def layer_tensors(path, name):
+    def layer_tensors(path, name, pad: bool = False):
         owner, attr = path.split(".")
         return stack(lambda b: getattr(getattr(getattr(b, owner), attr), name),
-                     lambda b, t: setattr(getattr(getattr(b, owner), attr), name, t))
+                     lambda b, t: setattr(getattr(getattr(b, owner), attr), name, t), pad)
 
     def norm_weights(norms_of):
         first = norms_of(blocks[0])[0].weight
@@ -154,7 +156,7 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         biases = layer_tensors("attention.wqkv", "bias") if model.config.qkv_bias else None
         paths = tuple(LAYER_GROUPS)
         weights = [layer_tensors(p, "weight_t") for p in paths]
-        thresholds = [layer_tensors(p, "thresholds") for p in paths]
+        thresholds = [layer_tensors(p, "thresholds", pad=True) for p in paths]
         first = blocks[0].attention.wqkv
         scales = [layer_tensors(p, "scales") for p in paths] if first.scales is not None else []
         zeros = [layer_tensors(p, "zeros") for p in paths] if first.zeros is not None else []

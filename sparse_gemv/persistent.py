@@ -277,9 +277,9 @@ def _tile(PH: tl.constexpr, layer, tile, WAIT: tl.constexpr, rs,
     """Phase PH's tile number `tile` of layer `layer` (WAIT: first wait for what it reads; PROFILE: count the wait in
     prof_ptr's slot of the layer and phase; QKV_BIAS: add bqkv_ptr's [L, NQKV] biases to q, k and v; QK_NORM: normalise
     each q and k head before RoPE with qkn_ptr's [L, 2, HD] weights; TS_*: the layer stride of each projection's
-    thresholds). rs: 0, or the stream's reciprocal root mean
-    square as this program's last tile of the same q/k/v or gate/up phase found it, after waiting for every strip of
-    the stream (so neither the wait nor the sums are repeated). Returns rs for the program's next tile."""
+    thresholds). rs: 0, or the stream's reciprocal root mean square as this program's last tile of the same q/k/v or
+    gate/up phase found it, after waiting for every strip of the stream (so neither the wait nor the sums are
+    repeated). Returns rs for the program's next tile."""
     dtype = resid_ptr.dtype.element_ty
     REP: tl.constexpr = H // HKV
     NQKV: tl.constexpr = (H + 2 * HKV) * HD
@@ -618,17 +618,18 @@ def decode_layers(token: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch
     in the activations' dtype or int8 with scales (fp32 [n_layer, N] each), or with group_size > 0 group-wise
     quantized in sparse_gemv/grouped.py's layout (4 bits: uint8 [n_layer, K, N / 2]; 8 bits: int8 [n_layer, K, N])
     with fp16 scales and, or none, zeros [n_layer, ceil(K / group_size), N]; thresholds fp32 [n_layer, groups] or
-    [n_layer, groups, K] (groups 3, 1, 2, 1), each layer's contiguous, at any layer stride; k_caches / v_caches [n_layer, 1, H_kv, positions, head_dim], written at
-    input_pos; errors: int32 [1], set to 1 when a wait gave up. programs: the persistent grid (0: as many as are
-    resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch per phase instead (under TRITON_INTERPRET always,
-    but for programs=1: the persistent loop as one program). tile_bytes, num_warps, max_registers (0: the compiler's
-    choice), grouped_strip (group-wise weights' columns per strip), stages (software-pipelining depth of the GEMV
-    tiles' row loop) and block_rows (rows of bf16/fp32/int8 weights an iteration of that loop) tune the launch;
-    profile: None, or int64 [n_layer, 6, 4] to fill with the persistent launch's phase timings
-    (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch 2.11's ADInplaceOrView
-    kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2: qkv_biases [n_layer, (H +
-    2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim] (q norm, k norm), each head
-    of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the embedding's dtype."""
+    [n_layer, groups, K] (groups 3, 1, 2, 1), each layer's contiguous, at any layer stride; k_caches / v_caches
+    [n_layer, 1, H_kv, positions, head_dim], written at input_pos; errors: int32 [1], set to 1 when a wait gave up.
+    programs: the persistent grid (0: as many as are resident, up to MAX_PROGRAMS_PER_SM per SM); stepped: one launch
+    per phase instead (under TRITON_INTERPRET always, but for programs=1: the persistent loop as one program).
+    tile_bytes, num_warps, max_registers (0: the compiler's choice), grouped_strip (group-wise weights' columns per
+    strip), stages (software-pipelining depth of the GEMV tiles' row loop) and block_rows (rows of bf16/fp32/int8
+    weights an iteration of that loop) tune the launch; profile: None, or int64 [n_layer, 6, 4] to fill with the
+    persistent launch's phase timings (_decode_layers_kernel's PROFILE). Mutated arguments have no defaults: torch
+    2.11's ADInplaceOrView kernel indexes the arguments as passed, and trailing defaults are not passed. Qwen2:
+    qkv_biases [n_layer, (H + 2 H_kv) head_dim], added to q, k and v; Qwen3: qk_norm_weights [n_layer, 2, head_dim]
+    (q norm, k norm), each head of q and k RMS-normalised with them before RoPE (eps, as the layer norms); both in the
+    embedding's dtype."""
     check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, thresholds, scales, zeros, group_size,
                  k_caches, v_caches, qkv_biases, qk_norm_weights)
     if not (token.is_cuda or INTERPRET):
@@ -690,8 +691,9 @@ def check_inputs(token, input_pos, freqs_cis, embedding, norm_weights, weights, 
             raise ValueError(f"decode_layers: thresholds fp32 [n_layer, {g}] or [n_layer, {g}, K], all of one kind, "
                              f"each layer's contiguous, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
     for s, w in zip(scales if int8 else (), weights):
-        if s.dtype != torch.float32 or tuple(s.shape) != (n_layer, w.shape[2]):
-            raise ValueError(f"decode_layers: int8 scales fp32 [n_layer, N], got {tuple(s.shape)} {s.dtype}")
+        if s.dtype != torch.float32 or tuple(s.shape) != (n_layer, w.shape[2]) or not s.is_contiguous():
+            raise ValueError(f"decode_layers: int8 scales contiguous fp32 [n_layer, N], got {tuple(s.shape)} "
+                             f"{s.dtype}")
     if tuple(freqs_cis.shape) != (k_caches.shape[3], head_dim // 2, 2) or freqs_cis.dtype != torch.float32:
         raise ValueError(f"decode_layers: freqs_cis must be the fp32 RoPE table [{k_caches.shape[3]}, "
                          f"{head_dim // 2}, 2], got {tuple(freqs_cis.shape)} {freqs_cis.dtype}")

@@ -4,8 +4,8 @@ launchers on CPU tensors, with each kernel swapped for a recorder and the device
 count, shared memory, programmatic dependent launch) answering as the architecture's GPU would, so the launches are
 exactly the ones the code makes there; Triton then builds each for that architecture through ptxas. Prints one JSON
 object per launch: what was launched, whether it compiled, the shared memory it needs against the architecture's
-limit, how many programmatic-dependent-launch instructions (griddepcontrol, Hopper+) its PTX holds, and its registers
-and stack bytes a thread.
+limit, how many programmatic-dependent-launch instructions (griddepcontrol, Hopper+) its PTX holds, its registers and
+stack bytes a thread, and its local-memory loads and stores.
 test_kernels.py runs it to check that the kernels build for Ampere (A100 sm_80, A6000 sm_86) as well as Hopper."""
 import json
 import os
@@ -205,7 +205,8 @@ def persistent_launches():
         nqkv = (heads + 2 * kv_heads) * head_dim
         shapes = [(dim, nqkv), (heads * head_dim, dim), (dim, 2 * inter), (inter, dim)]
         weights = [torch.empty(layers, k, n // (2 if bits == 4 else 1), dtype=dtype) for k, n in shapes]
-        thresholds = [torch.zeros((layers, g, k) if per_channel else (layers, g))
+        # as generate.persistent_layers stacks them: each layer's thresholds padded to 16 bytes
+        thresholds = [torch.zeros((layers, g, k) if per_channel else (layers, 4))[:, :g]
                       for g, (k, _) in zip((3, 1, 2, 1), shapes)]
         if group_size:
             scales = [torch.ones(layers, -(-k // group_size), n, dtype=torch.float16) for k, n in shapes]
@@ -223,17 +224,24 @@ def persistent_launches():
 
 
 def registers_and_stack(compiled) -> dict:
-    """Registers a thread and stack bytes a thread (register spills, mostly) of a build, from its cubin by the
-    cuobjdump Triton ships; {} where it ships none."""
+    """Registers a thread, stack bytes a thread, and the local-memory loads and stores in the SASS (register spills,
+    mostly) of a build, from its cubin by the cuobjdump Triton ships; {} where it ships none or cannot read it."""
     tool = os.path.join(os.path.dirname(sys.modules[CUDABackend.__module__].__file__), "bin", "cuobjdump")
     if not os.path.exists(tool):
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        try:
+            usage, sass = [subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+                           for flag in ("-res-usage", "-sass")]
+        except (OSError, subprocess.CalledProcessError):
+            return {}
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"registers": int(found[1]), "stack": int(found[2])} if found else {}
+    if not found:
+        return {}
+    return {"registers": int(found[1]), "stack": int(found[2]), "local_loads": len(re.findall(r"\bLDL\b", sass)),
+            "local_stores": len(re.findall(r"\bSTL\b", sass))}
 
 
 def main(capabilities: list[int]) -> None:

@@ -335,19 +335,23 @@ def test_generate_runs_through_the_compiled_persistent_step_and_stacks_without_c
     assert block.attention.wqkv.thresholds.data_ptr() == layers.thresholds[0][1].data_ptr()
     assert block.ffn_norm.weight.data_ptr() == layers.norm_weights[1, 1].data_ptr()
     assert block.attention.kv_cache.k_cache.data_ptr() == model.k_caches[1].data_ptr()
-    # every layer tensor starts on a 16-byte boundary (q/k/v's 3 fp32 thresholds a layer are padded to 4): the per-layer
-    # path's compiled step would otherwise copy the misaligned ones every step
+    # every layer's weights and thresholds start on a 16-byte boundary (q/k/v's 3 fp32 thresholds a layer are padded
+    # to 4): the per-layer path's compiled step would otherwise copy the misaligned ones every step
     for i, path, layer in sparse_layers(model):
         for name in ("weight_t", "thresholds"):
             assert getattr(layer, name).data_ptr() % 16 == 0, (i, path, name)
     assert layers.thresholds[0].stride(0) == 4 and layers.thresholds[1].stride(0) == 4
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("stepped", [True, False], ids=["stepped", "one-program-loop"])
 @torch.no_grad()
-def test_thresholds_at_any_layer_stride_give_the_same_step():
-    """The op reads each projection's thresholds at their own layer stride: the padded stacks of persistent_layers
-    and contiguous copies of them give the same residual stream and cache writes, bit for bit."""
-    model = tiny_model("llama", torch.float32, per_channel=False)
+def test_thresholds_at_any_layer_stride_give_the_same_step(per_channel, stepped):
+    """The op reads each projection's thresholds at their own layer stride, in both of its modes (the persistent loop
+    as one program is the interpreter's only way to run it): the padded stacks of persistent_layers and contiguous
+    copies of them (layer strides 3, 1, 2, 1, or K times those per channel) give the same residual stream and cache
+    writes, bit for bit."""
+    model = tiny_model("llama", torch.float32, per_channel=per_channel)
     calibrate(model, 0.5)
     layers = persistent_layers(model, stepped=True)
     model(PROMPT.view(1, -1), torch.arange(PROMPT.numel()))
@@ -356,10 +360,13 @@ def test_thresholds_at_any_layer_stride_give_the_same_step():
         k, v = model.k_caches.clone(), model.v_caches.clone()
         out = decode_layers(torch.tensor([[5]], dtype=torch.int), torch.tensor([PROMPT.numel()]), model.freqs_cis,
                             model.tok_embeddings.weight, layers.norm_weights, layers.weights, thresholds, layers.scales,
-                            layers.zeros, layers.group_size, k, v, layers.errors, None, model.config.norm_eps, 0, True)
+                            layers.zeros, layers.group_size, k, v, layers.errors, None, model.config.norm_eps,
+                            0 if stepped else 1, stepped)
         outs.append((out, k, v))
-    assert [t.stride(0) for t in layers.thresholds] == [4, 4, 4, 4]
+    if not per_channel:
+        assert [t.stride(0) for t in layers.thresholds] == [4, 4, 4, 4]
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert not layers.errors.any()
 
 
 def test_dense_model_is_made_sparse_with_zero_thresholds():
@@ -414,7 +421,8 @@ def test_bad_inputs_are_refused():
         call(weights=[w.transpose(1, 2) if i == 1 else w for i, w in enumerate(layers.weights)])
     with pytest.raises(ValueError, match="thresholds"):
         call(thresholds=[t[:, :1] for t in layers.thresholds])
-    with pytest.raises(ValueError, match="each layer's contiguous"):  # [n_layer, groups, K] read as [n_layer, K, groups]
+    # [n_layer, groups, K] thresholds whose layers are not contiguous
+    with pytest.raises(ValueError, match="each layer's contiguous"):
         call(thresholds=[t[:, None].expand(-1, w.shape[1], -1).transpose(1, 2)
                          for t, w in zip(layers.thresholds, layers.weights)])
     with pytest.raises(TypeError, match="int8"):
