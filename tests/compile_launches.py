@@ -223,7 +223,7 @@ def persistent_launches():
         yield f"decode_layers {name}", lambda args=args, family=family: persistent.launch(*args, **family)
 
 
-def registers_and_stack(compiled) -> dict:
+def build_resources(compiled) -> dict:
     """Registers a thread, stack bytes a thread, and the local-memory loads and stores in the SASS (register spills,
     mostly) of a build, from its cubin by the cuobjdump Triton ships; {} where it ships none or cannot read it."""
     tool = os.path.join(os.path.dirname(sys.modules[CUDABackend.__module__].__file__), "bin", "cuobjdump")
@@ -273,7 +273,7 @@ def main(capabilities: list[int]) -> None:
                     compiled = compile_launch(kernel, args, kwargs, capability)
                     result.update(ok=True, shared=compiled.metadata.shared,
                                   griddepcontrol=compiled.asm["ptx"].count("griddepcontrol"),
-                                  **registers_and_stack(compiled))
+                                  **build_resources(compiled))
                 except Exception as e:  # reported per launch, so one failure does not hide the others
                     result.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
                 print(json.dumps(result), flush=True)
