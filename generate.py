@@ -127,8 +127,8 @@ def persistent_layers(model: Transformer, programs: int = 0, stepped: bool = Fal
         # pad: each layer's slice starts on a 16-byte boundary (the kernel takes thresholds at any layer stride).
         # Misaligned views make the per-layer path's compiled step copy them every step and compile slower variants
         # of the kernels that read them (benchmark/RESULTS.md); the other tensors are whole 16-byte multiples.
-        size = first.element_size()
-        per_layer = -(-first.numel() * size // 16) * 16 // size if pad else first.numel()
+        align = 16 // first.element_size() if pad else 1  # elements in 16 bytes
+        per_layer = -(-first.numel() // align) * align
         stacked = torch.empty((len(blocks), per_layer), dtype=first.dtype, device=first.device)
         stacked = stacked[:, :first.numel()].unflatten(1, first.shape)
         for i, block in enumerate(blocks):  # one layer at a time, so memory holds one extra layer's tensor at most
