@@ -11,7 +11,8 @@ in the same run. A tile runs the revision's own pipelining depth for that form u
         --tiles after:512x128s1 after:256x128s3 after:256x32c
 
 Writes benchmark/results/gemv-ab-grouped<tag>-<device>.json (rows {shape, N, K, sparsity, kernels, BLOCK_N, BLOCK_K,
-SPLIT_K, COMPACT, STAGES, picked, us, kept_GBps, rel_err}) and a PNG of each revision's best time against sparsity.
+SPLIT_K, COMPACT, STAGES, max_registers, picked, us, kept_GBps, rel_err}) and a PNG of each revision's best time
+against sparsity.
 """
 import argparse
 import datetime
@@ -35,23 +36,25 @@ from sparse_gemv.quant import dequantize_grouped
 
 SHAPES = {"14336x4096": (4096, [14336]), "4096x14336": (14336, [4096]), "8b gate/up": (4096, [14336, 14336]),
           "8b down": (14336, [4096]), "8b qkv": (4096, [4096, 1024, 1024]), "8b o": (4096, [4096])}
-TILE = re.compile(r"(\d+)x(\d+)(?:s(\d+))?(c?)")  # BLOCK_NxBLOCK_K[sSTAGES][c]
+TILE = re.compile(r"(\d+)x(\d+)(?:s(\d+))?(?:r(\d+))?(c?)")  # BLOCK_NxBLOCK_K[sSTAGES][rREGISTERS][c]
 
 
 def configs(module, label: str, k: int, groups, quant: GroupQuant, sms: int, tiles) -> list[tuple[dict, bool]]:
-    """(config, picked): the revision's own picks, then the tiles asked for it (label:BLOCK_NxBLOCK_K[sSTAGES][c])."""
+    """(config, picked): the revision's own picks, then the tiles asked for it (label:BLOCK_NxBLOCK_K[sSTAGES]
+    [rREGISTERS][c]; rREGISTERS caps the launch's registers a thread)."""
     picked = [module.pick_grouped_config(k, groups, compact, sms, quant.group_size) for compact in (False, True)]
     out = [(c, True) for c in picked]
     for spec in tiles:
         name, tile = spec.split(":")
         if name != label:
             continue
-        bn, bk, stages, compact = TILE.fullmatch(tile).groups()
+        bn, bk, stages, registers, compact = TILE.fullmatch(tile).groups()
         compact = compact == "c"
         base = module.pick_grouped_config(k, groups, compact, sms, quant.group_size)
         split = k_split(k, groups, int(bn), sms, quant.group_size)  # today's rule, for every revision's tiles
         out.append(({**base, "BLOCK_N": int(bn), "BLOCK_K": int(bk), "SPLIT_K": split,
-                     "STAGES": int(stages) if stages else base["STAGES"]}, False))
+                     "STAGES": int(stages) if stages else base["STAGES"],
+                     **({"maxnreg": int(registers)} if registers else {})}, False))
     return out
 
 
@@ -79,11 +82,12 @@ def bench(name, modules, quant, sparsities, l2, sms, tiles) -> list[dict]:
                 us = graph_time_us(run, copies)
                 rows.append({"shape": name, "N": n, "K": k, "sparsity": s, "kept_fraction": kept, "kernels": label,
                              **{key: cfg[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "COMPACT", "STAGES")},
-                             "picked": picked, "us": us, "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9,
-                             "rel_err": rel})
+                             "max_registers": cfg.get("maxnreg", 0), "picked": picked, "us": us,
+                             "kept_GBps": kept * bytes_ / (us * 1e-6) / 1e9, "rel_err": rel})
                 r = rows[-1]
+                cap = f" regs {r['max_registers']}" if r["max_registers"] else ""
                 print(f"{name:11s} s={s:.2f} {label:7s} {r['BLOCK_N']:4d}x{r['BLOCK_K']:<3d} split {r['SPLIT_K']:2d}"
-                      f" stages {r['STAGES']}"
+                      f" stages {r['STAGES']}{cap}"
                       f"{' compact' if r['COMPACT'] else '        '}{' picked' if picked else '       '} "
                       f"{us:7.2f} us  kept {r['kept_GBps']:6.0f} GB/s  rel_err {rel:.1e}", flush=True)
     return rows
@@ -108,7 +112,8 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["14336x4096", "4096x14336"], choices=list(SHAPES))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5, 0.8])
     p.add_argument("--tiles", nargs="*", default=[],
-                   help="LABEL:BLOCK_NxBLOCK_K, then sSTAGES for a pipelining depth, a trailing c for compact")
+                   help="LABEL:BLOCK_NxBLOCK_K, then sSTAGES for a pipelining depth, rREGISTERS for a register cap, "
+                        "a trailing c for compact")
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--no-zero_point", dest="zero_point", action="store_false")
     p.add_argument("--tag", default="")
@@ -119,7 +124,7 @@ def main(argv=None):
         raise SystemExit(f"ab_grouped: give two or more LABEL=PATH of existing grouped.py files, got {a.kernels}")
     if any(t.count(":") != 1 or t.split(":")[0] not in dict(pairs) or not TILE.fullmatch(t.split(":")[1])
            for t in a.tiles):
-        raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[sSTAGES][c] with a given label, "
+        raise SystemExit(f"ab_grouped: --tiles takes LABEL:BLOCK_NxBLOCK_K[sSTAGES][rREGISTERS][c] with a given label, "
                          f"got {a.tiles}")
     if not torch.cuda.is_available():
         raise SystemExit("ab_grouped.py measures GPU kernels and needs CUDA")
