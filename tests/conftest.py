@@ -7,8 +7,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# The project's local text, beside the checkout (CI puts it at ../shared/data): calibration and evaluation only.
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# Wikipedia text shipped with the tests (data/README.md): calibration and evaluation only.
+TEXT_DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_configure(config):

@@ -157,14 +157,14 @@ def test_calibration_reaches_the_target_on_calibration_text(tmp_path, default_ch
     """thresholds.calibrate on a tiny random model with the default tokenizer writes CATS tables whose held
     thresholds drop the target share of SiLU(gate) within 0.01 in every layer on the calibration text, and within
     0.01 over all layers (0.02 in each) on calibration text the calibration did not see."""
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import TEXT_DATA
     from thresholds.calibrate import calibrate, read_tokens
     from thresholds.file import ThresholdFile, apply_thresholds
     from tokenizer import load_tokenizer
 
     model, args, ckpt = tiny_checkpoint(tmp_path, default_checkpoint)
     out = tmp_path / "t.safetensors"
-    text = SHARED_DATA / "wiki-calibration.txt"
+    text = TEXT_DATA / "wiki-calibration.txt"
     calibrate(ckpt, out, data=text, tokens=2048, seq_len=512, greedy=False, allocation=False, held_targets=(0.5, 0.7),
               held_tokens=2048, held_seq_len=512)
     tf = ThresholdFile.load(out, args)
@@ -195,7 +195,7 @@ def test_calibration_holds_at_most_two_fp32_models_at_once(tmp_path, default_che
     import weakref
 
     import thresholds.calibrate as calibrate_module
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import TEXT_DATA
     from thresholds.file import ThresholdFile
 
     _, args, ckpt = tiny_checkpoint(tmp_path, default_checkpoint)
@@ -211,7 +211,7 @@ def test_calibration_holds_at_most_two_fp32_models_at_once(tmp_path, default_che
 
     monkeypatch.setattr(calibrate_module, "load_model", tracking_load_model)
     out = tmp_path / "t.safetensors"
-    calibrate_module.calibrate(ckpt, out, data=SHARED_DATA / "wiki-calibration.txt", tokens=512, seq_len=256,
+    calibrate_module.calibrate(ckpt, out, data=TEXT_DATA / "wiki-calibration.txt", tokens=512, seq_len=256,
                                greedy=False, allocation=False, held_targets=(0.5,), held_tokens=512, held_seq_len=256)
     assert alive_at_load == [0, 1, 0]  # TEAL; weight-aware beside it; CATS alone
     tf = ThresholdFile.load(out, args)

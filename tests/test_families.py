@@ -343,18 +343,18 @@ def test_calibrate_perplexity_and_chat_on_each_family(tmp_path, family, monkeypa
     # (realised sparsity near its target), and a sparse greedy chat through the chat template until stdin ends.
     from benchmark import perplexity
     from generate import main as generate_main
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import TEXT_DATA
     from thresholds import calibrate
     _, folder = tiny_hf(tmp_path, family)
     ckpt = convert_hf_folder(folder, tmp_path / "ckpt", "float32")
     tf = tmp_path / "thresholds.safetensors"
     calibrate.main(["--checkpoint_path", str(ckpt), "--out", str(tf),
-                    "--data", str(SHARED_DATA / "wiki-calibration.txt"), "--tokens", "1024", "--seq_len", "128",
+                    "--data", str(TEXT_DATA / "wiki-calibration.txt"), "--tokens", "1024", "--seq_len", "128",
                     "--greedy_tokens", "32", "--greedy_step", "0.1", "--allocation_tokens", "128",
                     "--held_targets", "0.5", "--held_tokens", "1024"])
     out = tmp_path / "ppl.json"
     perplexity.main(["--checkpoint_path", str(ckpt), "--thresholds", str(tf),
-                     "--data", str(SHARED_DATA / "wiki-evaluation.txt"), "--windows", "2", "--window", "128",
+                     "--data", str(TEXT_DATA / "wiki-evaluation.txt"), "--windows", "2", "--window", "128",
                      "--prompt", "64", "--methods", "dense", "uniform", "allocated", "--targets", "0.5",
                      "--out", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}

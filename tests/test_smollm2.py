@@ -88,7 +88,7 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
     in different orders, and in float32 a last-bit difference moves an activation across its threshold now and then,
     after which greedy decoding diverges (it did after 17 tokens here)."""
     from benchmark.perplexity import evaluate, window_starts
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import TEXT_DATA
     from generate import load_sparse_model
     from sparse import LAYER_GROUPS, PROJECTIONS, sparse_layers
     from tests.test_sparse import masked_reference
@@ -107,7 +107,7 @@ def test_sparse_decode_matches_masked_reference_and_realises_target(default_chec
     model, tf = load_sparse_model(default_checkpoint, "cpu", torch.float32, 0.5, "uniform", None)
     # realised sparsity over two 1024-token windows, the evaluation text's first and last (first halves dense); it
     # varies between windows far less than the 0.02 allowed
-    text = (SHARED_DATA / "wiki-evaluation.txt").read_text(encoding="utf-8")
+    text = (TEXT_DATA / "wiki-evaluation.txt").read_text(encoding="utf-8")
     ids = torch.tensor(tok.encode(text, bos=False), dtype=torch.int)
     windows = [ids[s:s + 1024] for s in window_starts(ids.numel(), 2, 1024)]
     model.setup_caches(1, 1024)
