@@ -69,13 +69,15 @@ def test_ab_grouped_tiles_run_the_named_pipelining_depth_else_the_revisions_own(
     module = ab_gemv.load_kernels("a", Path("sparse_gemv/grouped.py"))
     quant = GroupQuant(4, 128, True)
     k, groups, sms = 4096, [14336, 14336], 132
-    tiles = ["a:512x128s3", "a:256x128", "a:256x64c", "b:128x128"]
+    tiles = ["a:512x128s3", "a:256x128", "a:256x64c", "a:512x128s2r128", "b:128x128"]
     cfgs = ab_grouped.configs(module, "a", k, groups, quant, sms, tiles)
-    assert [picked for _, picked in cfgs] == [True, True, False, False, False]
+    assert [picked for _, picked in cfgs] == [True, True, False, False, False, False]
     own = module.pick_grouped_config(k, groups, False, sms, 128)
     assert cfgs[0][0] == own and own["STAGES"] == 1
     assert [(c["BLOCK_N"], c["BLOCK_K"], c["STAGES"], c["COMPACT"]) for c, _ in cfgs[2:]] == [
-        (512, 128, 3, False), (256, 128, 1, False), (256, 64, 3, True)]
+        (512, 128, 3, False), (256, 128, 1, False), (256, 64, 3, True), (512, 128, 2, False)]
+    # rREGISTERS caps the launch's registers (Triton's maxnreg); the other tiles leave the cap to the compiler
+    assert [c.get("maxnreg") for c, _ in cfgs] == [None] * 5 + [128]
     with pytest.raises(SystemExit, match="sSTAGES"):
         ab_grouped.main(["a=sparse_gemv/grouped.py", "b=sparse_gemv/grouped.py", "--tiles", "a:256x128x3"])
 
