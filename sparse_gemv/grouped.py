@@ -14,18 +14,16 @@ threshold, and its scales only when one of them is. Compact: the kept rows of th
 where each group's kept rows start in the list; each group with a kept row loads its scales once and then only its
 kept rows, in tiles of BLOCK_K. Weights are loaded as int32 words and dequantized in registers.
 
-One token (the decode step) walks a tile in slabs of ROWS rows that the threads load four words (16 bytes) each,
-and keeps each of a word's fields (nibbles, bytes) in its own accumulator, so no word is ever spread into columns until
-the end and no sum crosses threads inside the loop. With 16-bit activations (bf16, fp16) a slab multiplies two
-weights an instruction: one AND-OR puts two fields of a word in the mantissas of an fp16 pair of 1024s, an
-fma.rn.f16x2 takes the 1024s off and scales them in one rounding, and another multiplies them by x and adds them to
-the group's fp16 pair sums, which go into fp32 accumulators at the group's end (add_slab_pairs). fp32 activations keep
-fp32 products: a field isolated in the low mantissa bits of 2^23 by one AND, and one fma that takes 2^23 off and
-scales in a single rounding (add_slab_fields). Either way the zero point (or the -8 / -128 that makes a code signed)
-is applied once a group, times the sum of the group's kept x. Several tokens dequantize a tile to [BLOCK_K, BLOCK_N]
-(the 2^23 trick, then q * scale (+ zero), dequantize_words) and take a tensor-core product per tile. Split-K and the
-partial-sum output work as in kernels.py. The persistent decode kernel (persistent.py) reads the same layout one group
-at a time through add_group_products, the predicated one-token tile's loop body.
+One token (the decode step) walks a tile in slabs of ROWS rows that the threads load four words (16 bytes) each, and
+keeps each of a word's fields (nibbles, bytes) in its own accumulator, so no word is ever spread into columns until
+the end and no sum crosses threads inside the loop. A field is isolated in the low mantissa bits of 2^23 by one AND,
+reading as 2^23 + u * 2^shift (u the unsigned code, shift its place in its 16-bit half), and one fma with the
+group's scale takes 2^23 off and scales in a single rounding: with the product with x, two fmas and an AND a
+weight. The zero point (or the -8 / -128 that makes a code signed) is applied once a group, times the sum of the
+group's kept x. Several tokens dequantize a tile to [BLOCK_K, BLOCK_N] (the 2^23 trick, then q * scale (+ zero),
+dequantize_words) and take a tensor-core product per tile. Split-K and the partial-sum output work as in kernels.py.
+The persistent decode kernel (persistent.py) reads the same layout one group at a time through add_group_products,
+the predicated one-token tile's loop body.
 """
 import torch
 import triton
@@ -82,12 +80,10 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
         thr = tl.load(thr_ptr + g)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    HALF: tl.constexpr = x_ptr.dtype.element_ty != tl.float32  # 16-bit activations multiply in fp16 pairs
     if BLOCK_T == 1:
         # One token: a tile is walked in slabs of ROWS rows, [ROWS, words], which the program's threads load
-        # four words each; acc_f accumulates column PER_WORD * word + f of each slab row elementwise (no sum across
-        # threads until the end), with HALF a group's sums in fp16 pairs h_0..h_3 first. acc_4..7 stay zero and
-        # unused at 8 bits.
+        # four words each; acc_f accumulates column PER_WORD * word + f of each slab row elementwise (an fma per
+        # weight, no sum across threads until the end). acc_4..7 stay zero and unused at 8 bits.
         words_at = w_words + offs_w[None, :]
         w_mask2 = w_mask[None, :]
         columns = PER_WORD * offs_w.to(tl.int64)  # scale columns: int64, so each field's is an offset from them
@@ -102,13 +98,7 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
 
-    if COMPACT and BLOCK_T == 1 and HALF:
-        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_flat_list_products(
-            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr_row if PER_CHANNEL else thr, k_begin,
-            k_stop, rows_ptr + g * flat_list_slots(K, GROUP), rows_ptr + (3 + g) * flat_list_slots(K, GROUP),
-            words_at, row_words, w_mask, scale_ptr, zero_ptr, N, columns, PER_CHANNEL, BITS, ZERO, GROUP, ROWS,
-            LIST_CHUNK, STAGES)
-    elif COMPACT:
+    if COMPACT:
         # Pass 1: list the kept rows of this split (as kernels.py does) and, for each group, where its kept rows
         # start in the list (chunks start on group boundaries, since splits do and LIST_CHUNK is a multiple of GROUP).
         slots = rows_ptr + g * K + k_begin
@@ -139,12 +129,8 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
             last = tl.load(starts + grp + 1, mask=grp + 1 < g_last, other=count)
             if BLOCK_T == 1:
                 mask = w_mask & (tl.zeros_like(offs_w) + first < last)  # the group's scales, once, if a row is kept
-                s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7 = group_slab_scales(scale_ptr, grp, N, columns, mask, BITS,
-                                                                             HALF)
-                h_0 = tl.zeros_like(acc_0.to(tl.int32))
-                h_1 = tl.zeros_like(h_0)
-                h_2 = tl.zeros_like(h_0)
-                h_3 = tl.zeros_like(h_0)
+                s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
+                    scale_ptr, zero_ptr, grp, N, columns, mask, BITS, ZERO)
                 x_sum = tl.zeros((ROWS,), dtype=tl.float32)
                 for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
                     for i in tl.static_range(BLOCK_K // ROWS):
@@ -155,13 +141,12 @@ def _grouped_sparse_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_pt
                         words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask2,
                                         other=0)
                         x_sum += x
-                        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3 = \
-                            add_slab_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2,
-                                              h_3, words, x, 1.0, s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS,
-                                              HALF)
-                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_group_sums(
-                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum, 1.0,
-                    scale_ptr, zero_ptr, grp, N, columns, mask, BITS, ZERO, HALF)
+                        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
+                            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x,
+                            s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS)
+                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_offsets(
+                    acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
+                    z_7, BITS)
             else:
                 scale, zero = group_scales(scale_ptr, zero_ptr, grp, N, offs_n, n_mask, last - first, ZERO)
                 for j in tl.range(first, last, BLOCK_K, num_stages=STAGES):
@@ -266,13 +251,13 @@ def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x
                        BITS: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
                        X_CACHE: tl.constexpr, norm_ptr, rs, NORM: tl.constexpr):
     """One token, one group: the kept rows among the GROUP rows from k0 (a group's first row; rows from k_stop on are
-    out of range) times x, added to the per-field accumulators [ROWS, words] (column PER_WORD * word + field) in slabs
-    of ROWS rows. thr: the threshold, or with PER_CHANNEL a pointer to the rows' thresholds (indexed by row); words_at:
-    the strip's int32 words of row 0, [1, words] pointers, a row row_words further on; w_mask: the strip's words in
-    range; columns: PER_WORD * word, int64. The group's scales are loaded once, only if one of its rows is kept; a
-    skipped row's words are not loaded. X_CACHE, norm_ptr, rs, NORM: load_inputs' (NORM: x_ptr is the residual
-    stream, normalised here). The per-layer kernel's predicated tiles and the persistent kernel's GEMV tiles
-    (persistent.py) both take their one-token groups here."""
+    out of range) times x, added to the per-field accumulators [ROWS, words] (add_slab_products) in slabs of ROWS
+    rows. thr: the threshold, or with PER_CHANNEL a pointer to the rows' thresholds (indexed by row); words_at: the
+    strip's int32 words of row 0, [1, words] pointers, a row row_words further on; w_mask: the strip's words in range;
+    columns: field_scales'. The group's scales are loaded once, only if one of its rows is kept; a skipped row's words
+    are not loaded. X_CACHE, norm_ptr, rs, NORM: load_inputs' (NORM: x_ptr is the residual stream, normalised here).
+    The per-layer kernel's predicated tiles and the persistent kernel's GEMV tiles (persistent.py) both take their
+    one-token groups here."""
     offs_k = k0 + tl.arange(0, GROUP)
     k_mask = offs_k < k_stop
     if PER_CHANNEL:
@@ -283,14 +268,8 @@ def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x
     kept = tl.max((tl.abs(x) > thr_k).to(tl.int32))
     # the group's scales, only if one of its rows is kept (a block mask: the interpreter mishandles scalar ones)
     mask = tl.where(w_mask, kept, 0) > 0
-    grp = k0 // GROUP
-    HALF: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
-    down = fp16_range_scale(tl.max(tl.where(tl.abs(x) > thr_k, tl.abs(x), 0.0)), 6)
-    s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7 = group_slab_scales(scale_ptr, grp, N, columns, mask, BITS, HALF)
-    h_0 = tl.zeros_like(acc_0.to(tl.int32))
-    h_1 = tl.zeros_like(h_0)
-    h_2 = tl.zeros_like(h_0)
-    h_3 = tl.zeros_like(h_0)
+    s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7 = group_field_scales(
+        scale_ptr, zero_ptr, k0 // GROUP, N, columns, mask, BITS, ZERO)
     x_sum = tl.zeros((ROWS,), dtype=tl.float32)
     for i in tl.static_range(GROUP // ROWS):
         rows = k0 + i * ROWS + tl.arange(0, ROWS)
@@ -303,415 +282,121 @@ def add_group_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x
         x = tl.where(tl.abs(x) > thr_r, x, 0.0)  # a kept row's x is not 0: it masks the row's words
         words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
         x_sum += x
-        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3 = add_slab_products(
-            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, words, x, down, s_0, s_1, s_2,
-            s_3, s_4, s_5, s_6, s_7, BITS, HALF)
-    return add_group_sums(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum, down,
-                          scale_ptr, zero_ptr, grp, N, columns, mask, BITS, ZERO, HALF)
-
-
-# A flat list pads each group's kept rows to whole slabs (of at most FLAT_PAD + 1 rows): a split's list starts
-# FLAT_PAD slots a group further on than its first row.
-FLAT_PAD = tl.constexpr(64)
-
-
-@triton.jit
-def flat_list_slots(K, GROUP: tl.constexpr):
-    """Workspace slots a flat list (of rows, then of their x) takes for one output group: K and the padding."""
-    return K + FLAT_PAD * tl.cdiv(K, GROUP)
-
-
-@triton.jit
-def add_flat_list_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_ptr, thr, k_begin, k_stop,
-                           list_rows, list_x, words_at, row_words, w_mask, scale_ptr, zero_ptr, N, columns,
-                           PER_CHANNEL: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
-                           ROWS: tl.constexpr, LIST_CHUNK: tl.constexpr, STAGES: tl.constexpr):
-    """Compact, one token, 16-bit activations: the kept rows of [k_begin, k_stop) times x, added to the per-field
-    accumulators [ROWS, words]. The split's kept rows are listed first, group by group, each group padded to whole
-    slabs (list_kept_slabs); one pipelined loop then walks the list a slab at a time, so each slab's row numbers and
-    then its words are loaded stages ahead. A slab's codes times x add up in fp16 pairs without their scales
-    (add_slab_codes), and the scales come in when the group changes (add_code_sums). thr, words_at, row_words,
-    w_mask, columns: the predicated tile's (add_group_products)."""
-    tl.static_assert(ROWS - 1 <= FLAT_PAD)
-    # a pair sum adds GROUP / ROWS products of x (under 2^6, or 2^2 at 8 bits) and a code (up to 15, or 255)
-    tl.static_assert((GROUP // ROWS) * (64 * 15 if BITS == 4 else 4 * 255) <= 65504)
-    offset = k_begin + (k_begin // GROUP) * FLAT_PAD  # this split's part of the lists
-    list_rows += offset
-    list_x = (list_x + offset).to(tl.pointer_type(tl.float32))
-    slots, x_max = list_kept_slabs(x_ptr, thr, k_begin, k_stop, list_rows, list_x, PER_CHANNEL, GROUP, ROWS,
-                                   LIST_CHUNK)
-    tl.debug_barrier()  # the lists are visible to every thread of this program before they are read
-    down = fp16_range_scale(x_max, 6 if BITS == 4 else 2)  # codes up to 15 (at 4 bits) or 255, unscaled
-    h_0 = tl.zeros_like(acc_0.to(tl.int32))
-    h_1 = tl.zeros_like(h_0)
-    h_2 = tl.zeros_like(h_0)
-    h_3 = tl.zeros_like(h_0)
-    x_sum = tl.zeros((ROWS,), dtype=tl.float32)
-    current = tl.where(slots > 0, tl.load(list_rows), k_begin) // GROUP
-    for j in tl.range(0, slots, ROWS, num_stages=STAGES):
-        offs_j = j + tl.arange(0, ROWS)
-        rows = tl.load(list_rows + offs_j)
-        x = tl.load(list_x + offs_j)
-        words = tl.load(words_at + rows[:, None] * row_words, mask=(x != 0)[:, None] & w_mask[None, :], other=0)
-        grp = tl.load(list_rows + j) // GROUP  # a slab's rows are one group's
-        if grp != current:
-            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_code_sums(
-                acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum, 1.0 / down,
-                scale_ptr, zero_ptr, current, N, columns, w_mask, BITS, ZERO)
-            h_0 = tl.zeros_like(h_0)
-            h_1 = tl.zeros_like(h_0)
-            h_2 = tl.zeros_like(h_0)
-            h_3 = tl.zeros_like(h_0)
-            x_sum = tl.zeros_like(x_sum)
-            current = grp
-        x_sum += x
-        h_0, h_1, h_2, h_3 = add_slab_codes(h_0, h_1, h_2, h_3, words, x * down, BITS)
-    # the last group's sums; no scales are read where the list is empty (a block mask, as add_group_products')
-    return add_code_sums(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum,
-                         1.0 / down, scale_ptr, zero_ptr, current, N, columns, tl.where(w_mask, slots, 0) > 0, BITS,
-                         ZERO)
-
-
-@triton.jit
-def list_kept_slabs(x_ptr, thr, k_begin, k_stop, list_rows, list_x, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
-                    ROWS: tl.constexpr, LIST_CHUNK: tl.constexpr):
-    """One token: the kept rows of [k_begin, k_stop) and their x, in list_rows and list_x, group by group, each
-    group's padded to a whole number of slabs of ROWS rows with its first row at x = 0 (a slab's words load nothing
-    there, and its rows stay one group's). Returns the slots written and the largest kept |x|."""
-    CHUNK_GROUPS: tl.constexpr = LIST_CHUNK // GROUP
-    slots = k_begin * 0
-    x_max = tl.full((), 0.0, tl.float32)
-    for c0 in range(k_begin, k_stop, LIST_CHUNK):
-        offs = c0 + tl.arange(0, LIST_CHUNK)
-        in_range = offs < k_stop
-        if PER_CHANNEL:
-            thr_c = tl.load(thr + offs, mask=in_range, other=float("inf"))
-        else:
-            thr_c = thr
-        x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-        keep = tl.abs(x) > thr_c
-        x_max = tl.maximum(x_max, tl.max(tl.where(keep, tl.abs(x), 0.0)))
-        keep_g = tl.reshape(keep.to(tl.int32), (CHUNK_GROUPS, GROUP))
-        kept = tl.sum(keep_g, axis=1)
-        padded = tl.cdiv(kept, ROWS) * ROWS
-        start = slots + tl.cumsum(padded, 0) - padded
-        at = start[:, None] + tl.cumsum(keep_g, 1) - 1
-        tl.store(list_rows + at, tl.reshape(offs, (CHUNK_GROUPS, GROUP)), mask=keep_g != 0)
-        tl.store(list_x + at, tl.reshape(x, (CHUNK_GROUPS, GROUP)), mask=keep_g != 0)
-        pad = tl.arange(0, ROWS)[None, :]
-        pad_at = (start + kept)[:, None] + pad
-        pad_mask = pad < (padded - kept)[:, None]
-        first_rows = (c0 + GROUP * tl.arange(0, CHUNK_GROUPS))[:, None] + pad * 0
-        tl.store(list_rows + pad_at, first_rows, mask=pad_mask)
-        tl.store(list_x + pad_at, tl.zeros_like(first_rows).to(tl.float32), mask=pad_mask)
-        slots += tl.sum(padded, 0)
-    return slots, x_max
-
-
-@triton.jit
-def add_slab_codes(h_0, h_1, h_2, h_3, words, x, BITS: tl.constexpr):
-    """h_p [rows, words] += x [rows] times pair p of each int32 word's unsigned codes u (add_slab_pairs' pairs), as
-    fp16 pairs: the AND-OR of add_slab_pairs, then an fma that takes the 1024 off (u * 2^shift, exact) and one with
-    x (x / 16 for the shifted nibbles). The scales come in at the group's end (add_code_sums)."""
-    one = half2(tl.full((1, 1), 1.0, tl.float32), tl.full((1, 1), 1.0, tl.float32))
-    minus = half2(tl.full((1, 1), -1024.0, tl.float32), tl.full((1, 1), -1024.0, tl.float32))
-    xx = half2(x, x)[:, None]
-    if BITS == 8:
-        words = words ^ -2139062144  # 0x80808080: every byte + 128, unsigned
-        high = (words >> 8) & 0x00FF00FF
-        h_0 = fma_half2(xx, fma_half2((words & 0x00FF00FF) | 0x64006400, one, minus), h_0)
-        h_1 = fma_half2(xx, fma_half2(high | 0x64006400, one, minus), h_1)
-    else:
-        x_16 = half2(x * 0.0625, x * 0.0625)[:, None]
-        high = words >> 8
-        h_0 = fma_half2(xx, fma_half2((words & 0x000F000F) | 0x64006400, one, minus), h_0)
-        h_1 = fma_half2(x_16, fma_half2((words & 0x00F000F0) | 0x64006400, one, minus), h_1)
-        h_2 = fma_half2(xx, fma_half2((high & 0x000F000F) | 0x64006400, one, minus), h_2)
-        h_3 = fma_half2(x_16, fma_half2((high & 0x00F000F0) | 0x64006400, one, minus), h_3)
-    return h_0, h_1, h_2, h_3
-
-
-@triton.jit
-def add_code_sums(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum, up, scale_ptr,
-                  zero_ptr, grp, N, columns, mask, BITS: tl.constexpr, ZERO: tl.constexpr):
-    """The end of a group in a flat list: its code sums (add_slab_codes', times up) times its scales, and its
-    offsets times its kept x (add_offsets), added to the fp32 accumulators."""
-    s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7 = group_field_scales(scale_ptr, grp, N, columns, mask, BITS)
-    acc_0 += half_value(h_0, False) * up * s_0
-    acc_1 += half_value(h_1, False) * up * s_1
-    if BITS == 4:
-        acc_2 += half_value(h_2, False) * up * s_2
-        acc_3 += half_value(h_3, False) * up * s_3
-        acc_4 += half_value(h_0, True) * up * s_4
-        acc_5 += half_value(h_1, True) * up * s_5
-        acc_6 += half_value(h_2, True) * up * s_6
-        acc_7 += half_value(h_3, True) * up * s_7
-    else:
-        acc_2 += half_value(h_0, True) * up * s_2
-        acc_3 += half_value(h_1, True) * up * s_3
-    return add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, scale_ptr, zero_ptr, grp, N,
-                       columns, mask, BITS, ZERO)
-
-
-@triton.jit
-def fp16_range_scale(x_max, LOG2_LIMIT: tl.constexpr):
-    """The power of two, at most 1, that brings x_max (the largest |x| of the kept rows a group's pair sums take)
-    under 2^LOG2_LIMIT, so that the fp16 products of x so scaled with the weights, and their sums over a group's rows, stay far
-    below fp16's largest value (65504). Scaling by a power of two is exact both ways (x * down going in, the sums /
-    down coming out): only scaled activations that fall under fp16's normal range (2^-14) lose bits."""
-    exponent = (x_max.to(tl.int32, bitcast=True) >> 23) & 0xFF  # x_max < 2^(exponent - 126)
-    shift = tl.maximum(exponent - 126 - LOG2_LIMIT, 0)
-    return ((127 - shift) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def group_slab_scales(scale_ptr, grp, N, columns, mask, BITS: tl.constexpr, HALF: tl.constexpr):
-    """A group's scales in the form add_slab_products takes them: with HALF (16-bit activations, multiplied in fp16
-    pairs) group_scale_pairs', else group_field_scales'."""
-    if HALF:
-        scales = group_scale_pairs(scale_ptr, grp, N, columns, mask, BITS)
-    else:
-        scales = group_field_scales(scale_ptr, grp, N, columns, mask, BITS)
-    return scales
-
-
-@triton.jit
-def add_slab_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, words, x, down,
-                      s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, BITS: tl.constexpr, HALF: tl.constexpr):
-    """A slab's products, x [rows] times its int32 words [rows, words]: with HALF added to the group's fp16 pair sums
-    h_p with x taken down by down (fp16_range_scale; add_slab_pairs; s_0..s_7 group_scale_pairs'), else to the fp32
-    accumulators (add_slab_fields)."""
-    if HALF:
-        h_0, h_1, h_2, h_3 = add_slab_pairs(h_0, h_1, h_2, h_3, words, x * down, s_0, s_1, s_2, s_3, s_4, s_5, s_6,
-                                            s_7, BITS)
-    else:
-        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_fields(
+        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_slab_products(
             acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7,
             BITS)
-    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3
+    return add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5,
+                       z_6, z_7, BITS)
 
 
 @triton.jit
-def add_group_sums(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, x_sum, down,
-                   scale_ptr, zero_ptr, grp, N, columns, mask, BITS: tl.constexpr, ZERO: tl.constexpr,
-                   HALF: tl.constexpr):
-    """The end of a group: its fp16 pair sums (with HALF; times 1 / down, which add_slab_products took x down by) and
-    its offsets times its kept x (add_offsets) added to the fp32 accumulators."""
-    if HALF:
-        acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7 = add_pair_sums(
-            acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, 1.0 / down, BITS)
-    return add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, scale_ptr, zero_ptr, grp, N,
-                       columns, mask, BITS, ZERO)
-
-
-# The interpreter runs no inline PTX: there the fp16 pairs' arithmetic is emulated (fma_half2).
-HALF2_PTX = tl.constexpr(not INTERPRET)
-
-
-@triton.jit
-def fma_half2(a, b, c):
-    """a * b + c on fp16 pairs, each packed in an int32 (low half, high half): PTX's fma.rn.f16x2, one rounding a
-    half. The interpreter computes each half in fp32, where the product of two fp16 values is exact, and rounds the
-    sum to fp16."""
-    if HALF2_PTX:
-        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+def field_scales(scale_row, zero_row, columns, mask, FIELD: tl.constexpr, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """A group's scale and offset, fp32 [words], for column PER_WORD * word + FIELD (scale_row, zero_row: the
+    group's rows of scales and zeros; columns: PER_WORD * word, int64), in the terms of field_weights and add_offsets:
+    the field's unsigned code u (a 4-bit q; an 8-bit q + 128) weighs scale * u + offset."""
+    scale = tl.load(scale_row + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
+    if ZERO:
+        offset = tl.load(zero_row + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
     else:
-        return half2(half_value(a, False) * half_value(b, False) + half_value(c, False),
-                     half_value(a, True) * half_value(b, True) + half_value(c, True))
-
-
-@triton.jit
-def half_value(pair, HIGH: tl.constexpr):
-    """The low or high half of an fp16 pair (int32) as fp32."""
-    if HIGH:
-        pair = pair >> 16
-    return pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def half2(low, high):
-    """fp32 low and high rounded to fp16 and packed into an int32 pair."""
-    low_bits = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return low_bits | (high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-
-@triton.jit
-def group_scale_pairs(scale_ptr, grp, N, columns, mask, BITS: tl.constexpr):
-    """A group's scales as fp16 pairs (int32 [words]), s_p for pair p of add_slab_pairs: columns (c + p,
-    c + PER_HALF + p) of the word whose first column is c, PER_HALF the fields of a 16-bit half (4 at 4 bits, 2 at 8
-    bits; at 8 bits s_2, s_3 repeat s_0, s_1, never used). o_p: -1024 s_p, exact, which takes a code's 1024 off."""
-    PER_HALF: tl.constexpr = 16 // BITS
-    row = scale_ptr + grp * N + columns
-    s_0 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
-    s_4 = tl.load(row + PER_HALF, mask=mask, other=0.0).to(tl.float32)
-    s_1 = tl.load(row + 1, mask=mask, other=0.0).to(tl.float32)
-    s_5 = tl.load(row + PER_HALF + 1, mask=mask, other=0.0).to(tl.float32)
-    if BITS == 4:
-        s_2 = tl.load(row + 2, mask=mask, other=0.0).to(tl.float32)
-        s_6 = tl.load(row + 6, mask=mask, other=0.0).to(tl.float32)
-        s_3 = tl.load(row + 3, mask=mask, other=0.0).to(tl.float32)
-        s_7 = tl.load(row + 7, mask=mask, other=0.0).to(tl.float32)
-    else:
-        s_2, s_6, s_3, s_7 = s_0, s_4, s_1, s_5
-    return (half2(s_0, s_4)[None, :], half2(s_1, s_5)[None, :], half2(s_2, s_6)[None, :], half2(s_3, s_7)[None, :],
-            half2(-1024.0 * s_0, -1024.0 * s_4)[None, :], half2(-1024.0 * s_1, -1024.0 * s_5)[None, :],
-            half2(-1024.0 * s_2, -1024.0 * s_6)[None, :], half2(-1024.0 * s_3, -1024.0 * s_7)[None, :])
-
-
-@triton.jit
-def add_slab_pairs(h_0, h_1, h_2, h_3, words, x, s_0, s_1, s_2, s_3, o_0, o_1, o_2, o_3, BITS: tl.constexpr):
-    """h_p [rows, words] += x [rows] times pair p of each int32 word's weights, as fp16 pairs (group_scale_pairs'
-    columns). One AND-OR puts two fields in the low mantissa bits of two fp16 1024s, reading as 1024 + u * 2^shift
-    (u the unsigned code: a 4-bit q, an 8-bit q + 128; shift 0, or 4 for the second nibble of a byte), and one fma
-    takes 1024 off and scales them, u * scale * 2^shift rounded once; a second fma adds their products with x
-    (x / 16 for the shifted nibbles): four instructions for two weights. The codes' offsets (zero points, or the -8 /
-    -128 that makes a code signed) come in once a group (add_offsets)."""
-    xx = half2(x, x)[:, None]
+        offset = tl.zeros_like(scale)
     if BITS == 8:
-        words = words ^ -2139062144  # 0x80808080: every byte + 128, unsigned
-        high = (words >> 8) & 0x00FF00FF
-        h_0 = fma_half2(xx, fma_half2((words & 0x00FF00FF) | 0x64006400, s_0, o_0), h_0)
-        h_1 = fma_half2(xx, fma_half2(high | 0x64006400, s_1, o_1), h_1)
-    else:
-        x_16 = half2(x * 0.0625, x * 0.0625)[:, None]
-        high = words >> 8
-        h_0 = fma_half2(xx, fma_half2((words & 0x000F000F) | 0x64006400, s_0, o_0), h_0)
-        h_1 = fma_half2(x_16, fma_half2((words & 0x00F000F0) | 0x64006400, s_1, o_1), h_1)
-        h_2 = fma_half2(xx, fma_half2((high & 0x000F000F) | 0x64006400, s_2, o_2), h_2)
-        h_3 = fma_half2(x_16, fma_half2((high & 0x00F000F0) | 0x64006400, s_3, o_3), h_3)
-    return h_0, h_1, h_2, h_3
+        offset -= 128.0 * scale
+    elif not ZERO:
+        offset -= 8.0 * scale
+    return scale, offset
 
 
 @triton.jit
-def add_pair_sums(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, h_0, h_1, h_2, h_3, up,
-                  BITS: tl.constexpr):
-    """A group's fp16 pair sums (add_slab_pairs') times up added to the fp32 accumulators of their columns."""
-    acc_0 += half_value(h_0, False) * up
-    acc_1 += half_value(h_1, False) * up
+def group_field_scales(scale_ptr, zero_ptr, grp, N, columns, mask, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """field_scales for the eight fields of a word (at 8 bits four: the last four repeat them, never used)."""
+    scale_row = scale_ptr + grp * N
+    zero_row = zero_ptr + grp * N
+    s_0, z_0 = field_scales(scale_row, zero_row, columns, mask, 0, BITS, ZERO)
+    s_1, z_1 = field_scales(scale_row, zero_row, columns, mask, 1, BITS, ZERO)
+    s_2, z_2 = field_scales(scale_row, zero_row, columns, mask, 2, BITS, ZERO)
+    s_3, z_3 = field_scales(scale_row, zero_row, columns, mask, 3, BITS, ZERO)
     if BITS == 4:
-        acc_2 += half_value(h_2, False) * up
-        acc_3 += half_value(h_3, False) * up
-        acc_4 += half_value(h_0, True) * up
-        acc_5 += half_value(h_1, True) * up
-        acc_6 += half_value(h_2, True) * up
-        acc_7 += half_value(h_3, True) * up
+        s_4, z_4 = field_scales(scale_row, zero_row, columns, mask, 4, BITS, ZERO)
+        s_5, z_5 = field_scales(scale_row, zero_row, columns, mask, 5, BITS, ZERO)
+        s_6, z_6 = field_scales(scale_row, zero_row, columns, mask, 6, BITS, ZERO)
+        s_7, z_7 = field_scales(scale_row, zero_row, columns, mask, 7, BITS, ZERO)
     else:
-        acc_2 += half_value(h_0, True) * up
-        acc_3 += half_value(h_1, True) * up
-    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
-
-
-@triton.jit
-def group_field_scales(scale_ptr, grp, N, columns, mask, BITS: tl.constexpr):
-    """A group's scales, fp32 [1, words], for each field of a word (column PER_WORD * word + field; at 8 bits the last
-    four repeat the first four, never used): fp32 activations' per slab, a flat list's at a group's end."""
-    row = scale_ptr + grp * N + columns
-    s_0 = tl.load(row, mask=mask, other=0.0).to(tl.float32)[None, :]
-    s_1 = tl.load(row + 1, mask=mask, other=0.0).to(tl.float32)[None, :]
-    s_2 = tl.load(row + 2, mask=mask, other=0.0).to(tl.float32)[None, :]
-    s_3 = tl.load(row + 3, mask=mask, other=0.0).to(tl.float32)[None, :]
-    if BITS == 4:
-        s_4 = tl.load(row + 4, mask=mask, other=0.0).to(tl.float32)[None, :]
-        s_5 = tl.load(row + 5, mask=mask, other=0.0).to(tl.float32)[None, :]
-        s_6 = tl.load(row + 6, mask=mask, other=0.0).to(tl.float32)[None, :]
-        s_7 = tl.load(row + 7, mask=mask, other=0.0).to(tl.float32)[None, :]
-    else:
-        s_4, s_5, s_6, s_7 = s_0, s_1, s_2, s_3
-    return s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7
+        s_4, s_5, s_6, s_7, z_4, z_5, z_6, z_7 = s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3
+    return s_0, s_1, s_2, s_3, s_4, s_5, s_6, s_7, z_0, z_1, z_2, z_3, z_4, z_5, z_6, z_7
 
 
 @triton.jit
 def field_weights(half, scale, FIELD: tl.constexpr, BITS: tl.constexpr):
-    """fp32 activations: field FIELD of words as fp32 weights times 2^shift, the field's place in its 16-bit half
-    (half: that half of each word in the low 16 bits, OR-ed with 2^23's bits). One AND isolates the field in the low
-    mantissa bits of 2^23, which read as 2^23 + u * 2^shift (u the unsigned code), and one fma takes 2^23 off and
-    scales in a single rounding (2^23 * scale is exact): u * scale * 2^shift, exactly as fp32 rounds u * scale."""
+    """Field FIELD of words as fp32 weights scaled by 2^shift, the field's place in its 16-bit half: u * scale *
+    2^shift. half is the field's half of each word, moved to the low 16 bits and OR-ed with 2^23's bits (add_slab_
+    products); one AND isolates the field in the low mantissa bits of 2^23, which read as 2^23 + u * 2^shift, and one
+    fma takes 2^23 off and scales in a single rounding (2^23 * scale is exact), giving u * scale * 2^shift exactly
+    as fp32 rounds u * scale, times a power of two."""
     SHIFT: tl.constexpr = (FIELD % (16 // BITS)) * BITS
     code = half & (0x4B000000 | (((1 << BITS) - 1) << SHIFT))
-    return tl.fma(code.to(tl.float32, bitcast=True), scale, scale * -8388608.0)
+    return tl.fma(code.to(tl.float32, bitcast=True), scale[None, :], (scale * -8388608.0)[None, :])
 
 
 @triton.jit
-def add_slab_fields(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4, s_5,
-                    s_6, s_7, BITS: tl.constexpr):
-    """fp32 activations: acc_f [rows, words] += x [rows] times field f's weights of a slab's int32 words
-    (field_weights), x taken down by the field's 2^shift (exact); the codes' offsets come in once a group
-    (add_offsets)."""
+def add_slab_products(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, words, x, s_0, s_1, s_2, s_3, s_4,
+                      s_5, s_6, s_7, BITS: tl.constexpr):
+    """acc_f [rows, words] += x [rows] * field f's weights times 2^shift (field_weights) of a slab's int32 words: an
+    fma a weight after its dequantization (an AND and an fma). word_columns takes the powers of two off; the
+    offsets come in once a group (add_offsets)."""
     if BITS == 8:
         words = words ^ -2139062144  # 0x80808080: every byte + 128, unsigned
     low = words | 0x4B000000
     high = (words >> 16) | 0x4B000000
-    x_0 = x[:, None]
-    if BITS == 8:
-        x_1 = x_0 * (1.0 / 256)
-        acc_0 += x_0 * field_weights(low, s_0, 0, BITS)
-        acc_1 += x_1 * field_weights(low, s_1, 1, BITS)
-        acc_2 += x_0 * field_weights(high, s_2, 2, BITS)
-        acc_3 += x_1 * field_weights(high, s_3, 3, BITS)
-    else:
-        x_1 = x_0 * (1.0 / 16)
-        x_2 = x_0 * (1.0 / 256)
-        x_3 = x_0 * (1.0 / 4096)
-        acc_0 += x_0 * field_weights(low, s_0, 0, BITS)
-        acc_1 += x_1 * field_weights(low, s_1, 1, BITS)
-        acc_2 += x_2 * field_weights(low, s_2, 2, BITS)
-        acc_3 += x_3 * field_weights(low, s_3, 3, BITS)
-        acc_4 += x_0 * field_weights(high, s_4, 4, BITS)
-        acc_5 += x_1 * field_weights(high, s_5, 5, BITS)
-        acc_6 += x_2 * field_weights(high, s_6, 6, BITS)
-        acc_7 += x_3 * field_weights(high, s_7, 7, BITS)
-    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
-
-
-@triton.jit
-def add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, scale_ptr, zero_ptr, grp, N, columns,
-                mask, BITS: tl.constexpr, ZERO: tl.constexpr):
-    """A group's offsets (field_offset) times the sum of its kept x (x_sum [rows]: each slab row's share), added to
-    the accumulators of their columns: once a group instead of once a weight."""
-    xs = x_sum[:, None]
-    acc_0 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 0, BITS, ZERO)
-    acc_1 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 1, BITS, ZERO)
-    acc_2 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 2, BITS, ZERO)
-    acc_3 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 3, BITS, ZERO)
+    acc_0 += x[:, None] * field_weights(low, s_0, 0, BITS)
+    acc_1 += x[:, None] * field_weights(low, s_1, 1, BITS)
     if BITS == 4:
-        acc_4 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 4, BITS, ZERO)
-        acc_5 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 5, BITS, ZERO)
-        acc_6 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 6, BITS, ZERO)
-        acc_7 += xs * field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, 7, BITS, ZERO)
+        acc_2 += x[:, None] * field_weights(low, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(low, s_3, 3, BITS)
+        acc_4 += x[:, None] * field_weights(high, s_4, 4, BITS)
+        acc_5 += x[:, None] * field_weights(high, s_5, 5, BITS)
+        acc_6 += x[:, None] * field_weights(high, s_6, 6, BITS)
+        acc_7 += x[:, None] * field_weights(high, s_7, 7, BITS)
+    else:
+        acc_2 += x[:, None] * field_weights(high, s_2, 2, BITS)
+        acc_3 += x[:, None] * field_weights(high, s_3, 3, BITS)
     return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
 
 
 @triton.jit
-def field_offset(scale_ptr, zero_ptr, grp, N, columns, mask, FIELD: tl.constexpr, BITS: tl.constexpr,
-                 ZERO: tl.constexpr):
-    """The weight of code 0 of field FIELD (column PER_WORD * word + FIELD) in group grp, fp32 [1, words]: the zero
-    point, less 8 or 128 scales where codes are signed (add_slab_pairs reads them unsigned)."""
-    offset = tl.zeros_like(columns).to(tl.float32)
-    if ZERO:
-        offset += tl.load(zero_ptr + grp * N + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
-    if BITS == 8 or not ZERO:
-        scale = tl.load(scale_ptr + grp * N + columns + FIELD, mask=mask, other=0.0).to(tl.float32)
-        offset -= (128.0 if BITS == 8 else 8.0) * scale
-    return offset[None, :]
+def add_offsets(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, x_sum, z_0, z_1, z_2, z_3, z_4, z_5, z_6,
+                z_7, BITS: tl.constexpr):
+    """A group's offsets (zero points, or the -8 / -128 that makes a code signed: field_scales' z_f) times the sum
+    of its kept x (x_sum [rows]: each slab row's share), once a group instead of once a weight; times the field's
+    2^shift, as add_slab_products' products are."""
+    PER_HALF: tl.constexpr = 16 // BITS
+    acc_0 += x_sum[:, None] * z_0[None, :]
+    acc_1 += (x_sum * (1 << (1 % PER_HALF) * BITS))[:, None] * z_1[None, :]
+    acc_2 += (x_sum * (1 << (2 % PER_HALF) * BITS))[:, None] * z_2[None, :]
+    acc_3 += (x_sum * (1 << (3 % PER_HALF) * BITS))[:, None] * z_3[None, :]
+    acc_4 += (x_sum * (1 << (4 % PER_HALF) * BITS))[:, None] * z_4[None, :]
+    acc_5 += (x_sum * (1 << (5 % PER_HALF) * BITS))[:, None] * z_5[None, :]
+    acc_6 += (x_sum * (1 << (6 % PER_HALF) * BITS))[:, None] * z_6[None, :]
+    acc_7 += (x_sum * (1 << (7 % PER_HALF) * BITS))[:, None] * z_7[None, :]
+    return acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7
 
 
 @triton.jit
 def word_columns(acc_0, acc_1, acc_2, acc_3, acc_4, acc_5, acc_6, acc_7, BITS: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """The per-field sums summed over their rows and put back in column order (column PER_WORD * word + field):
-    [BLOCK_N] fp32."""
+    """The per-field sums summed over their rows, the fields' powers of two taken off, and put back in column order
+    (column PER_WORD * word + field): [BLOCK_N] fp32."""
+    PER_HALF: tl.constexpr = 16 // BITS
     c_0 = tl.sum(acc_0, axis=0)
-    c_1 = tl.sum(acc_1, axis=0)
-    c_2 = tl.sum(acc_2, axis=0)
-    c_3 = tl.sum(acc_3, axis=0)
+    c_1 = tl.sum(acc_1, axis=0) * (1.0 / (1 << (1 % PER_HALF) * BITS))
+    c_2 = tl.sum(acc_2, axis=0) * (1.0 / (1 << (2 % PER_HALF) * BITS))
+    c_3 = tl.sum(acc_3, axis=0) * (1.0 / (1 << (3 % PER_HALF) * BITS))
     if BITS == 8:  # [word, a, b]: field 2a + b
         acc = tl.join(tl.join(c_0, c_2), tl.join(c_1, c_3))
     else:  # [word, a, b, c]: field 4a + 2b + c
         c_4 = tl.sum(acc_4, axis=0)
-        c_5 = tl.sum(acc_5, axis=0)
-        c_6 = tl.sum(acc_6, axis=0)
-        c_7 = tl.sum(acc_7, axis=0)
+        c_5 = tl.sum(acc_5, axis=0) * (1.0 / (1 << (5 % PER_HALF) * BITS))
+        c_6 = tl.sum(acc_6, axis=0) * (1.0 / (1 << (6 % PER_HALF) * BITS))
+        c_7 = tl.sum(acc_7, axis=0) * (1.0 / (1 << (7 % PER_HALF) * BITS))
         acc = tl.join(tl.join(tl.join(c_0, c_4), tl.join(c_2, c_6)), tl.join(tl.join(c_1, c_5), tl.join(c_3, c_7)))
     return tl.reshape(acc, (BLOCK_N,))
 
@@ -773,10 +458,8 @@ def tile_rows(words: int, block_k: int, warps: int) -> int:
 
 
 def workspace_rows(k: int, group_size: int) -> int:
-    """The K to reserve kernels.py's workspace (3 x this many int32) for: the row lists of three output groups and
-    their list starts (3 K + 3 groups), or the flat lists of rows and x (add_flat_list_products), each K and
-    FLAT_PAD slots a group."""
-    return 2 * (k + FLAT_PAD.value * triton.cdiv(k, group_size))
+    """The K to reserve kernels.py's workspace for: its row lists (3 K) and, after them, the groups' list starts."""
+    return k + triton.cdiv(k, group_size)
 
 
 def grouped_sparse_gemv_triton(x: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor,

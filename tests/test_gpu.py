@@ -232,29 +232,7 @@ def test_grouped_weights_match_the_dequantized_product(fmt, tokens, compact, k, 
     y = sparse_gemv(x, q, thr, groups, compact, scales, zeros, group_size)
     parts = torch.ops.teal.sparse_gemv_partials(x, q, thr, groups, compact, scales, zeros, group_size)
     assert rel_err(y, ref) < TOL[torch.bfloat16]
-    # one token multiplies in fp16 pairs, its fp32 partial sums within test_int4.py's PAIR_TOL
-    assert rel_err(parts.sum(0), ref) < (3e-3 if tokens == 1 else TOL[torch.bfloat16])
-
-
-@pytest.mark.parametrize("fmt", ["int4 g128 zeros", "int8 g32"])
-@pytest.mark.parametrize("compact", [False, True])
-def test_grouped_one_token_takes_activations_past_fp16_range(fmt, compact):
-    # One token multiplies in fp16 pairs, x taken down by a power of two first where it is large: bf16 activations
-    # past fp16's 65504 give finite partial sums within the pair products' 3e-3 (test_int4.py's PAIR_TOL).
-    from sparse import GroupQuant, quantize_groupwise
-    from sparse_gemv.quant import dequantize_grouped
-    bits, group_size = int(fmt[3]), int(fmt.split()[1][1:])
-    quant = GroupQuant(bits, group_size, "zeros" in fmt)
-    k, groups = 4096, [14336, 14336]
-    g = torch.Generator(device="cuda").manual_seed(bits)
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda", generator=g)
-    x[0, 7], x[0, 8], x[0, 3000] = 7e4, -3e4, 5e3
-    q, scales, zeros = quantize_groupwise(torch.randn(sum(groups), k, device="cuda", generator=g) / k ** 0.5, quant)
-    thr = torch.full((len(groups),), 0.6, device="cuda")
-    ref = sparse_gemv_reference(x.double(), dequantize_grouped(q, scales, zeros, group_size, torch.float64),
-                                thr.double(), groups)
-    parts = torch.ops.teal.sparse_gemv_partials(x, q, thr, groups, compact, scales, zeros, group_size)
-    assert torch.isfinite(parts).all() and rel_err(parts.sum(0), ref) < 3e-3
+    assert rel_err(parts.sum(0), ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("sparse", [False, True, "int8", "int8 mlp-compact", "int4", "int4 mlp-compact", "cats"])
